@@ -150,3 +150,25 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def gather_rows(tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    """Concatenate each rank's ``tensor`` along dim 0 on rank ``dst`` only (sizes may differ).
+
+    Returns the concatenation on ``dst`` and ``None`` elsewhere; with one process, the
+    tensor itself. Unlike ``all_gather_rows`` the other ranks hold no copy of the result,
+    so a large per-row output (an assignment of every point) costs memory on one rank only.
+    """
+    if not is_distributed():
+        return tensor
+    n = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes] if rank() == dst else None
+    dist.gather(padded, gather_list=parts, dst=dst)
+    if parts is None:
+        return None
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
