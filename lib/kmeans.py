@@ -1,0 +1,363 @@
+"""Distributed k-means over a memory-mapped (N, D) matrix: the public API.
+
+Each rank owns the contiguous rows ``contiguous_range(N, rank, world)`` and reads them in
+chunks of ``chunk_rows`` (zero-copy memmap views on CPU when the stored dtype is the
+compute dtype); no rank loads the whole matrix. Collectives go through
+``lib.distributed`` (gloo on CPU, NCCL on CUDA); with world size 1 there are none.
+
+Typical use (a job, inside ``lib.distributed.process_group(device)``)::
+
+    from lib.arrays import open_embeddings
+    from lib.kmeans import KMeansParams, PointSet, kmeans
+
+    points = PointSet(open_embeddings("merge/embeddings.npy"))
+    res = kmeans(points, KMeansParams(n_clusters=1000, n_iters=50, seed=0), device="cpu")
+    res.centroids       # (k, D) float64, identical on every rank
+    res.assignment      # (n_local,) int64 for this rank's rows res.row_range
+    res.sq_distances    # (n_local,) float64, ||x - c||^2 computed directly in float64
+    res.inertia         # sum over all ranks
+
+Pieces, usable on their own: ``initial_centroids`` (k-means++ or random),
+``lloyd`` (``lib.kmeans_lloyd``), ``assign`` (nearest centroid of every row).
+
+Precision (``KMeansParams``):
+
+- ``compute_dtype`` (float32 default): dtype of the distance matrix products. float32 uses
+  sgemm; argmin decisions between centroids closer than float32 rounding are arbitrary.
+- ``accum_dtype`` (float64 default): per-cluster sums of the M-step and the inertia.
+- ``allow_tf32`` (CUDA only, default off): lets cuBLAS use TF32 tensor cores for float32
+  products (``torch.backends.cuda.matmul.allow_tf32`` and
+  ``torch.set_float32_matmul_precision("high")``, restored afterwards). TF32 keeps 10
+  mantissa bits of each input: several times faster on Ampere/Hopper, but distances carry
+  ~1e-3 relative error, so near-tied points may be assigned differently than in float32.
+  Final distances and the inertia are always recomputed in float64.
+- ``bounds`` (default: on for CPU, off for CUDA): Hamerly's bounds skip points whose
+  assignment provably did not change (same decisions as plain Lloyd, see
+  ``lib.kmeans_lloyd``). Not used with TF32 (its error bound is too wide to prune).
+
+Reproducibility: every random draw comes from ``numpy.random.default_rng`` seeded with
+``seed`` (or a generator the caller passes), consumed identically on every rank; see
+``lib.kmeans_init`` for why world size 1 and N pick the same centres.
+
+``backend="faiss"``: one CPU process only (raises ``ConfigError`` otherwise); the whole
+point set is loaded into memory and ``faiss.Kmeans`` runs the Lloyd iterations from our
+initial centroids (``init="kmeans++"``/``"random"``) or faiss's own (``init="faiss"``).
+faiss handles empty clusters by splitting large ones, unlike our backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from lib.errors import ConfigError
+from lib.kmeans_assign import Centroids
+from lib.kmeans_init import kmeans_plusplus, random_init
+from lib.kmeans_lloyd import assign_dense, exact_distances, lloyd
+from lib.kmeans_points import DEFAULT_CHUNK_ROWS, Comm, PointSet, Shard, torch_dtype
+
+__all__ = [
+    "Comm",
+    "KMeansParams",
+    "KMeansResult",
+    "PointSet",
+    "assign",
+    "initial_centroids",
+    "kmeans",
+    "make_rng",
+    "matmul_precision",
+]
+
+log = logging.getLogger(__name__)
+
+INITS = ("kmeans++", "random")
+BACKENDS = ("torch", "faiss")
+
+
+@dataclass(frozen=True)
+class KMeansParams:
+    """Parameters of one k-means problem (see the module docstring for precision knobs)."""
+
+    n_clusters: int
+    n_iters: int = 50
+    tol: float = 0.0
+    init: str = "kmeans++"
+    n_local_trials: int | None = None
+    seed: int = 0
+    accum_dtype: str = "float64"
+    compute_dtype: str = "float32"
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    bounds: bool | None = None
+    allow_tf32: bool = False
+    backend: str = "torch"
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the bad field and its allowed values."""
+        if self.n_clusters < 1:
+            raise ConfigError(f"kmeans n_clusters must be >= 1, got {self.n_clusters}")
+        if self.n_iters < 0:
+            raise ConfigError(f"kmeans n_iters must be >= 0, got {self.n_iters}")
+        if self.tol < 0:
+            raise ConfigError(f"kmeans tol must be >= 0, got {self.tol}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"kmeans backend must be one of {BACKENDS}, got {self.backend!r}")
+        allowed = (*INITS, "faiss") if self.backend == "faiss" else INITS
+        if self.init not in allowed:
+            raise ConfigError(f"kmeans init must be one of {allowed}, got {self.init!r}")
+        if self.accum_dtype not in ("float32", "float64"):
+            raise ConfigError(
+                f"kmeans dtype (accumulation) must be float32 or float64, got {self.accum_dtype!r}"
+            )
+        if self.compute_dtype not in ("float32", "float64"):
+            raise ConfigError(
+                f"kmeans compute_dtype must be float32 or float64, got {self.compute_dtype!r}"
+            )
+        if self.chunk_rows < 1:
+            raise ConfigError(f"kmeans chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.n_local_trials is not None and self.n_local_trials < 1:
+            raise ConfigError(f"kmeans n_local_trials must be >= 1, got {self.n_local_trials}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class KMeansResult:
+    """Result on one rank: global centroids/inertia, this rank's rows' assignment."""
+
+    centroids: np.ndarray  # (k, D) float64
+    assignment: np.ndarray  # (n_local,) int64
+    sq_distances: np.ndarray  # (n_local,) float64
+    row_range: tuple[int, int]  # this rank's points [start, stop)
+    inertia: float
+    n_iters: int
+    converged: bool
+    n_empty: int
+    init_ids: np.ndarray | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def make_rng(seed: int, *keys: int) -> np.random.Generator:
+    """A generator for (seed, *keys): independent streams per level/step/purpose."""
+    return np.random.default_rng([int(seed), *(int(k) for k in keys)])
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+    """Set the float32 matmul precision on CUDA for the duration (no-op on CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    old_flag = torch.backends.cuda.matmul.allow_tf32
+    old_precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_flag
+        torch.set_float32_matmul_precision(old_precision)
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``"cuda"`` -> ``cuda:<LOCAL_RANK>`` (one GPU per rank); others unchanged."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        from lib.distributed import resolve_dist_env
+
+        dev = torch.device("cuda", resolve_dist_env().local_rank)
+    return dev
+
+
+def _use_bounds(params: KMeansParams, device: torch.device) -> bool:
+    if params.bounds is not None:
+        return params.bounds and not (device.type == "cuda" and params.allow_tf32)
+    return device.type == "cpu"
+
+
+def make_shard(points: PointSet, params: KMeansParams, device: torch.device, comm: Comm) -> Shard:
+    return Shard(points, comm, device, params.compute_dtype, chunk_rows=params.chunk_rows)
+
+
+def initial_centroids(
+    shard: Shard, comm: Comm, params: KMeansParams, rng: np.random.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(k, D) float64 initial centroids and the point ids they were taken from."""
+    if params.n_clusters > shard.points.n:
+        raise ConfigError(
+            f"n_clusters={params.n_clusters} is larger than the number of points "
+            f"({shard.points.n}); lower n_clusters"
+        )
+    if params.init == "random":
+        return random_init(shard, comm, params.n_clusters, rng)
+    return kmeans_plusplus(shard, comm, params.n_clusters, rng, params.n_local_trials)
+
+
+def kmeans(
+    points: PointSet,
+    params: KMeansParams,
+    *,
+    device: torch.device | str = "cpu",
+    comm: Comm | None = None,
+    rng: np.random.Generator | None = None,
+    init_centroids: np.ndarray | torch.Tensor | None = None,
+) -> KMeansResult:
+    """Cluster ``points`` into ``params.n_clusters`` clusters.
+
+    Takes the point set, parameters, the device of this rank, the collectives (default:
+    the current process group), an optional generator (default: seeded with
+    ``params.seed``) and optional initial centroids (k, D) that replace the init step.
+    Returns this rank's ``KMeansResult``. Raises ``ConfigError`` for invalid parameters,
+    k larger than the number of points, or ``backend="faiss"`` with world size > 1.
+    """
+    params.validate()
+    dev = resolve_device(device)
+    comm = comm or Comm.current()
+    rng = rng or make_rng(params.seed)
+    if params.backend == "faiss":
+        return _faiss_kmeans(points, params, dev, comm, rng, init_centroids)
+    with matmul_precision(dev, params.allow_tf32):
+        shard = make_shard(points, params, dev, comm)
+        t0 = time.perf_counter()
+        ids = None
+        if init_centroids is None:
+            init, ids = initial_centroids(shard, comm, params, rng)
+        else:
+            init = torch.as_tensor(np.asarray(init_centroids), dtype=torch.float64)
+            if tuple(init.shape) != (params.n_clusters, points.dim):
+                raise ConfigError(
+                    f"initial centroids have shape {tuple(init.shape)}, "
+                    f"expected ({params.n_clusters}, {points.dim})"
+                )
+        t1 = time.perf_counter()
+        res = lloyd(
+            shard,
+            comm,
+            init,
+            n_iters=params.n_iters,
+            tol=params.tol,
+            accum_dtype=torch_dtype(params.accum_dtype),
+            bounds=_use_bounds(params, dev),
+            tf32=dev.type == "cuda" and params.allow_tf32,
+        )
+        t2 = time.perf_counter()
+    log.info(
+        "k-means k=%d on %d points: %d iterations%s, inertia %.6g, init %.2fs, lloyd %.2fs",
+        params.n_clusters,
+        points.n,
+        res.n_iters,
+        " (converged)" if res.converged else "",
+        res.inertia,
+        t1 - t0,
+        t2 - t1,
+    )
+    return KMeansResult(
+        centroids=res.centroids.cpu().numpy(),
+        assignment=res.assignment.cpu().numpy(),
+        sq_distances=res.sq_distances.cpu().numpy(),
+        row_range=(shard.start, shard.stop),
+        inertia=res.inertia,
+        n_iters=res.n_iters,
+        converged=res.converged,
+        n_empty=res.n_empty,
+        init_ids=ids,
+        seconds={"init": t1 - t0, "lloyd": t2 - t1},
+        history=res.history,
+    )
+
+
+def assign(
+    points: PointSet,
+    centroids: np.ndarray | torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    comm: Comm | None = None,
+    compute_dtype: str = "float32",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    allow_tf32: bool = False,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Nearest centroid of each of this rank's points.
+
+    Returns ``(assignment int64, squared distances float64 (direct, exact), row_range)``
+    for the rows ``row_range`` of the point set.
+    """
+    dev = resolve_device(device)
+    comm = comm or Comm.current()
+    c64 = torch.as_tensor(np.asarray(centroids), dtype=torch.float64).to(dev)
+    with matmul_precision(dev, allow_tf32):
+        shard = Shard(points, comm, dev, compute_dtype, chunk_rows=chunk_rows)
+        a = assign_dense(shard, Centroids(c64, shard.dtype, dev))
+        sq = exact_distances(shard, c64, a)
+    return a.cpu().numpy(), sq.cpu().numpy(), (shard.start, shard.stop)
+
+
+def _faiss_kmeans(
+    points: PointSet,
+    params: KMeansParams,
+    device: torch.device,
+    comm: Comm,
+    rng: np.random.Generator,
+    init_centroids: np.ndarray | torch.Tensor | None,
+) -> KMeansResult:
+    if comm.world > 1 or device.type != "cpu":
+        raise ConfigError(
+            f"kmeans backend=faiss runs in a single CPU process, but this job has world size "
+            f"{comm.world} on {device}; use backend=torch for distributed or GPU runs"
+        )
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
+        raise ConfigError("kmeans backend=faiss needs the faiss-cpu package") from exc
+    t0 = time.perf_counter()
+    x = np.ascontiguousarray(points.read(0, points.n), dtype=np.float32)
+    ids = None
+    init = None
+    if init_centroids is not None:
+        init = np.ascontiguousarray(np.asarray(init_centroids), dtype=np.float32)
+    elif params.init != "faiss":
+        shard = Shard(points, comm, device, "float32", chunk_rows=params.chunk_rows)
+        c, ids = initial_centroids(shard, comm, params, rng)
+        init = np.ascontiguousarray(c.numpy(), dtype=np.float32)
+    t1 = time.perf_counter()
+    km = faiss.Kmeans(
+        points.dim,
+        params.n_clusters,
+        niter=params.n_iters,
+        seed=int(params.seed) % (2**31),
+        max_points_per_centroid=max(points.n, 1),  # never subsample: same data as ours
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    km.train(x, init_centroids=init)
+    _, labels = km.index.search(x, 1)
+    t2 = time.perf_counter()
+    centroids = km.centroids.astype(np.float64)
+    assignment = labels[:, 0].astype(np.int64)
+    shard = Shard(points, comm, device, "float32", chunk_rows=params.chunk_rows)
+    sq = exact_distances(shard, torch.from_numpy(centroids), torch.from_numpy(assignment)).numpy()
+    n_empty = int(params.n_clusters - len(np.unique(assignment)))
+    return KMeansResult(
+        centroids=centroids,
+        assignment=assignment,
+        sq_distances=sq,
+        row_range=(0, points.n),
+        inertia=float(sq.sum()),
+        n_iters=params.n_iters,
+        converged=False,
+        n_empty=n_empty,
+        init_ids=ids,
+        seconds={"init": t1 - t0, "lloyd": t2 - t1},
+    )
+
+
+def default_trials(k: int) -> int:
+    """scikit-learn's number of k-means++ candidates per centre: 2 + int(ln k)."""
+    return 2 + int(math.log(k))
