@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,25 +114,57 @@ def nearest(
     return idx, s1, s2
 
 
+def cpu_blocked_product(
+    xs: np.ndarray, w: np.ndarray, block: int, post: Callable[[int, int, np.ndarray], None]
+) -> None:
+    """Call ``post(a, b, xs[a:b] @ w)`` for consecutive blocks of ``block`` rows.
+
+    Blocks run on the thread pool, one single-threaded BLAS call each. Every call has the
+    same shape ``(block, D) @ (D, N)`` (the last block is zero-padded): BLAS libraries pick
+    kernels, and so summation orders, by shape, and we measured per-row results that change
+    with the number of rows in the call, in OpenBLAS and in MKL alike. With one shape a row's
+    products do not depend on the rows that share its call, so any chunking, any world size
+    and gathered subsets (the bounds) compute bit-identical scores for the same row.
+    ``post`` must only touch rows ``a..b`` of shared outputs.
+    """
+    m, d = xs.shape
+    n = w.shape[1]
+    local = threading.local()
+
+    def work(a: int) -> None:
+        b = min(a + block, m)
+        state = local.__dict__
+        if "out" not in state:
+            state["out"] = np.empty((block, n), dtype=w.dtype)
+            state["pad"] = np.zeros((block, d), dtype=xs.dtype)
+        src = xs[a:b]
+        if b - a < block:
+            state["pad"][: b - a] = src
+            src = state["pad"]
+        np.matmul(src, w, out=state["out"])
+        post(a, b, state["out"][: b - a])
+
+    starts = range(0, m, block)
+    workers = max(1, torch.get_num_threads())
+    with _single_threaded_blas():
+        if workers == 1 or len(starts) == 1:
+            for a in starts:
+                work(a)
+        else:
+            list(_cpu_pool(workers).map(work, starts))
+
+
 def _nearest_cpu(
     x: torch.Tensor, cents: Centroids, second: bool, block: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, k = x.shape[0], cents.k
     xs = x.contiguous().numpy()
-    w = cents.neg2t.numpy()
     cn = cents.sqnorm.numpy()
     idx = np.empty(m, dtype=np.int64)
     s1 = np.empty(m, dtype=xs.dtype)
     s2 = np.empty(m, dtype=xs.dtype) if second else None
-    local = threading.local()
 
-    def work(a: int) -> None:
-        b = min(a + block, m)
-        buf = getattr(local, "buf", None)
-        if buf is None or buf.shape[0] < b - a:
-            buf = local.buf = np.empty((block, k), dtype=xs.dtype)
-        scores = buf[: b - a]
-        np.matmul(xs[a:b], w, out=scores)
+    def post(a: int, b: int, scores: np.ndarray) -> None:
         scores += cn
         i = scores.argmin(axis=1)
         rows = np.arange(b - a)
@@ -145,19 +177,43 @@ def _nearest_cpu(
             else:
                 s2[a:b] = np.inf
 
-    starts = range(0, m, block)
-    workers = max(1, torch.get_num_threads())
-    if workers == 1 or len(starts) == 1:
-        for a in starts:
-            work(a)
-    else:
-        with _single_threaded_blas():
-            list(_cpu_pool(workers).map(work, starts))
+    cpu_blocked_product(xs, cents.neg2t.numpy(), block, post)
     return (
         torch.from_numpy(idx),
         torch.from_numpy(s1),
         None if s2 is None else torch.from_numpy(s2),
     )
+
+
+def sq_distances_many(
+    x: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, out: torch.Tensor
+) -> None:
+    """``out[i, j] = ||x_i - y_j||^2`` (expanded, compute dtype, clamped at 0).
+
+    ``x`` (m, D) and ``xn`` (m,) its squared norms; ``y`` (T, D) float64 with T >= 2 for
+    a fixed BLAS shape (see ``cpu_blocked_product``).
+    """
+    yc = y.to(x.dtype)
+    neg2t = (-2.0 * yc).t().contiguous()
+    yn = (y * y).sum(1).to(x.dtype)
+    block = block_rows_for(y.shape[0], x.device, x.element_size())
+    if x.device.type == "cpu":
+        o = out.numpy()
+        xnn = xn.to(x.dtype).numpy()
+        ynn = yn.numpy()
+
+        def post(a: int, b: int, prod: np.ndarray) -> None:
+            np.add(prod, ynn, out=o[a:b])
+            o[a:b] += xnn[a:b, None]
+
+        cpu_blocked_product(x.contiguous().numpy(), neg2t.numpy(), block, post)
+    else:
+        xc = xn.to(x.dtype)
+        for a in range(0, x.shape[0], block):
+            b = min(a + block, x.shape[0])
+            torch.addmm(yn, x[a:b], neg2t, out=out[a:b])
+            out[a:b] += xc[a:b, None]
+    out.clamp_(min=0)
 
 
 def sq_distances_to(x: torch.Tensor, cents: Centroids, index: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import math
 import numpy as np
 import torch
 
+from lib.kmeans_assign import sq_distances_many
 from lib.kmeans_points import Comm, Shard, as_tensor
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,10 @@ def random_init(
 
 def _candidate_sq_distances(shard: Shard, y: torch.Tensor, out: torch.Tensor) -> None:
     """``out[i, j] = ||x_i - y_j||^2`` for every local row, in the compute dtype."""
-    yc = y.to(shard.dtype)
-    neg2t = (-2.0 * yc).t().contiguous()
-    yn = (y * y).sum(1).to(shard.dtype)
-    xn = shard.norms().to(shard.dtype)
+    xn = shard.norms()
     for a, x in shard.chunks():
         b = a + len(x)
-        torch.addmm(yn, x, neg2t, out=out[a:b])
-        out[a:b] += xn[a:b, None]
-    out.clamp_(min=0)
+        sq_distances_many(x, xn[a:b], y, out[a:b])
 
 
 def _scale_exponent(comm: Comm, closest: torch.Tensor, n: int) -> int | None:
@@ -140,8 +136,9 @@ def kmeans_plusplus(
 
     ids[0] = int(rng.integers(n))
     centers[0] = fetch_points(shard, comm, ids[:1])[0]
-    first = torch.empty((shard.n, 1), dtype=shard.dtype, device=shard.device)
-    _candidate_sq_distances(shard, centers[:1], first)
+    # The first centre twice: one product shape for every step (see cpu_blocked_product).
+    first = torch.empty((shard.n, 2), dtype=shard.dtype, device=shard.device)
+    _candidate_sq_distances(shard, centers[[0, 0]], first)
     closest = first[:, 0].to(torch.float64)
     cand_d = torch.empty((shard.n, trials), dtype=shard.dtype, device=shard.device)
 
