@@ -14,7 +14,7 @@ Typical use (a job, inside ``lib.distributed.process_group(device)``)::
     res = kmeans(points, KMeansParams(n_clusters=1000, n_iters=50, seed=0), device="cpu")
     res.centroids       # (k, D) float64, identical on every rank
     res.assignment      # (n_local,) int64 for this rank's rows res.row_range
-    res.sq_distances    # (n_local,) float64, ||x - c||^2 computed directly in float64
+    res.sq_distances    # (n_local,) float64, ||x - c||^2 from the difference x - c
     res.inertia         # sum over all ranks
 
 Pieces, usable on their own: ``initial_centroids`` (k-means++ or random),
@@ -30,7 +30,7 @@ Precision (``KMeansParams``):
   ``torch.set_float32_matmul_precision("high")``, restored afterwards). TF32 keeps 10
   mantissa bits of each input: several times faster on Ampere/Hopper, but distances carry
   ~1e-3 relative error, so near-tied points may be assigned differently than in float32.
-  Final distances and the inertia are always recomputed in float64.
+  Final distances are recomputed from the difference ``x - c`` and summed in float64.
 - ``bounds`` (default: on for CPU, off for CUDA): Hamerly's bounds skip points whose
   assignment provably did not change (same decisions as plain Lloyd, see
   ``lib.kmeans_lloyd``). Not used with TF32 (its error bound is too wide to prune).
@@ -60,7 +60,7 @@ import torch
 from lib.errors import ConfigError
 from lib.kmeans_assign import Centroids
 from lib.kmeans_init import kmeans_plusplus, random_init
-from lib.kmeans_lloyd import assign_dense, exact_distances, lloyd
+from lib.kmeans_lloyd import assign_dense, final_distances, lloyd
 from lib.kmeans_points import DEFAULT_CHUNK_ROWS, Comm, PointSet, Shard, torch_dtype
 
 __all__ = [
@@ -286,7 +286,8 @@ def assign(
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Nearest centroid of each of this rank's points.
 
-    Returns ``(assignment int64, squared distances float64 (direct, exact), row_range)``
+    Returns ``(assignment int64, squared distances float64, row_range)`` (distances from
+    the difference ``x - c``, see ``lib.kmeans_lloyd.final_distances``)
     for the rows ``row_range`` of the point set.
     """
     dev = resolve_device(device)
@@ -294,8 +295,9 @@ def assign(
     c64 = torch.as_tensor(np.asarray(centroids), dtype=torch.float64).to(dev)
     with matmul_precision(dev, allow_tf32):
         shard = Shard(points, comm, dev, compute_dtype, chunk_rows=chunk_rows)
-        a = assign_dense(shard, Centroids(c64, shard.dtype, dev))
-        sq = exact_distances(shard, c64, a)
+        cents = Centroids(c64, shard.dtype, dev)
+        a = assign_dense(shard, cents)
+        sq = final_distances(shard, cents, a)
     return a.cpu().numpy(), sq.cpu().numpy(), (shard.start, shard.stop)
 
 
@@ -342,7 +344,8 @@ def _faiss_kmeans(
     centroids = km.centroids.astype(np.float64)
     assignment = labels[:, 0].astype(np.int64)
     shard = Shard(points, comm, device, "float32", chunk_rows=params.chunk_rows)
-    sq = exact_distances(shard, torch.from_numpy(centroids), torch.from_numpy(assignment)).numpy()
+    cents = Centroids(torch.from_numpy(centroids), shard.dtype, device)
+    sq = final_distances(shard, cents, torch.from_numpy(assignment)).numpy()
     n_empty = int(params.n_clusters - len(np.unique(assignment)))
     return KMeansResult(
         centroids=centroids,

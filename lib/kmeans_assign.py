@@ -216,18 +216,21 @@ def sq_distances_many(
     out.clamp_(min=0)
 
 
-def sq_distances_to(x: torch.Tensor, cents: Centroids, index: torch.Tensor) -> torch.Tensor:
-    """``||x_i - c_{index_i}||^2`` computed directly in the compute dtype, returned in float64."""
-    diff = x - cents.c.index_select(0, index)
-    return (diff * diff).sum(1, dtype=torch.float64)
+def row_sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """``||x_i||^2`` of every row in the compute dtype (a per-row dot product)."""
+    if x.device.type == "cpu":
+        xs = x.contiguous().numpy()
+        return torch.from_numpy(np.einsum("ij,ij->i", xs, xs))
+    return (x * x).sum(1)
 
 
-def exact_sq_distances(
-    raw: np.ndarray, centroids64: torch.Tensor, index: torch.Tensor
-) -> torch.Tensor:
-    """``||x_i - c_{index_i}||^2`` in float64 from the stored rows ``raw`` (no cancellation)."""
-    from lib.kmeans_points import as_tensor
+def direct_sq_distances(x: torch.Tensor, c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``||x_i - c_{index_i}||^2`` computed from the difference (no cancellation).
 
-    x = as_tensor(raw).to(device=centroids64.device, dtype=torch.float64)
-    diff = x - centroids64.index_select(0, index)
-    return (diff * diff).sum(1)
+    ``x`` (m, D) and ``c`` (k, D) in the compute dtype; returns float64 (m,).
+    """
+    if x.device.type == "cpu":
+        diff = x.contiguous().numpy() - c.numpy()[index.numpy()]
+        return torch.from_numpy(np.einsum("ij,ij->i", diff, diff).astype(np.float64))
+    diff = x - c.index_select(0, index)
+    return (diff * diff).sum(1).to(torch.float64)

@@ -19,10 +19,9 @@ E-step with bounds (``bounds=True``, the CPU default): Hamerly's algorithm. Each
 keeps an upper bound ``u`` on the distance to its centroid and a lower bound ``l`` on the
 distance to every other centroid; after an update moving centroid j by ``drift_j``,
 ``u += drift_a`` and ``l -= max_{j != a} drift_j`` (triangle inequality). Only points with
-``u > l`` are looked at again: first ``u`` is recomputed exactly, and only if still
-``u > l`` the point gets a full nearest-centroid search. The decisions are those of plain
-Lloyd: bounds are widened by a bound on the floating-point error of the distance
-formula, so a point is skipped only when its assignment provably stands. Late iterations,
+``u > l`` get a full nearest-centroid search. The decisions are those of plain Lloyd:
+bounds are widened by a bound on the floating-point error of the distance formula, so a
+point is skipped only when its assignment provably stands. Late iterations,
 where most centroids hardly move, skip most of the matrix products.
 """
 
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib.kmeans_assign import Centroids, exact_sq_distances, nearest, sq_distances_to
+from lib.kmeans_assign import Centroids, direct_sq_distances, nearest
 from lib.kmeans_points import Comm, Shard
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,9 @@ class LloydResult:
     """What Lloyd returns on each rank.
 
     ``centroids`` (k, D) float64 and ``inertia`` are the same on every rank;
-    ``assignment`` (int64) and ``sq_distances`` (float64, computed directly as
-    ``||x - c||^2`` in float64) cover this rank's rows only.
+    ``assignment`` (int64) and ``sq_distances`` (float64; computed from the difference
+    ``x - c`` in the compute dtype, so without the cancellation of the expanded formula)
+    cover this rank's rows only.
     """
 
     centroids: torch.Tensor
@@ -90,14 +90,12 @@ def assign_dense(shard: Shard, cents: Centroids) -> torch.Tensor:
     return out
 
 
-def exact_distances(
-    shard: Shard, centroids64: torch.Tensor, assignment: torch.Tensor
-) -> torch.Tensor:
-    """Float64 ``||x - c_a||^2`` of every local row, from the stored rows."""
+def final_distances(shard: Shard, cents: Centroids, assignment: torch.Tensor) -> torch.Tensor:
+    """``||x - c_a||^2`` of every local row, from the difference (float64 result)."""
     out = torch.empty(shard.n, dtype=torch.float64, device=shard.device)
-    for a in range(0, shard.n, shard.chunk_rows):
-        b = min(a + shard.chunk_rows, shard.n)
-        out[a:b] = exact_sq_distances(shard.raw(a, b), centroids64, assignment[a:b])
+    for a, x in shard.chunks():
+        b = a + len(x)
+        out[a:b] = direct_sq_distances(x, cents.c, assignment[a:b]).to(out.device)
     return out
 
 
@@ -141,25 +139,19 @@ class HamerlyBounds:
         self.u += drift[self.a]
 
     def estep(self, cents: Centroids) -> tuple[int, int]:
-        """Re-assign the points whose bounds no longer prove their assignment.
+        """Search again the points whose bounds no longer prove their assignment.
 
-        Returns (points changed, points that needed a full search) on this rank.
+        Returns (points that changed centroid, points searched) on this rank. (Hamerly's
+        extra step of first recomputing ``u`` alone is left out: gathering each point's
+        centroid costs nearly as much as the blocked search it would save.)
         """
         active = torch.nonzero(self.u > self.l).squeeze(1)
         changed = torch.zeros((), dtype=torch.int64, device=self.a.device)
-        searched = 0
         step = self.shard.chunk_rows
         for s in range(0, len(active), step):
             rows = active[s : s + step]
-            x = self.shard.gather(rows)
-            d = sq_distances_to(x, cents, self.a[rows]).to(self.u.device)
-            self.u[rows] = (d + self._margin(rows, cents)).sqrt_()
-            still = self.u[rows] > self.l[rows]
-            if bool(still.any()):
-                sel = torch.nonzero(still).squeeze(1)
-                searched += len(sel)
-                changed += self._search(rows[sel], x.index_select(0, sel.to(x.device)), cents)
-        return int(changed.item()), searched
+            changed += self._search(rows, self.shard.gather(rows), cents)
+        return int(changed.item()), len(active)
 
 
 def lloyd(
@@ -240,7 +232,7 @@ def lloyd(
         if tol_abs is not None and shift <= tol_abs:
             converged = True
             break
-    sq = exact_distances(shard, centroids, assignment)
+    sq = final_distances(shard, cents, assignment)
     inertia = comm.sum_(sq.sum().reshape(1).clone())
     return LloydResult(
         centroids=centroids,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lib import distributed as D
+from lib.kmeans_assign import row_sq_norms
 from lib.sharding import contiguous_range
 
 DEFAULT_CHUNK_ROWS = 65536
@@ -212,17 +213,13 @@ class Shard:
         idx = local.cpu().numpy() + self.start
         return self._convert(self.points.take(idx))
 
-    def raw(self, a: int, b: int) -> np.ndarray:
-        """Local rows ``a..b`` in the stored dtype (for exact float64 arithmetic)."""
-        return self.points.read(self.start + a, self.start + b)
-
     def norms(self) -> torch.Tensor:
-        """Squared L2 norm of every local row, float64 on the device (computed once)."""
+        """Squared L2 norm of every local row (computed once in the compute dtype, held as
+        float64 on the device)."""
         if self._norms is None:
             out = torch.empty(self.n, dtype=torch.float64, device=self.device)
             for a, x in self.chunks():
-                xd = x.to(torch.float64)
-                out[a : a + len(x)] = (xd * xd).sum(1)
+                out[a : a + len(x)] = row_sq_norms(x).to(out)
             self._norms = out
         return self._norms
 
