@@ -29,6 +29,7 @@ _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _blas_controller = None
+_tls = threading.local()
 
 
 class Centroids:
@@ -72,10 +73,20 @@ def _single_threaded_blas() -> Iterator[None]:
         yield
 
 
+def _thread_buffer(name: str, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """A per-thread scratch array, reused across calls while shape and dtype stay."""
+    buf = getattr(_tls, name, None)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = np.zeros(shape, dtype=dtype)
+        setattr(_tls, name, buf)
+    return buf
+
+
 def block_rows_for(k: int, device: torch.device, itemsize: int = 4) -> int:
     """Rows per partial-score block: the block of ``rows x k`` scores fits the budget."""
     budget = CPU_BLOCK_BYTES if device.type == "cpu" else CUDA_BLOCK_BYTES
-    return int(max(64, min(1 << 16, budget // max(1, k * itemsize))))
+    cap = 8192 if device.type == "cpu" else 1 << 16  # CPU: several blocks per chunk to share out
+    return int(max(64, min(cap, budget // max(1, k * itemsize))))
 
 
 def nearest(
@@ -129,20 +140,17 @@ def cpu_blocked_product(
     """
     m, d = xs.shape
     n = w.shape[1]
-    local = threading.local()
 
     def work(a: int) -> None:
         b = min(a + block, m)
-        state = local.__dict__
-        if "out" not in state:
-            state["out"] = np.empty((block, n), dtype=w.dtype)
-            state["pad"] = np.zeros((block, d), dtype=xs.dtype)
+        out = _thread_buffer("out", (block, n), w.dtype)
         src = xs[a:b]
         if b - a < block:
-            state["pad"][: b - a] = src
-            src = state["pad"]
-        np.matmul(src, w, out=state["out"])
-        post(a, b, state["out"][: b - a])
+            pad = _thread_buffer("pad", (block, d), xs.dtype)
+            pad[: b - a] = src
+            src = pad
+        np.matmul(src, w, out=out)
+        post(a, b, out[: b - a])
 
     starts = range(0, m, block)
     workers = max(1, torch.get_num_threads())

@@ -38,6 +38,9 @@ from lib.kmeans_points import Comm, Shard
 log = logging.getLogger(__name__)
 
 ACCUM_BLOCK_ROWS = 4096
+# Rows per gather (bounds search, final distances): temporaries stay a few MB whatever
+# chunk_rows is, so a rank's memory is its shard plus O(k·D).
+GATHER_ROWS = 8192
 
 
 @dataclass
@@ -93,7 +96,7 @@ def assign_dense(shard: Shard, cents: Centroids) -> torch.Tensor:
 def final_distances(shard: Shard, cents: Centroids, assignment: torch.Tensor) -> torch.Tensor:
     """``||x - c_a||^2`` of every local row, from the difference (float64 result)."""
     out = torch.empty(shard.n, dtype=torch.float64, device=shard.device)
-    for a, x in shard.chunks():
+    for a, x in shard.chunks(min(shard.chunk_rows, GATHER_ROWS)):
         b = a + len(x)
         out[a:b] = direct_sq_distances(x, cents.c, assignment[a:b]).to(out.device)
     return out
@@ -147,7 +150,7 @@ class HamerlyBounds:
         """
         active = torch.nonzero(self.u > self.l).squeeze(1)
         changed = torch.zeros((), dtype=torch.int64, device=self.a.device)
-        step = self.shard.chunk_rows
+        step = min(self.shard.chunk_rows, GATHER_ROWS)
         for s in range(0, len(active), step):
             rows = active[s : s + step]
             changed += self._search(rows, self.shard.gather(rows), cents)
