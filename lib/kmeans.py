@@ -168,12 +168,15 @@ def matmul_precision(device: torch.device, allow_tf32: bool) -> Iterator[None]:
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
-    """``"cuda"`` -> ``cuda:<LOCAL_RANK>`` (one GPU per rank); others unchanged."""
+    """``"cuda"`` -> ``cuda:<LOCAL_RANK>`` (one GPU per rank, made the current device);
+    others unchanged."""
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        from lib.distributed import resolve_dist_env
+    if dev.type == "cuda":
+        if dev.index is None:
+            from lib.distributed import resolve_dist_env
 
-        dev = torch.device("cuda", resolve_dist_env().local_rank)
+            dev = torch.device("cuda", resolve_dist_env().local_rank)
+        torch.cuda.set_device(dev)  # NCCL collectives and staged CPU values use this GPU
     return dev
 
 

@@ -62,6 +62,11 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _backend() -> str | None:
+    dist = torch.distributed
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
 @dataclass(frozen=True)
 class Comm:
     """Collectives of one k-means problem: over the job's ranks, or none (``solo``)."""
@@ -83,22 +88,40 @@ class Comm:
     def is_root(self) -> bool:
         return self.rank == 0
 
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor on a device the backend can reduce: NCCL needs CUDA tensors, and some
+        of our collectives carry small CPU-side values (flags, counts, row ids)."""
+        if tensor.device.type == "cpu" and _backend() == "nccl":
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            D.all_reduce_sum_(tensor)
+            staged = self._staged(tensor)
+            D.all_reduce_sum_(staged)
+            if staged is not tensor:
+                tensor.copy_(staged)
         return tensor
 
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            D.all_reduce_max_(tensor)
+            staged = self._staged(tensor)
+            D.all_reduce_max_(staged)
+            if staged is not tensor:
+                tensor.copy_(staged)
         return tensor
 
     def all_gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        return D.all_gather_rows(tensor) if self.world > 1 else tensor
+        if self.world == 1:
+            return tensor
+        return D.all_gather_rows(self._staged(tensor)).to(tensor.device)
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """Rows of every rank, concatenated on rank 0; ``None`` on the others."""
-        return D.gather_rows(tensor, 0) if self.world > 1 else tensor
+        if self.world == 1:
+            return tensor
+        out = D.gather_rows(self._staged(tensor), 0)
+        return None if out is None else out.to(tensor.device)
 
     def barrier(self) -> None:
         if self.world > 1:
