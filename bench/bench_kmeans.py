@@ -301,7 +301,7 @@ def evaluate(data: Path, centroids_file: Path) -> float:
 
 def table(rows: list[dict], best: float | None) -> str:
     lines = [
-        "| method | wall s | vs faster baseline | inertia | vs best inertia | iterations "
+        "| method | wall s (median) | vs faster baseline | inertia | vs best inertia | iterations "
         "| peak RSS MB (base) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -332,6 +332,7 @@ def main() -> None:
     ap.add_argument("--allow-tf32", action="store_true")
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of: faiss,sklearn")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method (median reported)")
     ap.add_argument("--data-dir", type=Path, default=RESULTS / "data")
     # worker-only arguments
     ap.add_argument("--worker", choices=sorted(WORKERS))
@@ -360,32 +361,37 @@ def main() -> None:
     work = RESULTS / f"run_{int(time.time())}"
     work.mkdir(parents=True, exist_ok=True)
 
-    (init,) = run_worker("init", args, work / "init.npy")
+    # The init is the same for every method and does not depend on the run: cache it.
+    init_file = args.data.with_name(f"{args.data.stem}_init_{args.init}_k{args.k}_s{args.seed}.npy")
+    init_meta = init_file.with_suffix(".json")
+    if init_file.exists() and init_meta.exists():
+        init = json.loads(init_meta.read_text())
+    else:
+        (init,) = run_worker("init", args, init_file)
+        init_meta.write_text(json.dumps(init))
     rows: list[dict] = []
     print(f"init {args.init}: {init['seconds']:.2f}s", file=sys.stderr)
 
-    ours = run_worker(
-        "ours", args, work / "ours.npy", ranks=args.ranks, init_file=work / "init.npy"
-    )
-    rank0 = ours[0]
-    rows.append(
-        {
-            **rank0,
-            "rss": [(o["rss_peak_mb"], o["rss_base_mb"]) for o in ours],
-            "per_rank": ours,
-            "file": work / "ours.npy",
-        }
-    )
     skip = set(filter(None, args.skip.split(","))) | ({"faiss", "sklearn"} if throughput else set())
-    if "faiss" not in skip:
-        (fa,) = run_worker("faiss", args, work / "faiss.npy", init_file=work / "init.npy")
+    methods = ["ours"] + [m for m in ("faiss", "sklearn") if m not in skip]
+    runs: dict[str, list[list[dict]]] = {m: [] for m in methods}
+    for rep in range(args.repeat):  # interleaved, so load from elsewhere hits all alike
+        for m in methods:
+            ranks = args.ranks if m == "ours" else 1
+            runs[m].append(run_worker(m, args, work / f"{m}.npy", ranks=ranks, init_file=init_file))
+            print(f"rep {rep}: {m} {runs[m][-1][0]['seconds']:.2f}s", file=sys.stderr)
+    for m in methods:
+        first = runs[m][0]
+        times = [r[0]["seconds"] for r in runs[m]]
         rows.append(
-            {**fa, "rss": [(fa["rss_peak_mb"], fa["rss_base_mb"])], "file": work / "faiss.npy"}
-        )
-    if "sklearn" not in skip:
-        (sk,) = run_worker("sklearn", args, work / "sklearn.npy", init_file=work / "init.npy")
-        rows.append(
-            {**sk, "rss": [(sk["rss_peak_mb"], sk["rss_base_mb"])], "file": work / "sklearn.npy"}
+            {
+                **first[0],
+                "seconds": float(np.median(times)),
+                "all_seconds": times,
+                "rss": [(o["rss_peak_mb"], o["rss_base_mb"]) for o in first],
+                "per_rank": first,
+                "file": work / f"{m}.npy",
+            }
         )
     for r in rows:
         r["inertia"] = evaluate(args.data, r.pop("file"))
@@ -420,11 +426,12 @@ def main() -> None:
     }
     if throughput:
         flops = args.iters * 2.0 * n * args.k * dim
-        tflops = flops / rank0["seconds_lloyd"] / 1e12
+        lloyd = float(np.median([r[0]["seconds_lloyd"] for r in runs["ours"]]))
+        tflops = flops / lloyd / 1e12
         summary["effective_tflops"] = tflops
         print(
             f"\neffective {tflops:.3f} TFLOP/s ({args.iters} x 2·N·k·D / Lloyd "
-            f"{rank0['seconds_lloyd']:.2f}s); assignment check: {rank0.get('check')}"
+            f"{lloyd:.2f}s); assignment check: {rows[0].get('check')}"
         )
     out = RESULTS / f"kmeans_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.write_text(json.dumps(summary, indent=2, default=str))

@@ -437,9 +437,9 @@ def run_level(
     Takes the run dir, the 1-based level, the validated parameters, the embeddings file
     (level 1 only: .npy, .safetensors or raw with sidecar), this rank's device, the
     collectives (default: the current process group), the job's config hash and an
-    optional callback ``on_step_done(level, step_name)`` called on every rank after each
-    step is published. Returns the level's ``LevelResult`` (``skipped=True`` if it was
-    already complete).
+    optional callback ``on_step_done(level, step_name)`` called on every rank once each
+    step is complete (published now or found complete from an earlier launch). Returns
+    the level's ``LevelResult`` (``skipped=True`` if it was already complete).
 
     Raises ``ConfigError`` (bad parameters, k larger than the number of points, a sample
     smaller than k), ``DatasetError`` (NaN/Inf rows), ``FileNotFoundError`` /
@@ -452,6 +452,11 @@ def run_level(
         raise ConfigError(f"level must be in 1..{params.n_levels}, got {level}")
     run_dir = Path(run_dir)
     comm = comm or Comm.current()
+    if params.backend == "faiss" and comm.world > 1:
+        raise ConfigError(
+            f"kmeans backend=faiss runs in one process, but this job has {comm.world} ranks; "
+            "use backend=torch or run the level with one task"
+        )
     dev = resolve_device(device)
     data, ident, name = _level_input(run_dir, level, embeddings_path)
     h = level_config_hash(params, level, ident, config_hash)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -362,8 +361,3 @@ def _faiss_kmeans(
         init_ids=ids,
         seconds={"init": t1 - t0, "lloyd": t2 - t1},
     )
-
-
-def default_trials(k: int) -> int:
-    """scikit-learn's number of k-means++ candidates per centre: 2 + int(ln k)."""
-    return 2 + int(math.log(k))

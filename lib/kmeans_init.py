@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 _QUANT_BITS = 62
 
 
+def default_trials(k: int) -> int:
+    """scikit-learn's number of k-means++ candidates per centre: ``2 + int(ln k)``."""
+    return 2 + int(math.log(k))
+
+
 def fetch_points(shard: Shard, comm: Comm, points: np.ndarray) -> torch.Tensor:
     """Rows of the given global points, float64 on the shard's device, identical on all ranks.
 
@@ -130,7 +135,7 @@ def kmeans_plusplus(
     n = shard.points.n
     if not 1 <= k <= n:
         raise ValueError(f"k-means++ needs 1 <= k <= number of points ({n}), got k={k}")
-    trials = n_local_trials or 2 + int(math.log(k))
+    trials = n_local_trials or default_trials(k)
     centers = torch.empty((k, shard.dim), dtype=torch.float64, device=shard.device)
     ids = np.empty(k, dtype=np.int64)
 

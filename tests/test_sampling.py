@@ -21,6 +21,7 @@ from lib.hierarchical_sampling import (
     water_fill,
     write_curated,
 )
+from lib.markers import ConfigMismatchError
 
 
 def fill_level(cap: np.ndarray, target: int) -> int:
@@ -177,6 +178,18 @@ def test_curated_outputs_from_a_real_hierarchy(tmp_path):
         "kmeans/curated/embedding_rows.npy",
         "kmeans/curated/metadata.parquet",
     }
+    # a relaunch returns the published rows; other settings in the same run dir are refused
+    stamp = (cur / "completions/task_00000.json").stat().st_mtime_ns
+    again = write_curated(
+        tmp_path,
+        2,
+        SamplingParams(500, strategy="c", seed=2),
+        metadata_path=tmp_path / "metadata.parquet",
+    )
+    np.testing.assert_array_equal(again, rows)
+    assert (cur / "completions/task_00000.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigMismatchError):
+        write_curated(tmp_path, 2, SamplingParams(500, seed=3))
 
 
 def test_bad_metadata(tmp_path):
