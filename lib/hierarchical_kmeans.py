@@ -103,6 +103,7 @@ class HierarchyParams:
     compute_dtype: str = "float32"
     seed: int = 0
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    cache_bytes: int | None = None
     backend: str = "torch"
     allow_tf32: bool = False
     bounds: bool | None = None
@@ -157,6 +158,7 @@ class HierarchyParams:
             accum_dtype=self.dtype,
             compute_dtype=self.compute_dtype,
             chunk_rows=self.chunk_rows,
+            cache_bytes=self.cache_bytes,
             bounds=self.bounds,
             allow_tf32=self.allow_tf32,
             backend=self.backend,
@@ -167,7 +169,7 @@ class HierarchyParams:
         shared = asdict(self)
         for key in ("n_levels", "n_clusters", "n_resampling_steps", "sample_size", "n_splits"):
             shared.pop(key)
-        for key in ("chunk_rows", "save_distances"):  # do not change the result
+        for key in ("chunk_rows", "cache_bytes", "save_distances"):  # no effect on results
             shared.pop(key)
         i = level - 1
         return {
@@ -586,6 +588,7 @@ def _run_step(
             comm=comm,
             compute_dtype=params.compute_dtype,
             chunk_rows=params.chunk_rows,
+            cache_bytes=params.cache_bytes,
             allow_tf32=params.allow_tf32,
         )
     a_all = _gather_to_root(comm, assignment)

@@ -82,7 +82,13 @@ BACKENDS = ("torch", "faiss")
 
 @dataclass(frozen=True)
 class KMeansParams:
-    """Parameters of one k-means problem (see the module docstring for precision knobs)."""
+    """Parameters of one k-means problem (see the module docstring for precision knobs).
+
+    ``chunk_rows``: rows converted/transferred at once. ``cache_bytes``: the most a rank
+    may hold of its shard converted to the compute dtype (default: 2 GiB on CPU, half the
+    free memory on CUDA; 0 streams every pass from the memmap). A float32 shard computed
+    in float32 on CPU is never copied: it is read in place from the memmap.
+    """
 
     n_clusters: int
     n_iters: int = 50
@@ -93,6 +99,7 @@ class KMeansParams:
     accum_dtype: str = "float64"
     compute_dtype: str = "float32"
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    cache_bytes: int | None = None
     bounds: bool | None = None
     allow_tf32: bool = False
     backend: str = "torch"
@@ -186,7 +193,15 @@ def _use_bounds(params: KMeansParams, device: torch.device) -> bool:
 
 
 def make_shard(points: PointSet, params: KMeansParams, device: torch.device, comm: Comm) -> Shard:
-    return Shard(points, comm, device, params.compute_dtype, chunk_rows=params.chunk_rows)
+    """This rank's shard of ``points`` for ``params`` (see ``lib.kmeans_points.Shard``)."""
+    return Shard(
+        points,
+        comm,
+        device,
+        params.compute_dtype,
+        chunk_rows=params.chunk_rows,
+        cache_bytes=params.cache_bytes,
+    )
 
 
 def initial_centroids(
@@ -284,6 +299,7 @@ def assign(
     comm: Comm | None = None,
     compute_dtype: str = "float32",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    cache_bytes: int | None = None,
     allow_tf32: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Nearest centroid of each of this rank's points.
@@ -296,7 +312,9 @@ def assign(
     comm = comm or Comm.current()
     c64 = torch.as_tensor(np.asarray(centroids), dtype=torch.float64).to(dev)
     with matmul_precision(dev, allow_tf32):
-        shard = Shard(points, comm, dev, compute_dtype, chunk_rows=chunk_rows)
+        shard = Shard(
+            points, comm, dev, compute_dtype, chunk_rows=chunk_rows, cache_bytes=cache_bytes
+        )
         cents = Centroids(c64, shard.dtype, dev)
         a = assign_dense(shard, cents)
         sq = final_distances(shard, cents, a)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,25 @@ def test_chunking_and_storage_do_not_change_the_result(tmp_path):
     big = np.concatenate([x, np.zeros((500, x.shape[1]), np.float32)])[np.r_[0:2000, 2000:2500]]
     subset = kmeans(PointSet(big, np.arange(2000)), KMeansParams(10, n_iters=15, seed=2))
     np.testing.assert_array_equal(base.assignment, subset.assignment)
+
+
+@pytest.mark.parametrize("bounds", [False, True], ids=["dense", "hamerly"])
+def test_streamed_float16_shard_matches_in_memory(tmp_path, bounds):
+    x16 = overlapping_blobs(n=3000).astype(np.float16)
+    save_npy(tmp_path / "x16.npy", x16)
+    p = KMeansParams(12, n_iters=10, seed=4, chunk_rows=500, bounds=bounds)
+    memory = kmeans(PointSet(x16.astype(np.float32)), p)
+    streamed = kmeans(PointSet(open_embeddings(tmp_path / "x16.npy")), replace(p, cache_bytes=0))
+    cached = kmeans(PointSet(open_embeddings(tmp_path / "x16.npy")), p)
+    for other in (streamed, cached):
+        np.testing.assert_array_equal(memory.init_ids, other.init_ids)
+        np.testing.assert_array_equal(memory.assignment, other.assignment)
+        np.testing.assert_allclose(memory.centroids, other.centroids, rtol=1e-12)
+    # a streamed subset (gathered rows come from the memmap) agrees with the copied subset
+    keep = np.arange(0, 3000, 2)
+    sub = kmeans(PointSet(open_embeddings(tmp_path / "x16.npy"), keep), replace(p, cache_bytes=0))
+    ref = kmeans(PointSet(x16[keep].astype(np.float32)), p)
+    np.testing.assert_array_equal(sub.assignment, ref.assignment)
 
 
 def test_empty_cluster_keeps_its_centroid(caplog):
