@@ -37,7 +37,12 @@ Precision (``KMeansParams``):
 
 Reproducibility: every random draw comes from ``numpy.random.default_rng`` seeded with
 ``seed`` (or a generator the caller passes), consumed identically on every rank; see
-``lib.kmeans_init`` for why world size 1 and N pick the same centres.
+``lib.kmeans_init`` for why world size 1 and N pick the same centres. On CPU a row's
+distances do not depend on which rows share its BLAS call (one call shape per problem,
+``lib.kmeans_assign.cpu_blocked_product``), so world size, ``chunk_rows`` and the bounds
+do not change any decision; only the float64 per-cluster sums are added in a different
+order (centroids agree to ~1e-16 relative). On CUDA, cuBLAS chooses kernels by shape and
+``index_add_`` uses atomics, so runs agree to rounding, not bit for bit.
 
 ``backend="faiss"``: one CPU process only (raises ``ConfigError`` otherwise); the whole
 point set is loaded into memory and ``faiss.Kmeans`` runs the Lloyd iterations from our
