@@ -194,12 +194,18 @@ def _nearest_cpu(
 
 
 def sq_distances_many(
-    x: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, out: torch.Tensor
+    x: torch.Tensor,
+    xn: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    on_block: Callable[[int, int, np.ndarray | torch.Tensor], None] | None = None,
 ) -> None:
     """``out[i, j] = ||x_i - y_j||^2`` (expanded, compute dtype, clamped at 0).
 
     ``x`` (m, D) and ``xn`` (m,) its squared norms; ``y`` (T, D) float64 with T >= 2 for
-    a fixed BLAS shape (see ``cpu_blocked_product``).
+    a fixed BLAS shape (see ``cpu_blocked_product``). ``on_block(a, b, block)`` is called
+    with each finished block of rows ``a..b`` while it is in cache: a numpy array in a
+    worker thread on CPU, a tensor on CUDA.
     """
     yc = y.to(x.dtype)
     neg2t = (-2.0 * yc).t().contiguous()
@@ -213,15 +219,20 @@ def sq_distances_many(
         def post(a: int, b: int, prod: np.ndarray) -> None:
             np.add(prod, ynn, out=o[a:b])
             o[a:b] += xnn[a:b, None]
+            np.maximum(o[a:b], 0, out=o[a:b])
+            if on_block is not None:
+                on_block(a, b, o[a:b])
 
         cpu_blocked_product(x.contiguous().numpy(), neg2t.numpy(), block, post)
-    else:
-        xc = xn.to(x.dtype)
-        for a in range(0, x.shape[0], block):
-            b = min(a + block, x.shape[0])
-            torch.addmm(yn, x[a:b], neg2t, out=out[a:b])
-            out[a:b] += xc[a:b, None]
-    out.clamp_(min=0)
+        return
+    xc = xn.to(x.dtype)
+    for a in range(0, x.shape[0], block):
+        b = min(a + block, x.shape[0])
+        torch.addmm(yn, x[a:b], neg2t, out=out[a:b])
+        out[a:b] += xc[a:b, None]
+        out[a:b].clamp_(min=0)
+        if on_block is not None:
+            on_block(a, b, out[a:b])
 
 
 def row_sq_norms(x: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,42 @@ def _candidate_sq_distances(shard: Shard, y: torch.Tensor, out: torch.Tensor) ->
         sq_distances_many(x, xn[a:b], y, out[a:b])
 
 
+def _candidate_potentials(
+    shard: Shard, y: torch.Tensor, closest: torch.Tensor, e: int | None, out: torch.Tensor
+) -> torch.Tensor:
+    """Fill ``out`` with the candidates' squared distances and return, per candidate, this
+    rank's quantised potential ``sum_i floor(min(closest_i, d_ij) * 2^e)`` (int64).
+
+    The potential of each block is summed while the block is in cache (in the CPU worker
+    threads); integer sums make the order irrelevant.
+    """
+    xn = shard.norms()
+    trials = y.shape[0]
+    if e is None:
+        _candidate_sq_distances(shard, y, out)
+        return torch.zeros(trials, dtype=torch.int64, device=shard.device)
+    partial: list[np.ndarray | torch.Tensor] = []
+    cpu = shard.device.type == "cpu"
+    closest_np = closest.numpy() if cpu else None
+    for a0, x in shard.chunks():
+        b0 = a0 + len(x)
+
+        def on_block(a: int, b: int, d: np.ndarray | torch.Tensor, a0: int = a0) -> None:
+            if cpu:
+                m = np.minimum(d.astype(np.float64), closest_np[a0 + a : a0 + b, None])
+                partial.append(np.floor(np.ldexp(m, e)).astype(np.int64).sum(0))
+            else:
+                m = torch.minimum(d.to(torch.float64), closest[a0 + a : a0 + b, None])
+                partial.append(_quantise(m, e).sum(0))
+
+        sq_distances_many(x, xn[a0:b0], y, out[a0:b0], on_block)
+    if not partial:
+        return torch.zeros(trials, dtype=torch.int64, device=shard.device)
+    if cpu:
+        return torch.from_numpy(np.sum(partial, axis=0).astype(np.int64))
+    return torch.stack(partial).sum(0)
+
+
 def _scale_exponent(comm: Comm, closest: torch.Tensor, n: int) -> int | None:
     """Exponent ``e`` so that ``sum(floor(closest * 2^e)) < 2^62`` over all ranks; ``None``
     when every potential is zero."""
@@ -152,16 +188,11 @@ def kmeans_plusplus(
         q = _quantise(closest, e) if e is not None else torch.zeros_like(closest, dtype=torch.int64)
         cand = _sample_points(shard, comm, q, rng, trials)
         y = fetch_points(shard, comm, cand)
-        _candidate_sq_distances(shard, y, cand_d)
-        d = torch.minimum(cand_d.to(torch.float64), closest[:, None])
-        if e is not None:
-            pots = _quantise(d, e).sum(0)
-        else:
-            pots = torch.zeros(trials, dtype=torch.int64, device=shard.device)
+        pots = _candidate_potentials(shard, y, closest, e, cand_d)
         best = int(torch.argmin(comm.sum_(pots)).item())
         ids[c] = cand[best]
         centers[c] = y[best]
-        closest = d[:, best].contiguous()
+        closest = torch.minimum(closest, cand_d[:, best].to(torch.float64))
         if c % 1000 == 0:
             log.debug("k-means++: %d/%d centres", c, k)
     return centers, ids
