@@ -49,9 +49,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,6 +79,25 @@ SAMPLING_STRATEGIES = ("r", "c")
 _INIT, _SAMPLE, _SPLIT = 0, 1, 2
 _SPLIT_STEP = 1_000_000  # the "step" number of split mode in seeds (steps stay small)
 NONFINITE_EXAMPLES = 10
+
+
+_LEVEL_LISTS = ("n_clusters", "n_resampling_steps", "sample_size", "n_splits")
+
+
+def checked_keys(cls: type, cfg: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """``cfg`` as a dict, after checking its keys against the dataclass ``cls``."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {section} settings {unknown}; valid ones: {sorted(known)}")
+    required = [
+        name
+        for name, f in known.items()
+        if f.default is MISSING and f.default_factory is MISSING and name not in cfg
+    ]
+    if required:
+        raise ConfigError(f"missing {section} settings {required}")
+    return dict(cfg)
 
 
 @dataclass(frozen=True)
@@ -109,11 +129,23 @@ class HierarchyParams:
     bounds: bool | None = None
     save_distances: bool = True
 
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> HierarchyParams:
+        """Build and validate from a plain mapping (e.g. ``OmegaConf.to_container`` of the
+        job's ``kmeans`` config). Raises ``ConfigError`` naming unknown or missing keys."""
+        values = checked_keys(cls, cfg, "kmeans")
+        for key in _LEVEL_LISTS:
+            if key in values:
+                values[key] = [int(v) for v in values[key]]
+        params = cls(**values)
+        params.validate()
+        return params
+
     def validate(self) -> None:
         """Raise ``ConfigError`` with the offending key and a fix."""
         if self.n_levels < 1:
             raise ConfigError(f"kmeans.n_levels must be >= 1, got {self.n_levels}")
-        for name in ("n_clusters", "n_resampling_steps", "sample_size", "n_splits"):
+        for name in _LEVEL_LISTS:
             values = list(getattr(self, name))
             if len(values) != self.n_levels:
                 raise ConfigError(
@@ -167,7 +199,7 @@ class HierarchyParams:
     def level_json(self, level: int) -> dict:
         """The settings that determine ``level``'s result (for its config hash)."""
         shared = asdict(self)
-        for key in ("n_levels", "n_clusters", "n_resampling_steps", "sample_size", "n_splits"):
+        for key in ("n_levels", *_LEVEL_LISTS):
             shared.pop(key)
         for key in ("chunk_rows", "cache_bytes", "save_distances"):  # no effect on results
             shared.pop(key)

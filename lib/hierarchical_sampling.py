@@ -30,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +42,7 @@ import pyarrow.parquet as pq
 from lib.arrays import load_npy, save_npy
 from lib.errors import ConfigError, DatasetError
 from lib.fsio import atomic_path
-from lib.hierarchical_kmeans import STAGE_ROOT, load_level
+from lib.hierarchical_kmeans import STAGE_ROOT, checked_keys, load_level
 from lib.markers import CompletionMarker, check_marker, describe_outputs, write_marker
 
 CURATED_DIR = "curated"
@@ -57,7 +59,15 @@ class SamplingParams:
     strategy: str = "r"
     seed: int = 0
 
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> SamplingParams:
+        """Build and validate from a plain mapping; ``ConfigError`` on unknown keys."""
+        params = cls(**checked_keys(cls, cfg, "sampling"))
+        params.validate()
+        return params
+
     def validate(self) -> None:
+        """Raise ``ConfigError`` naming the bad setting."""
         if self.target_size < 0:
             raise ConfigError(f"sampling target_size must be >= 0, got {self.target_size}")
         if self.multiplier < 1:

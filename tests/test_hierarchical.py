@@ -255,6 +255,16 @@ def test_bad_config(tmp_path, embeddings, change, message):
     assert not (tmp_path / "kmeans").exists() or nothing_complete(tmp_path)
 
 
+def test_params_from_a_config_mapping():
+    cfg = {**asdict(PARAMS), "n_clusters": (20, 4)}
+    assert HierarchyParams.from_mapping(cfg) == PARAMS
+    with pytest.raises(ConfigError, match=r"unknown kmeans settings \['n_cluster'\]"):
+        HierarchyParams.from_mapping({**cfg, "n_cluster": [1, 2]})
+    cfg.pop("n_levels")
+    with pytest.raises(ConfigError, match=r"missing kmeans settings \['n_levels'\]"):
+        HierarchyParams.from_mapping(cfg)
+
+
 def test_missing_embeddings(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.npy does not exist"):
         run_level(tmp_path, 1, PARAMS, embeddings_path=tmp_path / "nope.npy")
