@@ -23,7 +23,8 @@ an uninterrupted one; a finished level is skipped. Outputs (``<run_dir>/kmeans/`
     level{L}/step{s}/sample.npy           (m,)    int64   points step s >= 1 clustered
     level{L}/step{s}/completions/task_00000.json   completion marker (lib.markers)
     level{L}/split/...                    split mode: the same files for the final clusters
-    level{L}/final.json                   {"step": "step{s}" | "split", ...}, written last
+    level{L}/final.json                   {"step": "step{s}" | "split", ...}
+    level{L}/completions/task_00000.json  the level's marker, written last
 
 Every array has a ``.json`` sidecar (``lib.arrays``). Points of level 1 are rows of the
 embeddings file; points of level L > 1 are clusters of level L-1 (rows of its final
@@ -67,6 +68,7 @@ from lib.markers import (
     ConfigMismatchError,
     check_marker,
     describe_outputs,
+    marker_path,
     write_marker,
 )
 from lib.sharding import contiguous_range
@@ -499,6 +501,11 @@ def run_level(
     done = _finished(run_dir, level, h)
     if _all_done(comm, done is not None):
         log.info("k-means level %d is complete (%s), skipping", level, done.step)
+        if comm.is_root and check_marker(run_dir, f"{STAGE_ROOT}/level{level}", 0, h) is None:
+            # killed between final.json and the level marker: finish the publication
+            step_marker = check_marker(run_dir, stage_dir(level, done.step), 0, h)
+            _write_level_marker(run_dir, level, h, done, step_marker)
+        comm.barrier()
         done.skipped = True
         return done
 
@@ -510,8 +517,9 @@ def run_level(
             f"{name}); lower kmeans.n_clusters[{level - 1}]"
         )
     check_finite(PointSet(data), comm, name, params.chunk_rows)
-    if comm.is_root:
-        (ldir / "final.json").unlink(missing_ok=True)  # stale pointer: recomputing
+    if comm.is_root:  # recomputing: drop the stale pointer and level marker first
+        marker_path(run_dir, f"{STAGE_ROOT}/level{level}", 0).unlink(missing_ok=True)
+        (ldir / "final.json").unlink(missing_ok=True)
     comm.barrier()
 
     n_steps = int(params.n_resampling_steps[level - 1])
@@ -547,8 +555,32 @@ def run_level(
         final.pop("skipped")
         final["input"] = {**ident, "name": name}
         atomic_write_json(ldir / "final.json", final)
+        _write_level_marker(run_dir, level, h, result, final_marker)
     comm.barrier()
     return result
+
+
+def _write_level_marker(
+    run_dir: Path, level: int, h: str, result: LevelResult, step_marker: CompletionMarker | None
+) -> None:
+    """The level's own marker (``kmeans/level{L}/completions/task_00000.json``), written
+    last: a launcher checking stage markers sees the level complete only now."""
+    ldir = level_dir(run_dir, level)
+    step_outputs = step_marker.outputs if step_marker is not None else []
+    write_marker(
+        run_dir,
+        f"{STAGE_ROOT}/level{level}",
+        CompletionMarker(
+            stage=f"{STAGE_ROOT}/level{level}",
+            task=0,
+            num_tasks=1,
+            config_hash=h,
+            row_range=[0, result.n_points],
+            counts={"points": result.n_points, "clusters": result.n_clusters},
+            outputs=describe_outputs(run_dir, [ldir / "final.json"]) + list(step_outputs),
+            extra={"final_step": result.step, "inertia": result.inertia},
+        ),
+    )
 
 
 def _finished(run_dir: Path, level: int, h: str) -> LevelResult | None:

@@ -108,11 +108,17 @@ def test_two_levels_with_resampling(tmp_path, embeddings):
     check_step(out2, 20, out1.centroids())
     marker = json.loads((out2.dir / "completions/task_00000.json").read_text())
     assert marker["stage"] == "kmeans/level2/step0" and marker["counts"]["clusters"] == 4
-    # a relaunch skips finished levels and changes nothing
+    level_marker = json.loads((tmp_path / "kmeans/level1/completions/task_00000.json").read_text())
+    assert level_marker["extra"]["final_step"] == "step2"
+    assert "kmeans/level1/step2/members.npy" in {o["path"] for o in level_marker["outputs"]}
+    # a relaunch skips finished levels and changes nothing (and completes a level marker
+    # lost to a kill between final.json and the marker)
+    (tmp_path / "kmeans/level2/completions/task_00000.json").unlink()
     before = step_arrays(tmp_path)
     again = run_hierarchy(tmp_path, PARAMS, embeddings)
     assert all(r.skipped for r in again)
     after = step_arrays(tmp_path)
+    assert (tmp_path / "kmeans/level2/completions/task_00000.json").exists()
     assert before.keys() == after.keys()
     for key in before:
         np.testing.assert_array_equal(before[key], after[key])
