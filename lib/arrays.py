@@ -80,9 +80,8 @@ def save_npy(path: str | Path, array: np.ndarray) -> ArraySpec:
     """Write ``array`` to ``path`` (.npy) atomically, then its sidecar."""
     arr = np.ascontiguousarray(array)
     spec = ArraySpec(tuple(arr.shape), str(arr.dtype))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
     write_sidecar(path, spec)
     return spec
 
