@@ -19,14 +19,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib.errors import EmbedfleetError
 from lib.fsio import atomic_write_json, sha256_file
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(EmbedfleetError):
     """A marker was written under a different configuration than the current run's."""
 
 
-class InvalidMarkerError(RuntimeError):
+class InvalidMarkerError(EmbedfleetError):
     """A marker exists but is unreadable or its outputs are missing or changed."""
 
 
@@ -111,7 +112,8 @@ def check_marker(
         raise ConfigMismatchError(
             f"{path} was written with config hash {marker.config_hash[:12]}, but this run's "
             f"{stage_dir} config hashes to {config_hash[:12]}: the run dir {run_dir} belongs to a "
-            "different configuration. Use a new run name (run.name=...) or delete the run dir."
+            "different configuration. Use a new run name (run.name=...), or delete "
+            f"{Path(run_dir) / stage_dir} (and the stages after it) to redo that stage."
         )
     for out in marker.outputs:
         f = Path(run_dir) / out.path
