@@ -26,7 +26,6 @@ from lib.pipeline import DISTRIBUTED, Plan, StageSpec, completed_tasks
 from lib.sharding import compress_indices
 from lib.task import TaskIdentity
 
-
 _LABELLED = re.compile(r"^\d\d:\d\d:\d\d \w+ \[")
 
 

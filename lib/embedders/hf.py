@@ -127,8 +127,9 @@ class HFEmbedder:
                     str(path), device=str(device), trust_remote_code=model_cfg.trust_remote_code
                 )
                 tokenizer = model.tokenizer
-                getter = getattr(model, "get_embedding_dimension", None) or getattr(
-                    model, "get_sentence_embedding_dimension"
+                getter = (
+                    getattr(model, "get_embedding_dimension", None)
+                    or model.get_sentence_embedding_dimension
                 )
                 dim = getter()
             else:
