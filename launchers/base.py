@@ -19,6 +19,9 @@ from omegaconf import DictConfig
 from lib.fsio import atomic_write_json
 from lib.pipeline import Plan, StageSpec
 
+# Task commands run as `python -m jobs.<stage>` from the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def attempt_path(run_dir: Path, spec: StageSpec, task: int) -> Path:
     return Path(run_dir) / spec.stage_dir / "attempts" / f"task_{task:05d}.json"

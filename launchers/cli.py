@@ -76,14 +76,17 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def prevalidate(overrides: list[str]) -> str | None:
-    """Compose the config once, before Hydra runs; return an explanation if it fails."""
+    """Compose the config once, before Hydra runs (and creates the run dir); return an
+    explanation if it fails or the run dir cannot be written."""
     try:
         cfg = compose(overrides)
-        # Resolve everything except Hydra's own interpolations, to surface type errors.
-        plain = OmegaConf.to_container(cfg, resolve=False)
-        assert isinstance(plain, dict)
+        run_dir = Path(cfg.run.root).expanduser() / cfg.run.name
     except Exception as exc:
         return explain_config_error(exc)
+    try:
+        check_writable(run_dir)
+    except PermissionError as exc:
+        return f"error: {exc}"
     return None
 
 

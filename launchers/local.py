@@ -21,7 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.base import Launcher, LaunchResult, log_path, read_attempt, write_attempt
+from launchers.base import (
+    REPO_ROOT,
+    Launcher,
+    LaunchResult,
+    log_path,
+    read_attempt,
+    write_attempt,
+)
 from lib.pipeline import DISTRIBUTED, Plan, StageSpec, completed_tasks
 from lib.sharding import compress_indices
 from lib.task import TaskIdentity
@@ -72,6 +79,9 @@ class LocalLauncher(Launcher):
         env.update(identity.as_env())
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
         # Share the cores between concurrent tasks instead of oversubscribing them.
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
             env.setdefault(key, str(threads))
@@ -119,7 +129,7 @@ class LocalLauncher(Launcher):
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 fh.write(f"=== {stamp} local attempt: {shlex.join(cmd)}\n".encode())
             proc = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd()
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO_ROOT
             )
             prefix = f"[{spec.name} {task}]" if world == 1 else f"[{spec.name} r{rank}]"
             t = threading.Thread(target=self._pump, args=(proc, logf, prefix), daemon=True)

@@ -116,7 +116,8 @@ class ChatConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "stdlib_docstrings"
+    # Default: derived from the path (file stem, hub name, builtin name).
+    name: str = "${ef.dataset_name:${dataset.path}}"
     # A local path, an fsspec URL (s3://, gs://, memory://...), a Hugging Face dataset name
     # (format=hf, read from the local cache) or builtin:<name>.
     path: str = "builtin:stdlib_docstrings"
@@ -127,8 +128,10 @@ class DatasetConfig:
     text_field: str = "text"
     template: str = "{text}"
     chat: ChatConfig = field(default_factory=ChatConfig)
-    id_field: str | None = "id"  # null: the original row index is the id
-    source_field: str | None = "source"  # null: every row's source is the dataset name
+    # null = auto: the "id" / "source" column when the dataset has one, else the original
+    # row index / the dataset name. A name given explicitly must exist.
+    id_field: str | None = None
+    source_field: str | None = None
     metadata_fields: list[str] = field(default_factory=list)
     on_null_text: NullText = NullText.error
     limit: int | None = None  # use only the first N rows
@@ -211,10 +214,26 @@ class EmbedfleetConfig:
 SCHEMA_NAME = "embedfleet_schema"
 
 
+def dataset_name(path: str) -> str:
+    """A short name for a dataset path: ``builtin:x`` -> x, ``/a/b.parquet`` -> b,
+    ``org/name`` -> name."""
+    p = str(path).removeprefix("builtin:").rstrip("/").split("?")[0]
+    stem = p.rsplit("/", 1)[-1]
+    for suffix in (".parquet", ".pq", ".jsonl", ".ndjson", ".json", ".csv", ".gz"):
+        stem = stem.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "dataset"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ef.dataset_name"):
+        OmegaConf.register_new_resolver("ef.dataset_name", dataset_name)
+
+
 def register_configs() -> None:
-    """Register the root schema in Hydra's ConfigStore (idempotent)."""
+    """Register the root schema in Hydra's ConfigStore and our resolvers (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    register_resolvers()
     ConfigStore.instance().store(name=SCHEMA_NAME, node=EmbedfleetConfig)
 
 
@@ -223,6 +242,7 @@ def load_run_config(path: str | Path) -> DictConfig:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p} does not exist: is this a run dir made by launch.py?")
+    register_resolvers()
     schema = OmegaConf.structured(EmbedfleetConfig)
     loaded = OmegaConf.load(p)
     try:

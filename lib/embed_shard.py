@@ -72,10 +72,22 @@ def dataset_rows(source: RowSource, cfg: DictConfig) -> int:
     return n
 
 
-def needed_columns(cfg: DictConfig) -> list[str]:
+def id_source_fields(cfg: DictConfig, columns: list[str]) -> tuple[str | None, str | None]:
+    """The id and source columns: as configured, or ``id``/``source`` when present (auto)."""
+    d = cfg.dataset
+    id_field = d.id_field if d.id_field is not None else ("id" if "id" in columns else None)
+    source_field = (
+        d.source_field
+        if d.source_field is not None
+        else ("source" if "source" in columns else None)
+    )
+    return id_field or None, source_field or None
+
+
+def needed_columns(cfg: DictConfig, columns: list[str]) -> list[str]:
     d = cfg.dataset
     cols = required_columns(TextMode(d.text_mode), d.text_field, d.template, d.chat)
-    for extra in (d.id_field, d.source_field, *d.metadata_fields):
+    for extra in (*id_source_fields(cfg, columns), *d.metadata_fields):
         if extra and extra not in cols:
             cols.append(extra)
     return cols
@@ -96,7 +108,7 @@ def check_dataset(source: RowSource, cfg: DictConfig) -> int:
         text_key,
     )
     for key in ("id_field", "source_field"):
-        if d[key]:
+        if d[key]:  # explicit names must exist; null means auto
             check_columns([d[key]], source.columns, source.description, f"dataset.{key}")
     check_columns(
         list(d.metadata_fields), source.columns, source.description, "dataset.metadata_fields"
@@ -144,10 +156,11 @@ def run_embed_shard(
             "the dataset changed since launch: relaunch with a new run.name"
         )
     d = cfg.dataset
-    table = source.read(start, stop, needed_columns(cfg))
+    table = source.read(start, stop, needed_columns(cfg, source.columns))
     row_index = np.arange(start, stop, dtype=np.int64)
-    ids = _string_column(table, d.id_field, [str(i) for i in row_index])
-    sources = _string_column(table, d.source_field, [d.name] * len(row_index))
+    id_field, source_field = id_source_fields(cfg, source.columns)
+    ids = _string_column(table, id_field, [str(i) for i in row_index])
+    sources = _string_column(table, source_field, [d.name] * len(row_index))
     texts = build_texts(
         table, TextMode(d.text_mode), d.text_field, d.template, d.chat, cfg.model.document_prefix
     )
