@@ -70,13 +70,21 @@ def marker_path(run_dir: Path, stage_dir: str, task: int) -> Path:
     return completions_dir(run_dir, stage_dir) / f"task_{task:05d}.json"
 
 
-def describe_outputs(run_dir: Path, paths: Iterable[Path]) -> list[OutputFile]:
-    """Size and sha256 of each published output, paths stored relative to ``run_dir``."""
+def describe_outputs(
+    run_dir: Path, paths: Iterable[Path], known: dict[str, str] | None = None
+) -> list[OutputFile]:
+    """Size and sha256 of each published output, paths stored relative to ``run_dir``.
+
+    ``known`` maps file names to digests already computed while writing (big files are
+    not read again).
+    """
     run_dir = Path(run_dir)
+    known = known or {}
     out = []
     for p in paths:
         p = Path(p)
-        out.append(OutputFile(str(p.relative_to(run_dir)), p.stat().st_size, sha256_file(p)))
+        digest = known.get(p.name) or sha256_file(p)
+        out.append(OutputFile(str(p.relative_to(run_dir)), p.stat().st_size, digest))
     return out
 
 

@@ -4,13 +4,19 @@ The safetensors library only saves tensors that are in memory, so the writer emi
 format itself: an 8-byte little-endian header length, the JSON header (padded with
 spaces to 8 bytes, as the library does) and the raw C-order data. The file is written
 under a temporary name and published by ``close()``; ``abort()`` removes it.
+
+The writer hashes what it writes (sha256, on its own thread, in order), so the completion
+marker gets the output's digest without reading the file again. A block passed to
+``write`` must stay unchanged until the *next* ``write`` or ``close`` returns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +42,13 @@ class MatrixWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_name(self.path)
         self.fh = open(self.tmp, "wb")  # noqa: SIM115 (closed in close/abort)
-        self.fh.write(self._header(key, metadata or {}))
+        self._digest = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1)  # one thread: chunks are hashed in order
+        self._pending: Future | None = None
+        self.sha256: str | None = None
+        header = self._header(key, metadata or {})
+        self.fh.write(header)
+        self._digest.update(header)
 
     def _header(self, key: str, metadata: dict[str, str]) -> bytes:
         nbytes = self.rows * self.dim * self.dtype.itemsize
@@ -73,14 +85,26 @@ class MatrixWriter:
             raise ValueError(f"block of shape {block.shape} does not fit dim {self.dim}")
         if self.written + block.shape[0] > self.rows:
             raise ValueError(f"more than the declared {self.rows} rows written to {self.path}")
-        self.fh.write(np.ascontiguousarray(block, dtype=self.dtype).data)
+        data = np.ascontiguousarray(block, dtype=self.dtype).data.cast("B")
+        self.fh.write(data)
+        self._wait()
+        # hashlib releases the GIL: this block is hashed while the caller reads the next.
+        self._pending = self._hasher.submit(self._digest.update, data)
         self.written += block.shape[0]
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
 
     def close(self) -> Path:
         """Check the row count, fsync and publish under the final name."""
         if self.written != self.rows:
             self.abort()
             raise ValueError(f"{self.path}: declared {self.rows} rows but {self.written} written")
+        self._wait()
+        self._hasher.shutdown()
+        self.sha256 = self._digest.hexdigest()
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
@@ -89,6 +113,7 @@ class MatrixWriter:
         return self.path
 
     def abort(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
         if not self.fh.closed:
             self.fh.close()
         self.tmp.unlink(missing_ok=True)
