@@ -24,6 +24,9 @@ _STATE = {"dry_run": False}
 
 
 def main() -> None:
+    from lib.models import force_offline
+
+    force_offline()  # before any Hugging Face import: nothing is downloaded at run time
     argv = sys.argv[1:]
     if argv and argv[0] in SUBCOMMANDS:
         from launchers.cli import run_subcommand

@@ -25,7 +25,7 @@ from lib.config import (
     to_plain,
     valid_keys,
 )
-from lib.errors import EmbedfleetError
+from lib.errors import DatasetError, EmbedfleetError
 from lib.fsio import atomic_write_bytes, check_writable
 from lib.markers import ConfigMismatchError
 from lib.pipeline import RUN_CONFIG_FILE, Plan, build_plan, completed_tasks
@@ -125,12 +125,24 @@ def _config_changes(old_yaml: Path, cfg: DictConfig) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def dataset_row_count(cfg: DictConfig) -> int:
+def dataset_row_count(cfg: DictConfig, dry_run: bool = False) -> int:
+    """Rows to embed. A dry run may plan from ``dataset.expected_rows`` when the dataset
+    is not reachable from this machine (e.g. planning a cluster run on a laptop)."""
     if "embed" not in cfg.stages:
         return 0
     from lib.embed_shard import check_dataset, open_dataset
 
-    return check_dataset(open_dataset(cfg), cfg)
+    try:
+        return check_dataset(open_dataset(cfg), cfg)
+    except DatasetError as exc:
+        sizes = [v for v in (cfg.dataset.expected_rows, cfg.dataset.limit) if v is not None]
+        if not dry_run or not sizes:
+            raise
+        print(
+            f"warning: {exc}\nplanning for {min(sizes)} rows (dataset.expected_rows/limit)",
+            file=sys.stderr,
+        )
+        return int(min(sizes))
 
 
 def save_run_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -146,7 +158,7 @@ def launch_run(cfg: DictConfig, *, dry_run: bool, started: float) -> int:
         _absolutize(cfg)
         if not dry_run:
             check_writable(run_dir)
-        rows = dataset_row_count(cfg)
+        rows = dataset_row_count(cfg, dry_run)
         if "embed" in cfg.stages:
             from lib.models import resolve_model_path
 
