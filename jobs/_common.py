@@ -20,6 +20,10 @@ from lib.task import ENV_RUN_DIR, TaskIdentity, resolve_identity
 
 log = logging.getLogger("embedfleet")
 
+# A task that stopped at a safe point on the scheduler's signal (and requeued itself when
+# it could): not complete, not broken. 75 is EX_TEMPFAIL ("try again later").
+EXIT_STOPPED = 75
+
 
 @dataclass
 class JobContext:

@@ -16,6 +16,14 @@ def get_launcher(cfg: DictConfig) -> Launcher:
         from launchers.local import LocalLauncher
 
         return LocalLauncher(cfg)
+    if kind == LauncherKind.slurm:
+        from launchers.slurm import SlurmLauncher
+
+        return SlurmLauncher(cfg)
+    if kind == LauncherKind.submitit:
+        from launchers.submitit_launcher import SubmititLauncher
+
+        return SubmititLauncher(cfg)
     raise NotImplementedError(
         f"cluster.launcher={kind.value} is not available in this version; use cluster=local"
     )

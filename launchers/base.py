@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lib.fsio import atomic_write_json
-from lib.pipeline import Plan, StageSpec
+from lib.pipeline import DISTRIBUTED, Plan, StageSpec
 
 # Task commands run as `python -m jobs.<stage>` from the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,8 @@ def attempt_path(run_dir: Path, spec: StageSpec, task: int) -> Path:
 
 
 def log_path(run_dir: Path, spec: StageSpec, task: int, rank: int = 0) -> Path:
-    name = f"task_{task:05d}.log" if rank == 0 else f"task_{task:05d}.rank{rank}.log"
+    """A task's log; distributed stages have one per rank (``task_00000.rank3.log``)."""
+    name = f"task_{task:05d}.rank{rank}.log" if spec.kind == DISTRIBUTED else f"task_{task:05d}.log"
     return Path(run_dir) / spec.stage_dir / "logs" / name
 
 

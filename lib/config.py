@@ -174,6 +174,9 @@ class EmbedConfig:
     output_dtype: OutputDtype = OutputDtype.float32
     torch_threads: int | None = None  # null: torch's default (all cores)
     log_every_seconds: float = 10.0
+    # Rows per part: a shard is embedded part by part, each part published on its own, so
+    # a preempted or timed-out task resumes from its last finished part.
+    part_rows: int = 8192
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -191,12 +194,62 @@ class MergeConfig:
 
 
 @dataclass
+class SlurmResources:
+    """sbatch resources of one stage. null = not rendered (the cluster's default)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # e.g. "02:00:00" or "1-00:00:00"
+    nodes: int | None = None
+    ntasks_per_node: int | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None  # e.g. "32G"
+    mem_per_cpu: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    # Any other #SBATCH flag, e.g. {reservation: ml, mail-type: FAIL}.
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    # Shell lines run before the task: module load, conda/venv activation, exports.
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageResources:
+    """Resources per stage; each stage's non-null values override ``default``."""
+
+    default: SlurmResources = field(default_factory=SlurmResources)
+    embed: SlurmResources = field(default_factory=SlurmResources)
+    merge: SlurmResources = field(default_factory=SlurmResources)
+    kmeans: SlurmResources = field(default_factory=SlurmResources)
+    metrics: SlurmResources = field(default_factory=SlurmResources)
+
+
+@dataclass
+class SlurmConfig:
+    job_name_prefix: str = "ef"
+    array_throttle: int | None = None  # --array=...%N: tasks of one array running at once
+    max_array_size: int | None = None  # null: read MaxArraySize from `scontrol show config`
+    signal: str = "USR2"  # sent before the time limit: stop at a safe point, requeue
+    signal_delay_s: int = 120
+    requeue: bool = True
+    max_restarts: int = 3  # a task restarted more often (SLURM_RESTART_COUNT) fails
+    resources: StageResources = field(default_factory=StageResources)
+
+
+@dataclass
 class ClusterConfig:
     launcher: LauncherKind = LauncherKind.local
     parallelism: int = 2  # local: tasks run at once
     num_gpus: int = 0  # local: >0 runs one task per GPU with CUDA_VISIBLE_DEVICES set
-    python: str = "python"  # interpreter for task commands; local uses the current one
+    # Interpreter for task commands on the cluster; null: the one running launch.py.
+    python: str | None = None
+    # Where tasks put memory-mapped scratch files (k-means, metrics). Expanded on the
+    # compute node, so "$LSCRATCH" means the node-local scratch there.
+    scratch_dir: str = "$TMPDIR"
     env: dict[str, str] = field(default_factory=dict)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
