@@ -95,7 +95,9 @@ def sbatch_lines(resources: Mapping[str, Any], fixed: Mapping[str, Any]) -> list
         flag = str(key).replace("_", "-").removeprefix("--")
         if not _FLAG.match(flag):
             raise ConfigError(f"additional_parameters: {key!r} is not an sbatch flag name")
-        flags[flag] = None if value in (None, "", True) else _directive_value(flag, value)
+        # A flag without a value (--exclusive, --hold) is written `exclusive: true`.
+        bare = value is None or value is True or str(value).lower() in ("", "true")
+        flags[flag] = None if bare else _directive_value(flag, value)
     for key, value in fixed.items():
         flags[key] = None if value is True else _directive_value(key, value)
     return sorted(f"--{k}" if v is None else f"--{k}={v}" for k, v in flags.items())
