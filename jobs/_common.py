@@ -12,10 +12,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from lib import preempt
 from lib.config import load_run_config
 from lib.errors import EmbedfleetError
 from lib.markers import check_marker
-from lib.pipeline import RUN_CONFIG_FILE, Plan, StageSpec
+from lib.pipeline import RUN_CONFIG_FILE, Plan, StageSpec, require_complete
 from lib.task import ENV_RUN_DIR, TaskIdentity, resolve_identity
 
 log = logging.getLogger("embedfleet")
@@ -64,6 +65,9 @@ def parse_args(group: str, argv: list[str] | None) -> argparse.Namespace:
 
 def run_job(group: str, body: Callable[[JobContext], None], argv: list[str] | None = None) -> int:
     """Resolve the task, skip it if its marker is valid, else run ``body``. Returns exit code."""
+    # First thing: a scheduler's stop warning may come at any moment (SLURM checks time
+    # limits only every ~30 s); the sbatch script ignores it until this handler is set.
+    preempt.install("USR2")
     args = parse_args(group, argv)
     setup_logging(args.stage)
     try:
@@ -85,7 +89,18 @@ def run_job(group: str, body: Callable[[JobContext], None], argv: list[str] | No
                 "task %d already has a valid completion marker; nothing to do", identity.task_index
             )
             return 0
-        body(JobContext(cfg, plan, spec, identity))
+        # Under SLURM this job may start after `afterany`: check the upstream markers
+        # ourselves and fail clearly instead of running on missing inputs.
+        for upstream in spec.depends_on:
+            require_complete(run_dir, plan.stage(upstream), spec.name)
+        slurm = cfg.cluster.slurm
+        preempt.install(slurm.signal)
+        try:
+            body(JobContext(cfg, plan, spec, identity))
+        except preempt.StopRequested:
+            if identity.rank == 0:  # one requeue per job, not one per rank
+                log.warning("%s", preempt.requeue_self(slurm.max_restarts, slurm.signal_delay_s))
+            return EXIT_STOPPED
         return 0
     except EmbedfleetError as exc:
         log.error("%s", exc)

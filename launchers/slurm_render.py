@@ -110,6 +110,13 @@ def _env_items(env: Mapping[str, str]) -> list[tuple[str, str]]:
     return sorted((str(k), str(v)) for k, v in env.items())
 
 
+def _signal_name(signal: str) -> str:
+    name = str(signal).removeprefix("SIG")
+    if not re.fullmatch(r"[A-Z0-9]+", name):
+        raise ConfigError(f"cluster.slurm.signal={signal!r} is not a signal name (e.g. USR2)")
+    return name
+
+
 def job_name(*parts: str) -> str:
     """A job name sbatch can hold: control characters become spaces (it is a label)."""
     return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in "-".join(parts))
@@ -165,6 +172,7 @@ def render_array_script(
             sbatch_lines=sbatch_lines(resources, fixed),
             setup=list(resources.get("setup") or []),
             env=_env_items(env or {}),
+            signal=_signal_name(signal),
         )
     )
 
