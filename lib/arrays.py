@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.errors import EmbedfleetError
 from lib.fsio import atomic_path, atomic_write_json
 
 
-class ArrayFormatError(ValueError):
+class ArrayFormatError(EmbedfleetError, ValueError):
     """An array file disagrees with its sidecar or header, or is truncated."""
 
 

@@ -19,14 +19,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib.errors import EmbedfleetError
 from lib.fsio import atomic_write_json, sha256_file
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(EmbedfleetError):
     """A marker was written under a different configuration than the current run's."""
 
 
-class InvalidMarkerError(RuntimeError):
+class InvalidMarkerError(EmbedfleetError):
     """A marker exists but is unreadable or its outputs are missing or changed."""
 
 
@@ -69,13 +70,21 @@ def marker_path(run_dir: Path, stage_dir: str, task: int) -> Path:
     return completions_dir(run_dir, stage_dir) / f"task_{task:05d}.json"
 
 
-def describe_outputs(run_dir: Path, paths: Iterable[Path]) -> list[OutputFile]:
-    """Size and sha256 of each published output, paths stored relative to ``run_dir``."""
+def describe_outputs(
+    run_dir: Path, paths: Iterable[Path], known: dict[str, str] | None = None
+) -> list[OutputFile]:
+    """Size and sha256 of each published output, paths stored relative to ``run_dir``.
+
+    ``known`` maps file names to digests already computed while writing (big files are
+    not read again).
+    """
     run_dir = Path(run_dir)
+    known = known or {}
     out = []
     for p in paths:
         p = Path(p)
-        out.append(OutputFile(str(p.relative_to(run_dir)), p.stat().st_size, sha256_file(p)))
+        digest = known.get(p.name) or sha256_file(p)
+        out.append(OutputFile(str(p.relative_to(run_dir)), p.stat().st_size, digest))
     return out
 
 
@@ -111,7 +120,8 @@ def check_marker(
         raise ConfigMismatchError(
             f"{path} was written with config hash {marker.config_hash[:12]}, but this run's "
             f"{stage_dir} config hashes to {config_hash[:12]}: the run dir {run_dir} belongs to a "
-            "different configuration. Use a new run name (run.name=...) or delete the run dir."
+            "different configuration. Use a new run name (run.name=...), or delete "
+            f"{Path(run_dir) / stage_dir} (and the stages after it) to redo that stage."
         )
     for out in marker.outputs:
         f = Path(run_dir) / out.path

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib.errors import EmbedfleetError
+
 ENV_RUN_DIR = "EMBEDFLEET_RUN_DIR"
 ENV_STAGE = "EMBEDFLEET_STAGE"
 ENV_TASK_INDEX = "EMBEDFLEET_TASK_INDEX"
@@ -24,7 +26,7 @@ ENV_TASK_OFFSET = "EMBEDFLEET_TASK_OFFSET"
 ENV_NUM_TASKS = "EMBEDFLEET_NUM_TASKS"
 
 
-class TaskIdentityError(RuntimeError):
+class TaskIdentityError(EmbedfleetError):
     """The environment does not say which task this process is."""
 
 

