@@ -7,7 +7,6 @@ truth; attempts only let ``status`` tell failed from pending and find logs.
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lib.fsio import atomic_write_json
+from lib.fsio import atomic_write_json, read_json_or_none
 from lib.pipeline import DISTRIBUTED, Plan, StageSpec
 
 # Task commands run as `python -m jobs.<stage>` from the repository root.
@@ -41,13 +40,7 @@ def write_attempt(run_dir: Path, spec: StageSpec, task: int, **fields: Any) -> N
 
 
 def read_attempt(run_dir: Path, spec: StageSpec, task: int) -> dict[str, Any] | None:
-    path = attempt_path(run_dir, spec, task)
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
+    return read_json_or_none(attempt_path(run_dir, spec, task))
 
 
 @dataclass

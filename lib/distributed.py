@@ -136,15 +136,26 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's ``tensor`` along dim 0 in rank order (sizes may differ)."""
     if not is_distributed():
         return tensor
-    n = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
+    sizes, padded = _padded_to_longest(tensor)
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    return _unpad(parts, sizes)
+
+
+def _padded_to_longest(tensor: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Every rank's row count, and ``tensor`` zero-padded to the longest (collectives need
+    equal shapes)."""
+    n = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    counts = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(counts, n)
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    return sizes, padded
+
+
+def _unpad(parts: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
 
 
 def barrier() -> None:
@@ -161,14 +172,7 @@ def gather_rows(tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
     """
     if not is_distributed():
         return tensor
-    n = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
+    sizes, padded = _padded_to_longest(tensor)
     parts = [torch.empty_like(padded) for _ in sizes] if rank() == dst else None
     dist.gather(padded, gather_list=parts, dst=dst)
-    if parts is None:
-        return None
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    return None if parts is None else _unpad(parts, sizes)

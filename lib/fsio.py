@@ -69,6 +69,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_json_or_none(path: str | Path) -> Any | None:
+    """The JSON document at ``path``, or None if it is missing or unreadable (half-written
+    files cannot exist here, since every JSON is written atomically, but a user may edit)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
     """Hex sha256 of a file, read in chunks (constant memory)."""
     digest = hashlib.sha256()
