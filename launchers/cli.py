@@ -227,6 +227,10 @@ def print_summary(run_dir: Path, plan: Plan, seconds: float) -> None:
             f"  L2 norms       min {n['min']:.4f}  max {n['max']:.4f}  mean {n['mean']:.4f}  std {n['std']:.2e}"
         )
         print(f"  quality report {report_path}")
+    from lib.kmeans_stages import curation_summary
+
+    for line in curation_summary(run_dir, [s.name for s in plan.stages]):
+        print(line)
     print(f"  status         python launch.py status {run_dir}")
 
 

@@ -193,6 +193,57 @@ class MergeConfig:
     allow_pickle: bool = False
 
 
+class KmeansBackend(StrEnum):
+    torch = "torch"  # our k-means, distributed over ranks (gloo on CPU, NCCL on GPU)
+    faiss = "faiss"  # faiss-cpu Lloyd iterations, one process only (world_size=1)
+
+
+@dataclass
+class KmeansConfig:
+    """Hierarchical k-means curation (lib.hierarchical_kmeans): one distributed job per
+    level. Per-level settings are lists of length ``n_levels``; the values are checked
+    at launch (``HierarchyParams.validate``) before anything runs."""
+
+    # null: len(n_clusters). The other per-level lists may have one entry, used for every
+    # level; otherwise each list needs exactly n_levels entries.
+    n_levels: int | None = None
+    n_clusters: list[int] = field(default_factory=lambda: [1000, 100])
+    # Steps per level, step 0 included: 1 = plain k-means, 3 = two resampling steps.
+    n_resampling_steps: list[int] = field(default_factory=lambda: [1])
+    sample_size: list[int] = field(default_factory=lambda: [10])  # points per cluster
+    n_splits: list[int] = field(default_factory=lambda: [1])  # >1: level-1 split mode
+    n_iters: int = 50  # Lloyd iterations per k-means
+    tol: float = 0.0  # stop earlier when the relative inertia change is below tol
+    init: str = "kmeans++"  # kmeans++ | random
+    sampling_strategy: str = "r"  # r: random, c: closest to the centroid
+    dtype: str = "float64"  # accumulation dtype of the Lloyd sums
+    compute_dtype: str = "float32"  # dtype of the distance products
+    seed: int = 0
+    chunk_rows: int = 65536
+    cache_bytes: int | None = None
+    backend: KmeansBackend = KmeansBackend.torch
+    allow_tf32: bool = False
+    bounds: bool | None = None  # null: triangle-inequality bounds on CPU only
+    save_distances: bool = True
+    # Not part of the algorithm: where and how the level jobs run.
+    world_size: int = 1  # ranks per level job (local processes or SLURM tasks)
+    device: Device = Device.auto
+    # null: the merge stage's embeddings; else a .npy/.safetensors matrix to cluster.
+    embeddings_path: str | None = None
+
+
+@dataclass
+class CurateConfig:
+    """Balanced hierarchical sampling of a curated subset (lib.hierarchical_sampling)."""
+
+    target_size: int = 1000
+    multiplier: int = 1  # >1 repeats small clusters
+    strategy: str = "r"  # inside level-1 clusters: r random, c closest to the centroid
+    seed: int = 0
+    # null: the merge stage's metadata.parquet (or none when kmeans.embeddings_path is set)
+    metadata_path: str | None = None
+
+
 @dataclass
 class SlurmResources:
     """sbatch resources of one stage. null = not rendered (the cluster's default)."""
@@ -224,6 +275,7 @@ class StageResources:
     merge: SlurmResources = field(default_factory=SlurmResources)
     kmeans: SlurmResources = field(default_factory=SlurmResources)
     metrics: SlurmResources = field(default_factory=SlurmResources)
+    curate: SlurmResources = field(default_factory=SlurmResources)
 
 
 @dataclass
@@ -259,6 +311,8 @@ class EmbedfleetConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    kmeans: KmeansConfig = field(default_factory=KmeansConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     stages: list[str] = field(default_factory=lambda: ["embed", "merge"])
     description: str = ""

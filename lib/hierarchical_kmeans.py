@@ -467,6 +467,7 @@ def run_level(
     comm: Comm | None = None,
     config_hash: str = "",
     on_step_done: Callable[[int, str], None] | None = None,
+    stage_hash: str | None = None,
 ) -> LevelResult:
     """Run (or resume, or skip) k-means level ``level`` of the hierarchy.
 
@@ -476,6 +477,9 @@ def run_level(
     optional callback ``on_step_done(level, step_name)`` called on every rank once each
     step is complete (published now or found complete from an earlier launch). Returns
     the level's ``LevelResult`` (``skipped=True`` if it was already complete).
+    ``stage_hash``: the config hash the level's own marker carries (a pipeline passes its
+    stage's hash, so its launcher's marker check reads the level marker); default the
+    level's hash. The level hash is kept in the marker's ``extra["level_hash"]``.
 
     Raises ``ConfigError`` (bad parameters, k larger than the number of points, a sample
     smaller than k), ``DatasetError`` (NaN/Inf rows), ``FileNotFoundError`` /
@@ -498,13 +502,15 @@ def run_level(
     h = level_config_hash(params, level, ident, config_hash)
     ldir = level_dir(run_dir, level)
 
+    marker_hash = h if stage_hash is None else stage_hash
     done = _finished(run_dir, level, h)
     if _all_done(comm, done is not None):
         log.info("k-means level %d is complete (%s), skipping", level, done.step)
-        if comm.is_root and check_marker(run_dir, f"{STAGE_ROOT}/level{level}", 0, h) is None:
+        level_stage = f"{STAGE_ROOT}/level{level}"
+        if comm.is_root and check_marker(run_dir, level_stage, 0, marker_hash) is None:
             # killed between final.json and the level marker: finish the publication
             step_marker = check_marker(run_dir, stage_dir(level, done.step), 0, h)
-            _write_level_marker(run_dir, level, h, done, step_marker)
+            _write_level_marker(run_dir, level, h, done, step_marker, marker_hash)
         comm.barrier()
         done.skipped = True
         return done
@@ -555,13 +561,18 @@ def run_level(
         final.pop("skipped")
         final["input"] = {**ident, "name": name}
         atomic_write_json(ldir / "final.json", final)
-        _write_level_marker(run_dir, level, h, result, final_marker)
+        _write_level_marker(run_dir, level, h, result, final_marker, marker_hash)
     comm.barrier()
     return result
 
 
 def _write_level_marker(
-    run_dir: Path, level: int, h: str, result: LevelResult, step_marker: CompletionMarker | None
+    run_dir: Path,
+    level: int,
+    h: str,
+    result: LevelResult,
+    step_marker: CompletionMarker | None,
+    marker_hash: str,
 ) -> None:
     """The level's own marker (``kmeans/level{L}/completions/task_00000.json``), written
     last: a launcher checking stage markers sees the level complete only now."""
@@ -574,11 +585,11 @@ def _write_level_marker(
             stage=f"{STAGE_ROOT}/level{level}",
             task=0,
             num_tasks=1,
-            config_hash=h,
+            config_hash=marker_hash,
             row_range=[0, result.n_points],
             counts={"points": result.n_points, "clusters": result.n_clusters},
             outputs=describe_outputs(run_dir, [ldir / "final.json"]) + list(step_outputs),
-            extra={"final_step": result.step, "inertia": result.inertia},
+            extra={"final_step": result.step, "inertia": result.inertia, "level_hash": h},
         ),
     )
 

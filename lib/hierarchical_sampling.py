@@ -43,7 +43,13 @@ from lib.arrays import load_npy, save_npy
 from lib.errors import ConfigError, DatasetError
 from lib.fsio import atomic_path
 from lib.hierarchical_kmeans import STAGE_ROOT, checked_keys, load_level
-from lib.markers import CompletionMarker, check_marker, describe_outputs, write_marker
+from lib.markers import (
+    CompletionMarker,
+    ConfigMismatchError,
+    check_marker,
+    describe_outputs,
+    write_marker,
+)
 
 CURATED_DIR = "curated"
 METADATA_COLUMNS = ("row_index", "id", "source")
@@ -268,6 +274,7 @@ def write_curated(
     *,
     metadata_path: str | Path | None = None,
     config_hash: str = "",
+    stage_hash: str | None = None,
 ) -> np.ndarray:
     """Sample from the finished hierarchy of ``run_dir`` and publish the curated set.
 
@@ -276,12 +283,21 @@ def write_curated(
     earlier launch with the same settings means the published rows are returned as they
     are. Raises ``ConfigError`` / ``DatasetError`` / ``UpstreamIncompleteError`` before
     writing anything, ``ConfigMismatchError`` if the marker has other settings.
+    ``stage_hash``: the config hash the marker carries (a pipeline passes its stage's
+    hash); default the sampling hash, which is kept in ``extra["sampling_hash"]``.
     """
     started = time.time()
     run_dir = Path(run_dir)
     stage = f"{STAGE_ROOT}/{CURATED_DIR}"
     h = sampling_config_hash(params, n_levels, config_hash)
-    if check_marker(run_dir, stage, 0, h) is not None:  # done by an earlier launch
+    marker_hash = h if stage_hash is None else stage_hash
+    done = check_marker(run_dir, stage, 0, marker_hash)
+    if done is not None:  # done by an earlier launch
+        if done.extra.get("sampling_hash", h) != h:
+            raise ConfigMismatchError(
+                f"{run_dir / stage} was sampled with other settings than {asdict(params)}; "
+                "use a new run name or delete that directory"
+            )
         return np.asarray(load_npy(run_dir / stage / "embedding_rows.npy"))
     tree = ClusterTree.from_run(run_dir, n_levels)
     rows = hierarchical_sample(tree, params)
@@ -303,10 +319,10 @@ def write_curated(
             stage=stage,
             task=0,
             num_tasks=1,
-            config_hash=h,
+            config_hash=marker_hash,
             counts={"rows": len(rows), "unique_rows": len(np.unique(rows))},
             outputs=describe_outputs(run_dir, files),
-            extra=asdict(params),
+            extra={**asdict(params), "sampling_hash": h},
             wall_seconds=time.time() - started,
         ),
     )

@@ -167,3 +167,7 @@ def require_complete(run_dir: Path, spec: StageSpec, for_stage: str) -> None:
             f"See `python launch.py logs {run_dir} {spec.name} {missing[0]}`, then "
             f"`python launch.py retry {run_dir}`."
         )
+
+
+# The curation stages (kmeans levels, curate) register themselves with STAGE_BUILDERS.
+from lib import kmeans_stages as _kmeans_stages  # noqa: E402,F401
