@@ -167,3 +167,7 @@ def require_complete(run_dir: Path, spec: StageSpec, for_stage: str) -> None:
             f"See `python launch.py logs {run_dir} {spec.name} {missing[0]}`, then "
             f"`python launch.py retry {run_dir}`."
         )
+
+
+# Stage builders defined in their own modules register themselves on import.
+import lib.metrics_stage  # noqa: E402, F401
