@@ -258,7 +258,7 @@ def parse_standalone(argv: list[str]) -> argparse.Namespace:
         "scikit-learn (metrics.sanity_sample rows, metrics.sanity_rtol); exit 1 on a mismatch",
     )
     p.add_argument("--list", action="store_true", help="list the clusterings that exist")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if not args.list and not args.cluster:
         p.error("CLUSTER is required (see --list)")
     return args

@@ -152,7 +152,7 @@ def check_labels(labels: np.ndarray, n: int, k: int, what: str = "labels") -> np
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise ClusterMetricsError(f"{what} must be integers, found dtype {labels.dtype}")
-    labels = labels.astype(np.int64, copy=False)
+    labels = np.array(labels, dtype=np.int64)  # a private, writable copy (torch views it)
     if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
         bad = int(np.flatnonzero((labels < 0) | (labels >= k))[0])
         raise ClusterMetricsError(
