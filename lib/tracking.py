@@ -92,8 +92,7 @@ class WandbTracker:
                 f"{prefix}/examples": self.wandb.Table(columns=ex_cols, data=ex_rows),
             }
         )
-        for key, value in numbers.items():
-            self.run.summary[key] = value
+        self.run.summary.update(numbers)
 
     def finish(self) -> None:
         self.run.finish()

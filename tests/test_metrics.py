@@ -378,6 +378,38 @@ def test_stage_builder_plans_one_distributed_stage_per_kmeans_level():
 
 
 # -- W&B offline ------------------------------------------------------------------------------
+def wandb_records(path: Path):
+    """Records of an offline run's ``.wandb`` file (LevelDB-log framing of wandb's own
+    protobuf ``Record``s, as ``wandb sync`` reads them)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B datastore"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # full record, or the last piece of one
+            rec = pb.Record()
+            rec.ParseFromString(buf + chunk if kind == 4 else chunk)
+            buf = b""
+            yield rec
+        else:
+            buf = chunk if kind == 2 else buf + chunk
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
 def test_wandb_offline_run_holds_the_logged_values(clustering_root, tmp_path):
     out = tmp_path / "out"
     proc = run_job(
@@ -392,8 +424,48 @@ def test_wandb_offline_run_holds_the_logged_values(clustering_root, tmp_path):
     doc = json.loads((out / "level1" / "metrics.json").read_text())
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir())
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    history, summary = {}, {}
+    for rec in wandb_records(next(runs[0].glob("*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.update({_key(i): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            summary.update({_key(i): json.loads(i.value_json) for i in rec.summary.update})
     for key in ("silhouette", "davies_bouldin", "calinski_harabasz", "inertia"):
+        assert history[f"level1/{key}"] == pytest.approx(doc[key], rel=1e-12)
         assert summary[f"level1/{key}"] == pytest.approx(doc[key], rel=1e-12)
-    assert summary["level1/per_cluster"]["_type"] == "table-file"
-    assert summary["level1/examples"]["_type"] == "table-file"
+    # the per-cluster table and the examples are files of the run
+    per = json.loads(next(runs[0].glob("files/media/table/level1/per_cluster_*.json")).read_text())
+    assert per["columns"][:2] == ["cluster", "size"]
+    assert sum(row[1] for row in per["data"]) == 600
+    ex = json.loads(next(runs[0].glob("files/media/table/level1/examples_*.json")).read_text())
+    assert {row[0] for row in ex["data"]} >= {"best_by_inertia", "worst_by_silhouette"}
+    assert all(row[-1].startswith("row ") for row in ex["data"])
+
+
+def test_wandb_api_key_file_is_never_written(clustering_root, tmp_path):
+    from omegaconf import OmegaConf
+
+    from lib.tracking import make_tracker
+
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    key_file = tmp_path / "key"
+    key_file.write_text(secret + "\n")
+    tcfg = OmegaConf.create(
+        {"backend": "wandb", "project": "p", "entity": None, "mode": "offline",
+         "api_key_file": str(key_file), "dir": None, "run_name": None, "tags": []}
+    )  # fmt: skip
+    env_before = os.environ.get("WANDB_API_KEY")
+    os.environ.pop("WANDB_API_KEY", None)
+    os.environ["WANDB_SILENT"] = "true"
+    try:
+        tracker = make_tracker(tcfg, tmp_path / "out", "toy", {"metrics": {"seed": 0}})
+        tracker.finish()
+    finally:
+        os.environ.pop("WANDB_API_KEY", None)
+        if env_before is not None:
+            os.environ["WANDB_API_KEY"] = env_before
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written
+    for p in written:
+        assert secret.encode() not in p.read_bytes(), p
