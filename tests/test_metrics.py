@@ -516,3 +516,54 @@ def test_sbatch_metrics_script_equals_local_run(slurm_cluster, clustering_root, 
         for key in ("silhouette", "davies_bouldin", "calinski_harabasz", "inertia",
                     "simplified_silhouette", "n_clusters", "n_points"):  # fmt: skip
             assert b[key] == pytest.approx(a[key], rel=1e-9), key
+
+
+def test_pipeline_stage_job_with_two_ranks(tmp_path):
+    """The stage entry point (--run-dir/--stage) on a run dir whose plan has a k-means level
+    (stand-in for the kmeans stage: its marker is the one run_hierarchy wrote)."""
+    from omegaconf import OmegaConf
+
+    from lib.config import EmbedfleetConfig
+    from lib.markers import marker_path, read_marker
+    from lib.metrics_stage import metrics_stages
+    from lib.pipeline import DISTRIBUTED, Plan, StageSpec
+    from tests.dist_helpers import free_port
+
+    run = tmp_path / "run"
+    make_clustering(run, n=300)
+    km_hash = read_marker(marker_path(run, "kmeans/level1", 0)).config_hash
+    cfg = OmegaConf.structured(EmbedfleetConfig)
+    cfg.run.dir = str(run)
+    cfg.metrics.world_size = 2
+    cfg.metrics.block_rows = 64
+    km = StageSpec(
+        "kmeans_level1", "kmeans", "jobs.kmeans", "kmeans/level1", DISTRIBUTED, 1, km_hash
+    )
+    specs = metrics_stages(cfg, 300, {"kmeans_level1": km})
+    Plan([km, *specs], 300).save(run)
+    OmegaConf.save(cfg, run / "run.yaml")
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jobs.metrics", "--run-dir", str(run), "--stage", "metrics_level1"],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    doc = json.loads((run / "metrics/level1/metrics.json").read_text())
+    assert doc["world_size"] == 2
+    X = np.load(run / "merge/embeddings.npy")
+    assert_matches_sklearn(doc, X, np.load(run / "kmeans/level1/step0/assignment.npy"))
+    marker = read_marker(marker_path(run, "metrics/level1", 0))
+    assert marker.config_hash == specs[0].config_hash
+    assert {Path(o.path).name for o in marker.outputs} == {
+        "metrics.json", "per_cluster.parquet", "examples.json"
+    }  # fmt: skip
