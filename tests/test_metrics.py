@@ -85,15 +85,20 @@ def _world_metrics(X, y, k, params):
     return compute_metrics(X, y, k, params, progress=lambda _: None).scalars
 
 
-@pytest.mark.parametrize("name", ["sym32", "rows32"])
-def test_world_size_2_matches_sklearn_and_world_size_1(name):
+def _world_metrics_all(X, y, k, names):
+    return [_world_metrics(X, y, k, PARAMS[n]) for n in names]
+
+
+def test_world_size_2_matches_sklearn_and_world_size_1():
     X, y = blobs(n=650)
-    ws1 = compute_metrics(X, y, 6, PARAMS[name]).scalars
-    ranks = run_world(_world_metrics, 2, X, y, 6, PARAMS[name])
+    names = ["sym32", "rows32"]  # both silhouette strategies, one 2-process world
+    ranks = run_world(_world_metrics_all, 2, X, y, 6, names)
     assert ranks[0] == ranks[1]  # every rank returns the same values
-    assert_matches_sklearn(ranks[0], X, y)
-    for key in ("silhouette", "davies_bouldin", "calinski_harabasz", "inertia"):
-        assert ranks[0][key] == pytest.approx(ws1[key], rel=1e-9)
+    for name, got in zip(names, ranks[0], strict=True):
+        assert_matches_sklearn(got, X, y)
+        ws1 = compute_metrics(X, y, 6, PARAMS[name]).scalars
+        for key in ("silhouette", "davies_bouldin", "calinski_harabasz", "inertia"):
+            assert got[key] == pytest.approx(ws1[key], rel=1e-9), (name, key)
 
 
 def test_sampled_silhouette_is_sklearns_sample():
@@ -225,6 +230,14 @@ def run_job(*args: str, env: dict | None = None, timeout: float = 300):
     )
 
 
+def run_inproc(capsys, *args: str) -> tuple[int, str]:
+    """``python -m jobs.metrics ARGS`` in this process (no interpreter start-up)."""
+    from jobs.metrics import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
 def check_outputs(out: Path, run: Path) -> dict[int, dict]:
     X = np.load(run / "merge" / "embeddings.npy")
     docs = {}
@@ -259,11 +272,11 @@ def test_standalone_job_all_levels(clustering_root, tmp_path):
     assert docs[1]["k"] == 10 and docs[2]["k"] == 3 and docs[1]["world_size"] == 1
 
 
-def test_unknown_cluster_lists_the_ones_that_exist(clustering_root):
-    proc = run_job("nosuch", f"run.root={clustering_root}")
-    assert proc.returncode == 1
-    assert "unknown clustering 'nosuch'" in proc.stderr
-    assert "quickstart" in proc.stderr and "toy" in proc.stderr
+def test_unknown_cluster_lists_the_ones_that_exist(clustering_root, capsys):
+    code, err = run_inproc(capsys, "nosuch", f"run.root={clustering_root}")
+    assert code == 1
+    assert "unknown clustering 'nosuch'" in err
+    assert "quickstart" in err and "toy" in err
 
 
 def test_configured_clustering_resolves_through_conf(clustering_root, tmp_path):
@@ -281,27 +294,27 @@ def test_configured_clustering_resolves_through_conf(clustering_root, tmp_path):
     assert inputs.metadata == clustering_root / "toy/merge/metadata.parquet"
 
 
-def test_bad_kmeans_outputs_are_clear_errors(tmp_path):
+def test_bad_kmeans_outputs_are_clear_errors(tmp_path, capsys):
     run = tmp_path / "bad"
     make_clustering(run, n=200)
     step = run / "kmeans/level1/step0"
     good = np.load(step / "assignment.npy")
     # assignment length != N
     save_npy(step / "assignment.npy", good[:150])
-    proc = run_job("bad", f"run.root={tmp_path}")
-    assert proc.returncode == 1
-    assert "has 150 entries but there are 200 embedding rows" in proc.stderr
+    code, err = run_inproc(capsys, "bad", f"run.root={tmp_path}")
+    assert code == 1
+    assert "has 150 entries but there are 200 embedding rows" in err
     # a sidecar that disagrees with its array
     save_npy(step / "assignment.npy", good)
     sidecar_path(step / "assignment.npy").write_text('{"shape": [201], "dtype": "int64"}')
-    proc = run_job("bad", f"run.root={tmp_path}")
-    assert proc.returncode == 1
-    assert "sidecar says shape=[201]" in proc.stderr and "assignment.npy" in proc.stderr
+    code, err = run_inproc(capsys, "bad", f"run.root={tmp_path}")
+    assert code == 1
+    assert "sidecar says shape=[201]" in err and "assignment.npy" in err
     # every point in one cluster: silhouette/DB undefined
     save_npy(step / "assignment.npy", np.zeros_like(good))
-    proc = run_job("bad", f"run.root={tmp_path}", "metrics.levels=[1]")
-    assert proc.returncode == 1
-    assert "undefined for 1 non-empty cluster" in proc.stderr
+    code, err = run_inproc(capsys, "bad", f"run.root={tmp_path}", "metrics.levels=[1]")
+    assert code == 1
+    assert "undefined for 1 non-empty cluster" in err
 
 
 def test_sanity_check_compares_with_sklearn(clustering_root):
