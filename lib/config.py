@@ -304,6 +304,70 @@ class ClusterConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
+class TrackingBackend(StrEnum):
+    none = "none"
+    wandb = "wandb"
+
+
+class TrackingMode(StrEnum):
+    auto = "auto"  # online when an API key is found (env or api_key_file), else offline
+    online = "online"
+    offline = "offline"
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (conf/tracking/{none,wandb}.yaml). The API key is read from
+    WANDB_API_KEY or from ``api_key_file`` at run time and never written anywhere."""
+
+    backend: TrackingBackend = TrackingBackend.none
+    project: str = "embedfleet"
+    entity: str | None = None
+    mode: TrackingMode = TrackingMode.auto
+    api_key_file: str | None = None
+    dir: str | None = None  # null: <metrics output dir>/wandb
+    run_name: str | None = None  # null: <clustering name>-metrics
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClusteringConfig:
+    """A clustering to measure (conf/clustering/*.yaml): a run dir with kmeans/ output,
+    the embeddings it clustered and their metadata (for example texts)."""
+
+    name: str = ""
+    run_dir: str = ""
+    # null: <run_dir>/merge/embeddings.safetensors (or .npy)
+    embeddings: str | None = None
+    # null: <run_dir>/merge/metadata.parquet when it exists
+    metadata: str | None = None
+    text_field: str = "text"
+
+
+@dataclass
+class MetricsConfig:
+    """Cluster metrics (lib/metrics.py); see README "Cluster metrics"."""
+
+    levels: list[int] | None = None  # null: every finished level
+    silhouette_exact_max: int = 20000  # exact silhouette up to this many points, else sampled
+    sample_size: int = 10000  # points of the sampled silhouette
+    block_rows: int = 2048
+    seed: int = 0
+    compute_dtype: str = "float32"  # pairwise products: float32 | float64
+    simplified_silhouette: bool = True  # point -> own vs nearest other centroid
+    resident_bytes: int = 536870912  # silhouette points held in memory up to this size
+    silhouette_acc_bytes: int = 268435456  # N x k sums: symmetric blocks when they fit
+    n_examples: int = 3  # rows shown per best/worst cluster
+    n_show: int = 3  # best/worst clusters shown per ranking
+    world_size: int = 1  # ranks of the pipeline stage
+    torch_threads: int | None = None  # null: torch's default
+    scratch_dir: str | None = None  # null: cluster.scratch_dir
+    output_dir: str | None = None  # standalone runs; null: <clustering run_dir>/metrics
+    sanity_check: bool = False
+    sanity_sample: int = 2000  # rows of the sanity check's random sample
+    sanity_rtol: float = 1e-6
+
+
 @dataclass
 class EmbedfleetConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -314,6 +378,9 @@ class EmbedfleetConfig:
     kmeans: KmeansConfig = field(default_factory=KmeansConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     stages: list[str] = field(default_factory=lambda: ["embed", "merge"])
     description: str = ""
 

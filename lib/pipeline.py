@@ -169,5 +169,7 @@ def require_complete(run_dir: Path, spec: StageSpec, for_stage: str) -> None:
         )
 
 
-# The curation stages (kmeans levels, curate) register themselves with STAGE_BUILDERS.
-from lib import kmeans_stages as _kmeans_stages  # noqa: E402,F401
+# Stage builders defined in their own modules register themselves on import: the
+# curation stages (kmeans levels, curate) and the metrics stage.
+import lib.kmeans_stages  # noqa: E402, F401
+import lib.metrics_stage  # noqa: E402, F401
