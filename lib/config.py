@@ -160,7 +160,11 @@ class VllmConfig:
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = True
     tensor_parallel_size: int = 1
-    cpu_kvcache_space_gb: int | None = None
+    cpu_kvcache_space_gb: int | None = None  # CPU build: KV cache GiB (overrides the fraction)
+    # CPU build: the cores the engine's OpenMP threads bind to ("0-3"); null: this task's
+    # own cores (the local launcher's share, or the process's affinity under SLURM).
+    cpu_threads_bind: str | None = None
+    chunk_rows: int = 4096  # rows handed to one encode() call (progress granularity)
 
 
 @dataclass

@@ -198,6 +198,13 @@ class _PartEmbedder:
             self._embedder = load_embedder(self.cfg.model, self.cfg.embed)
         return self._embedder
 
+    def close(self) -> None:
+        """Release the backend's resources (vLLM's engine processes) once all parts are done."""
+        close = getattr(self._embedder, "close", None)
+        if close is not None:
+            close()
+        self._embedder = None
+
 
 def _embed_part(
     cfg: DictConfig,
@@ -364,6 +371,7 @@ def run_embed_shard(
         tokens += counts["tokens"]
         preempt.check()  # a safe point: this part is published
     progress.close()
+    lazy.close()
     embed_seconds = progress.elapsed
 
     counts: dict[str, int] = {}

@@ -171,5 +171,5 @@ def require_complete(run_dir: Path, spec: StageSpec, for_stage: str) -> None:
 
 # Stage builders defined in their own modules register themselves on import: the
 # curation stages (kmeans levels, curate) and the metrics stage.
-import lib.kmeans_stages  # noqa: E402, F401
+import lib.kmeans_stages  # noqa: E402
 import lib.metrics_stage  # noqa: E402, F401
