@@ -9,6 +9,7 @@ A failed task does not stop its siblings, but no later stage starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -60,6 +61,24 @@ class _Running:
     started: float
 
 
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _reap(pgid: int) -> None:
+    """Kill whatever the task left behind in its process group once the task has exited
+    (a SIGKILLed task cannot stop its children itself; they would keep memory and cores)."""
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _usable_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 class LocalLauncher(Launcher):
     name = "local"
 
@@ -87,6 +106,12 @@ class LocalLauncher(Launcher):
             env.setdefault(key, str(threads))
         if self.num_gpus > 0:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        elif identity.world_size == 1 and "EMBEDFLEET_CPU_CORES" not in env:
+            # Concurrent tasks get disjoint cores: backends that pin threads (vLLM's CPU
+            # build) bind to these instead of all piling onto the same ones.
+            cores = _usable_cores()
+            first = (slot * threads) % len(cores)
+            env["EMBEDFLEET_CPU_CORES"] = ",".join(map(str, cores[first : first + threads]))
         return env
 
     def _pump(self, proc: subprocess.Popen, log_file: Path, prefix: str) -> None:
@@ -105,7 +130,7 @@ class LocalLauncher(Launcher):
                         print(shown, flush=True)
 
     def _start(self, run_dir: Path, spec: StageSpec, task: int, slot: int) -> _Running:
-        cores = os.cpu_count() or 1
+        cores = len(_usable_cores())
         world = spec.world_size if spec.kind == DISTRIBUTED else 1
         concurrent = world if spec.kind == DISTRIBUTED else min(self.parallelism, spec.num_tasks)
         threads = max(1, cores // max(1, concurrent))
@@ -128,8 +153,16 @@ class LocalLauncher(Launcher):
             with open(logf, "ab") as fh:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 fh.write(f"=== {stamp} local attempt: {shlex.join(cmd)}\n".encode())
+            # Its own process group, so that what the task started (vLLM's engine and
+            # worker processes, a DataLoader's workers) goes with it when it ends, as a
+            # SLURM job step's cgroup would: see _reap.
             proc = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                start_new_session=True,
             )
             prefix = f"[{spec.name} {task}]" if world == 1 else f"[{spec.name} r{rank}]"
             t = threading.Thread(target=self._pump, args=(proc, logf, prefix), daemon=True)
@@ -152,6 +185,8 @@ class LocalLauncher(Launcher):
 
     def _finish(self, run_dir: Path, spec: StageSpec, r: _Running) -> int:
         codes = [p.wait() for p in r.procs]
+        for p in r.procs:
+            _reap(p.pid)
         for t in r.threads:
             t.join(timeout=10)
         # A distributed task fails if any rank failed; report the first bad code.
@@ -177,7 +212,7 @@ class LocalLauncher(Launcher):
                     if any(c not in (None, 0) for c in codes):
                         for p in r.procs:  # one rank died: stop its peers
                             if p.poll() is None:
-                                p.terminate()
+                                _signal_group(p.pid, signal.SIGTERM)
                     elif any(c is None for c in codes):
                         continue
                     code = self._finish(run_dir, spec, r)
@@ -190,9 +225,10 @@ class LocalLauncher(Launcher):
                             f"{log_path(run_dir, spec, r.task)}"
                         )
         except KeyboardInterrupt:
+            # The tasks are in their own sessions, so the terminal's Ctrl-C reached only us.
             for r in running:
                 for p in r.procs:
-                    p.terminate()
+                    _signal_group(p.pid, signal.SIGTERM)
                 self._finish(run_dir, spec, r)
             raise
         return sorted(failed)
@@ -240,8 +276,12 @@ class LocalLauncher(Launcher):
                     continue
                 for pid in rec.get("pids", []):
                     try:
-                        os.kill(pid, signal.SIGTERM)
+                        os.killpg(pid, signal.SIGTERM)  # the task and what it started
                         count += 1
-                    except ProcessLookupError:
-                        pass
+                    except (ProcessLookupError, PermissionError):
+                        try:
+                            os.kill(pid, signal.SIGTERM)
+                            count += 1
+                        except ProcessLookupError:
+                            pass
         return count
