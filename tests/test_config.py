@@ -16,6 +16,7 @@ def test_experiments_describe_the_seed_runs():
     assert full.model.path == "Qwen/Qwen3-Embedding-0.6B" and full.model.max_length == 32768
     assert full.cluster.num_gpus == 8
     assert full.dataset.text_mode.value == "chat"
+    assert full.embed.backend.value == "vllm" and full.embed.vllm.gpu_memory_utilization == 0.9
     wiki = compose(["+experiment=wikipedia"])
     assert wiki.model.path == "google/embeddinggemma-300m"
     assert wiki.merge.keep_first == 250000 and wiki.dataset.limit == 250010
