@@ -81,12 +81,30 @@ def cpu_cores_for_this_task() -> str:
     return ",".join(map(str, cores))
 
 
+def _parse_cores(spec: str) -> list[int]:
+    """ "0-2,5" -> [0, 1, 2, 5] (one engine's bind list; '|' separates engines)."""
+    cores: list[int] = []
+    for part in spec.split("|")[0].split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cores.extend(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
 def _prepare_cpu_env(cfg: DictConfig) -> None:
     """Environment the CPU build reads at engine start (values the user set are kept)."""
     # vLLM's "auto" binding keeps one core in reserve and binds one thread per remaining
     # core: on a 2-core machine that is half the machine. We bind the task's own cores.
     bind = cfg.cpu_threads_bind or cpu_cores_for_this_task()
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(bind))
+    # Without OMP_NUM_THREADS vLLM drops the worker to one torch thread "for serving";
+    # a batch job wants one thread per bound core. The engine is a spawned child process,
+    # so setting it here (after torch was imported) still reaches it.
+    bound = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    if bound not in ("auto", "nobind"):
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(_parse_cores(bound)))))
     if cfg.cpu_kvcache_space_gb is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.cpu_kvcache_space_gb)))
 
