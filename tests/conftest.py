@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +36,32 @@ def run_launch(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | N
         timeout=timeout,
         env=full_env,
     )
+
+
+def start_launch(*args: str, cwd: Path = REPO) -> subprocess.Popen:
+    """Start ``python launch.py ARGS`` without waiting (both streams into stdout, text)."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def kill_task_when(
+    proc: subprocess.Popen, attempt: Path, ready: Callable[[], bool], timeout: float
+) -> int | None:
+    """SIGKILL the task whose attempt record is ``attempt`` as soon as ``ready()`` holds
+    (while the launch ``proc`` runs). Returns the killed pid, or None if it never got there."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if attempt.exists() and ready():
+            pid = json.loads(attempt.read_text())["pids"][0]
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.02)
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lib.arrays import open_embeddings
-from tests.conftest import REPO, run_launch
+from tests.conftest import REPO, kill_task_when, run_launch, start_launch
 
 pytestmark = pytest.mark.slow
 
@@ -128,23 +125,14 @@ def test_kill_a_task_and_resume_gives_identical_output(quick_run, shared_root):
     ]
     ref_args = [a for a in args if a != "run.name=killed"] + ["run.name=unkilled"]
     run = shared_root / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    attempt = run / "embed" / "attempts" / "task_00001.json"
+    proc = start_launch(*args)
     log = run / "embed" / "logs" / "task_00001.log"
-    deadline = time.time() + 300
-    killed_pid = None
-    while time.time() < deadline and proc.poll() is None:
-        if attempt.exists() and log.exists() and "embed task 1:" in log.read_text():
-            killed_pid = json.loads(attempt.read_text())["pids"][0]
-            os.kill(killed_pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    killed_pid = kill_task_when(
+        proc,
+        run / "embed" / "attempts" / "task_00001.json",
+        lambda: log.exists() and "embed task 1:" in log.read_text(),
+        timeout=300,
+    )
     out, _ = proc.communicate(timeout=300)
     assert killed_pid is not None, f"task 1 never reached embedding:\n{out}"
     assert proc.returncode != 0

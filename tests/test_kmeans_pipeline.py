@@ -9,12 +9,7 @@ embed and merge stages into a fresh run dir, so only the k-means stages run agai
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +21,7 @@ from launchers.cli import compose
 from lib.arrays import load_npy, open_embeddings
 from lib.errors import EmbedfleetError
 from lib.pipeline import Plan, build_plan
-from tests.conftest import REPO, run_launch
+from tests.conftest import kill_task_when, run_launch, start_launch
 
 pytestmark = pytest.mark.slow
 
@@ -221,16 +216,7 @@ def launch_synthetic(run: Path, embeddings: Path, *extra: str, popen: bool = Fal
         f"run.root={run.parent}",
         f"run.name={run.name}",
     ]
-    if popen:
-        return subprocess.Popen(
-            [sys.executable, str(REPO / "launch.py"), *args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=dict(os.environ),
-        )
-    return run_launch(*args)
+    return start_launch(*args) if popen else run_launch(*args)
 
 
 def test_kill_mid_level_then_relaunch_equals_uninterrupted(synthetic, shared_root):
@@ -239,16 +225,11 @@ def test_kill_mid_level_then_relaunch_equals_uninterrupted(synthetic, shared_roo
     step0 = killed / "kmeans/level1/step0/completions/task_00000.json"
     attempt = killed / "kmeans/level1/attempts/task_00000.json"
     try:
-        deadline = time.time() + 300
-        while not step0.exists():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "level 1 step 0 never finished"
-            time.sleep(0.02)
-        pid = json.loads(attempt.read_text())["pids"][0]
-        os.kill(pid, signal.SIGKILL)
+        pid = kill_task_when(proc, attempt, step0.exists, timeout=300)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
+    assert pid is not None, f"level 1 step 0 never finished:\n{out[-3000:]}"
     assert proc.returncode != 0
     assert "kmeans_level1 0] FAILED (killed by SIGKILL)" in out
     level = killed / "kmeans/level1"

@@ -11,10 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lib.arrays import open_embeddings
-from tests.conftest import REPO, run_launch
+from tests.conftest import kill_task_when, run_launch, start_launch
 from tests.test_e2e_local import SLICE as HF_SLICE
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -121,24 +118,12 @@ def test_two_data_parallel_engines_equal_one(vllm_one, vllm_two):
 def test_kill_mid_shard_and_resume_equals_uninterrupted(vllm_two, root):
     run = root / "v_killed"
     args = [*DP, f"run.root={root}", "run.name=v_killed"]
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    attempt = run / "embed" / "attempts" / "task_00001.json"
+    proc = start_launch(*args)
+    # Task 1 has published its first part of 40 rows and is embedding the next.
     first_part = run / "embed" / "parts" / "shard_00001" / "part_00000.json"
-    killed_pid = None
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        # Task 1 has published its first part of 40 rows and is embedding the next.
-        if attempt.exists() and first_part.exists():
-            killed_pid = json.loads(attempt.read_text())["pids"][0]
-            os.kill(killed_pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    killed_pid = kill_task_when(
+        proc, run / "embed" / "attempts" / "task_00001.json", first_part.exists, timeout=400
+    )
     out, _ = proc.communicate(timeout=400)
     assert killed_pid is not None, f"task 1 never published a part:\n{out[-4000:]}"
     assert proc.returncode != 0 and "FAILED (killed by SIGKILL)" in out
@@ -171,6 +156,23 @@ def _processes_of(run: Path) -> list[str]:
     return left
 
 
+def _failing_vllm_run(tmp_path: Path, *extra: str) -> str:
+    """A small vllm run that must fail; its output. It must leave no shard marker."""
+    proc = run_launch(
+        *SLICE,
+        *VLLM,
+        "dataset.limit=20",
+        "embed.num_shards=1",
+        *extra,
+        f"run.root={tmp_path}",
+        "run.name=bad",
+        timeout=400,
+    )
+    assert proc.returncode != 0
+    assert not list((tmp_path / "bad").glob("embed/completions/*.json"))
+    return proc.stdout + proc.stderr
+
+
 def test_missing_vllm_names_the_fix(monkeypatch):
     from lib.embedders.vllm_backend import _import_vllm
     from lib.errors import ModelError
@@ -193,20 +195,8 @@ def test_unsupported_model_suggests_hf_backend(tmp_path):
     cfg["model_type"] = "bert"
     (model / "config.json").write_text(json.dumps(cfg))
     (model / "modules.json").unlink()  # not a sentence-transformers checkpoint either
-    proc = run_launch(
-        *SLICE,
-        *VLLM,
-        "dataset.limit=20",
-        "embed.num_shards=1",
-        f"model.path={model}",
-        f"run.root={tmp_path}",
-        "run.name=bad",
-        timeout=400,
-    )
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
+    out = _failing_vllm_run(tmp_path, f"model.path={model}")
     assert "vLLM could not load model" in out and "embed.backend=hf" in out
-    assert not list((tmp_path / "bad").glob("embed/completions/*.json"))
 
 
 def test_matryoshka_dimensions_on_a_model_marked_matryoshka(tmp_path, hf_run):
@@ -231,17 +221,5 @@ def test_matryoshka_dimensions_on_a_model_marked_matryoshka(tmp_path, hf_run):
 
 
 def test_dimensions_on_a_plain_model_is_a_clear_error(tmp_path):
-    proc = run_launch(
-        *SLICE,
-        *VLLM,
-        "dataset.limit=20",
-        "embed.num_shards=1",
-        "model.dimensions=128",
-        f"run.root={tmp_path}",
-        "run.name=d",
-        timeout=400,
-    )
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
+    out = _failing_vllm_run(tmp_path, "model.dimensions=128")
     assert "model.dimensions=128" in out and "Matryoshka" in out
-    assert not list((tmp_path / "d").glob("embed/completions/*.json"))
