@@ -191,15 +191,21 @@ def main() -> int:
     print(f"machine: {machine()}")
     rows = []
     if args.only in (None, "silhouette"):
-        x, y = make_data(f"sil_{args.sil_n}_{args.dim}_{args.sil_k}", args.sil_n, args.dim, args.sil_k, 0)
+        x, y = make_data(
+            f"sil_{args.sil_n}_{args.dim}_{args.sil_k}", args.sil_n, args.dim, args.sil_k, 0
+        )
         print(f"silhouette, exact: N={args.sil_n} D={args.dim} k={args.sil_k}")
         rows += bench("silhouette", x, y, args.sil_k, args.rounds, args.block_rows)
     if args.only in (None, "davies_bouldin"):
-        x, y = make_data(f"db_{args.db_n}_{args.dim}_{args.db_k}", args.db_n, args.dim, args.db_k, 1)
+        x, y = make_data(
+            f"db_{args.db_n}_{args.dim}_{args.db_k}", args.db_n, args.dim, args.db_k, 1
+        )
         print(f"Davies-Bouldin: N={args.db_n} D={args.dim} k={args.db_k}")
         rows += bench("davies_bouldin", x, y, args.db_k, args.rounds, args.block_rows)
     print()
-    print("| metric | method | world size | time (s) | vs scikit-learn | vs ours ws1 | peak RSS (MiB) | value |")
+    print(
+        "| metric | method | world size | time (s) | vs scikit-learn | vs ours ws1 | peak RSS (MiB) | value |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         sk = next(o for o in rows if o["metric"] == r["metric"] and o["method"] == "sklearn")
@@ -208,10 +214,10 @@ def main() -> int:
             if o["metric"] == r["metric"] and o["method"] == "ours" and o["world_size"] == 1
         )  # fmt: skip
         speed = sk["seconds"] / r["seconds"]
-        scale = w1["seconds"] / r["seconds"] if r["method"] == "ours" else float("nan")
+        scale = f"{w1['seconds'] / r['seconds']:.2f}x" if r["method"] == "ours" else "–"
         print(
             f"| {r['metric']} | {r['method']} | {r['world_size']} | {r['seconds']:.1f} | "
-            f"{speed:.2f}x | {scale:.2f}x | {r['peak_rss_mib']:.0f} | {r['value']:.9f} |"
+            f"{speed:.2f}x | {scale} | {r['peak_rss_mib']:.0f} | {r['value']:.9f} |"
         )
     path = save("metrics", {"args": vars(args), "rows": rows})
     print(f"\nresults: {path}")
