@@ -32,7 +32,7 @@ from launchers.base import (
 )
 from lib.pipeline import DISTRIBUTED, Plan, StageSpec, completed_tasks
 from lib.sharding import compress_indices
-from lib.task import TaskIdentity
+from lib.task import ENV_CPU_CORES, TaskIdentity, usable_cores
 
 _LABELLED = re.compile(r"^\d\d:\d\d:\d\d \w+ \[")
 
@@ -72,13 +72,6 @@ def _reap(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
 
 
-def _usable_cores() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return list(range(os.cpu_count() or 1))
-
-
 class LocalLauncher(Launcher):
     name = "local"
 
@@ -106,12 +99,12 @@ class LocalLauncher(Launcher):
             env.setdefault(key, str(threads))
         if self.num_gpus > 0:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        elif identity.world_size == 1 and "EMBEDFLEET_CPU_CORES" not in env:
+        elif identity.world_size == 1 and ENV_CPU_CORES not in env:
             # Concurrent tasks get disjoint cores: backends that pin threads (vLLM's CPU
             # build) bind to these instead of all piling onto the same ones.
-            cores = _usable_cores()
+            cores = usable_cores()
             first = (slot * threads) % len(cores)
-            env["EMBEDFLEET_CPU_CORES"] = ",".join(map(str, cores[first : first + threads]))
+            env[ENV_CPU_CORES] = ",".join(map(str, cores[first : first + threads]))
         return env
 
     def _pump(self, proc: subprocess.Popen, log_file: Path, prefix: str) -> None:
@@ -130,7 +123,7 @@ class LocalLauncher(Launcher):
                         print(shown, flush=True)
 
     def _start(self, run_dir: Path, spec: StageSpec, task: int, slot: int) -> _Running:
-        cores = len(_usable_cores())
+        cores = len(usable_cores())
         world = spec.world_size if spec.kind == DISTRIBUTED else 1
         concurrent = world if spec.kind == DISTRIBUTED else min(self.parallelism, spec.num_tasks)
         threads = max(1, cores // max(1, concurrent))

@@ -115,3 +115,17 @@ def resolve_identity(
     if total is not None and not 0 <= index < total:
         raise TaskIdentityError(f"task index {index} is outside 0..{total - 1} for stage {stage}")
     return TaskIdentity(Path(rd), stage, index, total if total is not None else 1, rank, world)
+
+
+# Set by the local launcher per concurrent task (its share of the cores), so that backends
+# that pin threads (vLLM's CPU build) never put two tasks on one core.
+ENV_CPU_CORES = "EMBEDFLEET_CPU_CORES"
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on: its affinity mask (a SLURM allocation's cgroup,
+    a taskset), or all cores where the OS has no such mask."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))

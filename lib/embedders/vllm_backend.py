@@ -24,11 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
-from lib.config import Device, ModelDtype, Pooling
+from lib.config import Device, Pooling
+from lib.embedders.hf import pick_dtype
 from lib.errors import ModelError
 from lib.models import force_offline, resolve_model_path
+from lib.task import ENV_CPU_CORES, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +59,16 @@ def _import_vllm():
     return vllm
 
 
-def _is_cpu_build(vllm) -> bool:
-    try:
-        from vllm.platforms import current_platform
+def _is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
 
-        return bool(current_platform.is_cpu())
-    except Exception:  # older layouts: the CPU wheel's version carries "+cpu"
-        return "cpu" in getattr(vllm, "__version__", "")
+    return bool(current_platform.is_cpu())
 
 
 def cpu_cores_for_this_task() -> str:
-    """The cores this process may run on, as vLLM's OpenMP bind list ("0,1,2").
-
-    ``EMBEDFLEET_CPU_CORES`` (set by the local launcher per concurrent task, so two engines
-    never share a core) wins; else the process's affinity mask (a SLURM allocation's cgroup).
-    """
-    explicit = os.environ.get("EMBEDFLEET_CPU_CORES")
-    if explicit:
-        return explicit
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = list(range(os.cpu_count() or 1))
-    return ",".join(map(str, cores))
+    """The cores this process may run on, as vLLM's OpenMP bind list ("0,1,2"): the local
+    launcher's share for this task, else the process's affinity mask."""
+    return os.environ.get(ENV_CPU_CORES) or ",".join(map(str, usable_cores()))
 
 
 def _parse_cores(spec: str) -> list[int]:
@@ -107,13 +97,6 @@ def _prepare_cpu_env(cfg: DictConfig) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(_parse_cores(bound)))))
     if cfg.cpu_kvcache_space_gb is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.cpu_kvcache_space_gb)))
-
-
-def _dtype(model_dtype: ModelDtype | str, on_gpu: bool) -> str:
-    d = ModelDtype(model_dtype)
-    if d == ModelDtype.auto:  # the hf backend's contract: bf16 on GPU, fp32 on CPU
-        return "bfloat16" if on_gpu else "float32"
-    return d.value
 
 
 def _pooler_config(model_cfg: DictConfig):
@@ -169,7 +152,7 @@ class VllmEmbedder:
         path = resolve_model_path(model_cfg.path)
         vllm = _import_vllm()
         vcfg = embed_cfg.vllm
-        cpu_build = _is_cpu_build(vllm)
+        cpu_build = _is_cpu_build()
         device = Device(embed_cfg.device)
         if cpu_build and device == Device.cuda:
             raise ModelError(
@@ -187,6 +170,7 @@ class VllmEmbedder:
             )
         if cpu_build:
             _prepare_cpu_env(vcfg)
+        device_type = "cpu" if cpu_build else "cuda"
         from transformers import AutoTokenizer
 
         try:
@@ -201,10 +185,12 @@ class VllmEmbedder:
             _check_matryoshka(path, int(dims), model_cfg)
         kwargs: dict[str, object] = dict(
             model=str(path),
-            tokenizer=str(path),
             runner="pooling",
             max_model_len=int(model_cfg.max_length),
-            dtype=_dtype(model_cfg.dtype, not cpu_build),
+            # The hf backend's rule (bf16 on GPU, fp32 on CPU) unless model.dtype says.
+            dtype=str(pick_dtype(model_cfg.dtype, torch.device(device_type))).removeprefix(
+                "torch."
+            ),
             gpu_memory_utilization=float(vcfg.gpu_memory_utilization),
             max_num_seqs=int(vcfg.max_num_seqs),
             enforce_eager=bool(vcfg.enforce_eager),
@@ -247,29 +233,24 @@ class VllmEmbedder:
             description=f"vllm:{model_cfg.name} on {where} ({kwargs['dtype']})",
         )
 
-    def _pooling_params(self):
-        from vllm import PoolingParams
-
-        return PoolingParams(dimensions=self.dimensions)
-
     def embed(
         self, token_ids: list[list[int]], on_batch: Callable[[int], None] | None = None
     ) -> np.ndarray:
         """Embeddings (n, dim) float32 of ``token_ids``, in input order."""
-        import torch
+        from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
         out = np.empty((len(token_ids), self.dim), dtype=np.float32)
         if not token_ids:
             return out
-        params = self._pooling_params()
+        params = PoolingParams(dimensions=self.dimensions)
         # Chunks of rows: vLLM schedules each chunk's requests in token-budgeted batches
         # itself (no padding for encoder models); chunking only gives progress and bounds
         # the pooled tensors held at once.
         for start in range(0, len(token_ids), self.chunk_rows):
             chunk = token_ids[start : start + self.chunk_rows]
             results = self.llm.encode(
-                [TokensPrompt(prompt_token_ids=list(ids)) for ids in chunk],
+                [TokensPrompt(prompt_token_ids=ids) for ids in chunk],
                 pooling_params=params,
                 pooling_task="embed",
                 use_tqdm=False,
