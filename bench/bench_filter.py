@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
 from bench._util import machine, save
-from lib.corpus import builtin_corpus_path
-from lib.models import resolve_model_path
-from lib.token_filter import filter_by_length
+from lib.compute.models import resolve_model_path
+from lib.data.corpus import builtin_corpus_path
+from lib.embed.token_filter import filter_by_length
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ RESULTS = ROOT / "bench" / "results"
 # -- data -----------------------------------------------------------------------------------
 def make_data(path: Path, n: int, dim: int, seed: int, chunk: int = 100_000) -> None:
     """Blobs + noise, unit norm, float32, written chunk by chunk (with a sidecar)."""
-    from lib.arrays import ArraySpec, write_sidecar
+    from lib.formats.arrays import ArraySpec, write_sidecar
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((2000, dim), dtype=np.float32)
@@ -79,15 +79,17 @@ def peak_rss_mb() -> float:
 def worker_init(args: argparse.Namespace) -> dict:
     import torch
 
-    from lib.arrays import open_embeddings
-    from lib.kmeans import Comm, KMeansParams, PointSet, initial_centroids, make_rng, make_shard
+    from lib.compute.comm import Comm
+    from lib.formats.arrays import open_embeddings
+    from lib.kmeans.params import KmeansParams
+    from lib.kmeans.solver import PointSet, initial_centroids, make_rng, make_shard
 
     torch.set_num_threads(args.threads)
     points = PointSet(open_embeddings(args.data))
-    params = KMeansParams(args.k, init=args.init, seed=args.seed)
+    params = KmeansParams(init=args.init, seed=args.seed)
     t0 = time.perf_counter()
     shard = make_shard(points, params, torch.device("cpu"), Comm.solo())
-    c, _ = initial_centroids(shard, Comm.solo(), params, make_rng(args.seed))
+    c, _ = initial_centroids(shard, Comm.solo(), args.k, params, make_rng(args.seed))
     seconds = time.perf_counter() - t0
     np.save(args.out, c.numpy().astype(np.float32))
     return {"method": f"init ({args.init})", "seconds": seconds}
@@ -96,15 +98,15 @@ def worker_init(args: argparse.Namespace) -> dict:
 def worker_ours(args: argparse.Namespace) -> dict:
     import torch
 
-    from lib.arrays import open_embeddings
-    from lib.distributed import process_group
-    from lib.kmeans import KMeansParams, PointSet, kmeans
+    from lib.compute.distributed import process_group
+    from lib.formats.arrays import open_embeddings
+    from lib.kmeans.params import KmeansParams
+    from lib.kmeans.solver import PointSet, kmeans
 
     torch.set_num_threads(args.threads)
     points = PointSet(open_embeddings(args.data))
     init = np.load(args.init_file) if args.init_file else None
-    params = KMeansParams(
-        args.k,
+    params = KmeansParams(
         n_iters=args.iters,
         seed=args.seed,
         init="random",
@@ -117,7 +119,7 @@ def worker_ours(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = kmeans(points, params, device=device, init_centroids=init)
+        res = kmeans(points, args.k, params, device=device, init_centroids=init)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -291,8 +293,9 @@ def evaluate(data: Path, centroids_file: Path) -> float:
     """Inertia of the given centroids on the data: one evaluator for every method."""
     import torch
 
-    from lib.arrays import open_embeddings
-    from lib.kmeans import Comm, PointSet, assign
+    from lib.compute.comm import Comm
+    from lib.formats.arrays import open_embeddings
+    from lib.kmeans.solver import PointSet, assign
 
     torch.set_num_threads(os.cpu_count() or 1)
     _, sq, _ = assign(PointSet(open_embeddings(data)), np.load(centroids_file), comm=Comm.solo())

@@ -26,11 +26,16 @@ from omegaconf import OmegaConf
 from safetensors.numpy import save_file
 
 from bench._util import REPO, child_peak_rss, machine, save
-from lib.config import EmbedfleetConfig, redact, register_resolvers, to_plain
-from lib.embed_shard import DROPPED_SCHEMA, shard_paths
-from lib.markers import CompletionMarker, describe_outputs, write_marker
-from lib.pipeline import RUN_CONFIG_FILE, build_plan
-from lib.sharding import contiguous_range
+from cli.run import save_run_config
+from lib.config.compose import register_resolvers
+from lib.config.schema import EmbedfleetConfig
+from lib.core.hashing import sha256_file
+from lib.core.markers import CompletionMarker, write_marker
+from lib.core.paths import RUN_CONFIG, RunPaths
+from lib.core.sharding import contiguous_range
+from lib.core.storage import OutputFile
+from lib.formats.parquet import DROPPED_SCHEMA
+from lib.plan.registry import build_plan
 
 LOAD_ALL = """
 import sys, glob, numpy as np
@@ -52,10 +57,9 @@ def build_run(run_dir: Path, rows: int, dim: int, shards: int) -> int:
     cfg.merge.by_source = False
     plan = build_plan(cfg, rows)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_CONFIG_FILE).write_text(
-        OmegaConf.to_yaml(OmegaConf.create(redact(to_plain(cfg))))
-    )
+    save_run_config(run_dir, cfg)
     plan.save(run_dir)
+    storage = RunPaths(run_dir).storage
     embed = plan.stage("embed")
     rng = np.random.default_rng(0)
     total_bytes = 0
@@ -63,7 +67,8 @@ def build_run(run_dir: Path, rows: int, dim: int, shards: int) -> int:
         a, b = contiguous_range(rows, t, shards)
         emb = rng.standard_normal((b - a, dim), dtype=np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        paths = shard_paths(run_dir, t)
+        files = RunPaths.embed_shard(t)
+        paths = {k: run_dir / getattr(files, k) for k in ("embeddings", "metadata", "dropped")}
         paths["embeddings"].parent.mkdir(parents=True, exist_ok=True)
         save_file({"embeddings": emb}, str(paths["embeddings"]))
         idx = np.arange(a, b, dtype=np.int64)
@@ -72,9 +77,13 @@ def build_run(run_dir: Path, rows: int, dim: int, shards: int) -> int:
             paths["metadata"],
         )
         pq.write_table(DROPPED_SCHEMA.empty_table(), paths["dropped"])
+        outputs = [
+            OutputFile(str(p.relative_to(run_dir)), p.stat().st_size, sha256_file(p))
+            for p in paths.values()
+        ]
         write_marker(
-            run_dir,
-            "embed",
+            storage,
+            RunPaths.marker("embed", t),
             CompletionMarker(
                 "embed",
                 t,
@@ -82,7 +91,7 @@ def build_run(run_dir: Path, rows: int, dim: int, shards: int) -> int:
                 embed.config_hash,
                 row_range=[a, b],
                 counts={"embedded": b - a, "dim": dim},
-                outputs=describe_outputs(run_dir, paths.values()),
+                outputs=outputs,
             ),
         )
         total_bytes += paths["embeddings"].stat().st_size
@@ -120,7 +129,7 @@ def main() -> None:
                 env = {"EMBEDFLEET_LOG_LEVEL": "WARNING"}
                 cmd = [py, "-m", "jobs.merge", "--run-dir", str(run_dir)]
                 if "no sha" in name:
-                    cfg_path = run_dir / RUN_CONFIG_FILE
+                    cfg_path = run_dir / RUN_CONFIG
                     cfg_path.write_text(
                         cfg_path.read_text().replace("verify_sha256: true", "verify_sha256: false")
                     )

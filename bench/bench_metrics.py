@@ -52,7 +52,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 # -- data -----------------------------------------------------------------------------------
 def make_data(name: str, n: int, dim: int, k: int, seed: int, chunk: int = 100_000):
     """Blobs + noise, unit norm, float32, labels = blob; written once (cached by name)."""
-    from lib.arrays import ArraySpec, save_npy, write_sidecar
+    from lib.formats.arrays import ArraySpec, save_npy, write_sidecar
 
     x_path, y_path = DATA / f"{name}_X.npy", DATA / f"{name}_y.npy"
     if x_path.exists() and y_path.exists():
@@ -92,9 +92,11 @@ def worker(method: str, x_path: str, y_path: str, k: int, block_rows: int) -> di
             value = float(skm.davies_bouldin_score(X, labels))
         seconds = time.perf_counter() - t
     else:
-        from lib.distributed import process_group
-        from lib.kmeans_points import Comm
-        from lib.metrics import MetricsParams, compute_metrics, silhouette
+        from lib.compute.comm import Comm
+        from lib.compute.distributed import process_group
+        from lib.metrics.compute import compute_metrics
+        from lib.metrics.params import MetricsParams
+        from lib.metrics.silhouette import silhouette
 
         X = np.load(x_path, mmap_mode="r")
         with process_group():
@@ -105,7 +107,10 @@ def worker(method: str, x_path: str, y_path: str, k: int, block_rows: int) -> di
                 value, _, _ = silhouette(X, labels, k, params, comm=comm)
             else:
                 params = MetricsParams(
-                    block_rows=block_rows * 4, silhouette_exact_max=0, simplified_silhouette=False
+                    block_rows=block_rows * 4,
+                    compute_dtype="float64",
+                    silhouette_exact_max=0,
+                    simplified_silhouette=False,
                 )
                 res = compute_metrics(X, labels, k, params, comm=comm, progress=lambda _: None)
                 value = float(res.scalars["davies_bouldin"])

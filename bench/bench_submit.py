@@ -21,9 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._util import machine, save
-from launchers.cli import compose, save_run_config
-from launchers.slurm import SlurmLauncher, load_submissions, max_array_size
-from lib.pipeline import ARRAY, Plan, StageSpec
+from cli.run import save_run_config
+from launchers.slurm.launcher import SlurmLauncher
+from launchers.slurm.queue import load_submissions, max_array_size
+from lib.config.compose import compose
+from lib.core.paths import RunPaths
+from lib.plan.spec import ARRAY, Plan, StageSpec
 
 
 def wrap_sbatch(bindir: Path, log: Path) -> None:
@@ -52,13 +55,13 @@ def ours(root: Path, n: int) -> float:
     cfg = compose(["+experiment=quickstart", "cluster=slurm", hold])
     run = root / "ours"
     cfg.run.root, cfg.run.name, cfg.run.dir = str(root), "ours", str(run)
-    spec = StageSpec("touch", "embed", "tests.slurm_jobs.touch", "touch", ARRAY, n, "touch")
+    spec = StageSpec("touch", "embed", "tests.slurm.jobs.touch", "touch", ARRAY, n, "touch")
     plan = Plan([spec], 0)
     run.mkdir(parents=True)
     save_run_config(run, cfg)
     plan.save(run)
     t0 = time.perf_counter()
-    SlurmLauncher(cfg).launch(run, plan)
+    SlurmLauncher(cfg).launch(RunPaths(run), plan)
     wall = time.perf_counter() - t0
     SUBMITTED.extend(s.job_id for s in load_submissions(run))
     assert sum(len(s.indices) for s in load_submissions(run)) == n

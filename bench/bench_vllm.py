@@ -38,11 +38,12 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from bench._util import machine, save
-    from lib.config import Backend, EmbedfleetConfig
-    from lib.corpus import builtin_corpus_path
-    from lib.embedders.hf import HFEmbedder
-    from lib.embedders.vllm_backend import VllmEmbedder
-    from lib.token_filter import filter_by_length
+    from lib.config.schema import EmbedfleetConfig
+    from lib.data.corpus import builtin_corpus_path
+    from lib.embed.backends.hf import HFEmbedder
+    from lib.embed.backends.vllm import VllmEmbedder
+    from lib.embed.params import Backend
+    from lib.embed.token_filter import filter_by_length
 
     corpus = pq.read_table(builtin_corpus_path("stdlib_docstrings", Path(args.cache)))
     cfg = OmegaConf.structured(EmbedfleetConfig)

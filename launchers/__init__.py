@@ -1,29 +1,32 @@
-"""How tasks get run. Each launcher turns the same plan into processes, sbatch jobs or
-remote commands; the job code is identical everywhere (DESIGN.md contract 1)."""
+"""How tasks get run: one launcher per place (``local``, ``slurm/``, ``submitit``), all
+consuming the same plan and starting the same job entry points (DESIGN.md contract 1).
+
+``base`` is the interface; this module holds the table of launchers by the name
+``cluster.launcher`` uses. Launchers import ``lib``; ``lib`` never imports them.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from omegaconf import DictConfig
 
 from launchers.base import Launcher
-from lib.config import LauncherKind
+from lib.core.errors import ConfigError
+
+LAUNCHERS: dict[str, str] = {
+    "local": "launchers.local:LocalLauncher",
+    "slurm": "launchers.slurm.launcher:SlurmLauncher",
+    "submitit": "launchers.submitit:SubmititLauncher",
+}
 
 
 def get_launcher(cfg: DictConfig) -> Launcher:
-    """The launcher named by ``cluster.launcher``."""
-    kind = LauncherKind(cfg.cluster.launcher)
-    if kind == LauncherKind.local:
-        from launchers.local import LocalLauncher
-
-        return LocalLauncher(cfg)
-    if kind == LauncherKind.slurm:
-        from launchers.slurm import SlurmLauncher
-
-        return SlurmLauncher(cfg)
-    if kind == LauncherKind.submitit:
-        from launchers.submitit_launcher import SubmititLauncher
-
-        return SubmititLauncher(cfg)
-    raise NotImplementedError(
-        f"cluster.launcher={kind.value} is not available in this version; use cluster=local"
-    )
+    """The launcher named by ``cluster.launcher`` (``ConfigError`` listing the known ones)."""
+    name = str(cfg.cluster.launcher)
+    if name not in LAUNCHERS:
+        raise ConfigError(
+            f"cluster.launcher={name}: no such launcher; known: {', '.join(LAUNCHERS)}"
+        )
+    module, _, cls = LAUNCHERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(cfg)

@@ -1,51 +1,46 @@
-"""The launcher interface and the per-attempt records every launcher writes.
+"""The launcher interface and the per-attempt records launchers write.
 
-An attempt record ``<run_dir>/<stage_dir>/attempts/task_XXXXX.json`` says who ran the task
-last (launcher, pid or job id, start, end, return code). Completion markers remain the
-truth; attempts only let ``status`` tell failed from pending and find logs.
+A launcher turns the same plan into running tasks (processes, sbatch jobs, ...). It has
+three jobs: ``launch`` (start every task without a valid marker), ``cancel`` (stop the
+run's tasks) and ``scheduler_view`` (what its scheduler says about tasks that are not
+done, for ``status``). Completion markers stay the truth; the scheduler's view is
+advisory: it tells running from failed from pending and where the logs are.
+
+An attempt record ``<stage dir>/attempts/task_XXXXX.json`` says who ran a task last
+(launcher, host, pids or job id, start, end, return code).
 """
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from lib.fsio import atomic_write_json, read_json_or_none
-from lib.pipeline import DISTRIBUTED, Plan, StageSpec
+from lib.core.paths import RunPaths
+from lib.plan.spec import Plan, StageSpec
 
-# Task commands run as `python -m jobs.<stage>` from the repository root.
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# What status shows for a task; "done" only ever comes from a valid completion marker.
+DONE, RUNNING, FAILED, PENDING = "done", "running", "failed", "pending"
 
-
-def attempt_path(run_dir: Path, spec: StageSpec, task: int) -> Path:
-    return Path(run_dir) / spec.stage_dir / "attempts" / f"task_{task:05d}.json"
+SchedulerView = dict[tuple[str, int], tuple[str, str]]  # (stage, task) -> (state, detail)
 
 
-def log_path(run_dir: Path, spec: StageSpec, task: int, rank: int = 0) -> Path:
-    """A task's log; distributed stages have one per rank (``task_00000.rank3.log``)."""
-    name = f"task_{task:05d}.rank{rank}.log" if spec.kind == DISTRIBUTED else f"task_{task:05d}.log"
-    return Path(run_dir) / spec.stage_dir / "logs" / name
-
-
-def write_attempt(run_dir: Path, spec: StageSpec, task: int, **fields: Any) -> None:
-    path = attempt_path(run_dir, spec, task)
-    record = read_attempt(run_dir, spec, task) or {}
+def write_attempt(paths: RunPaths, spec: StageSpec, task: int, **fields: Any) -> None:
+    name = paths.attempt(spec.stage_dir, task)
+    record = paths.storage.read_json(name) or {}
     record.update(fields)
-    atomic_write_json(path, record)
+    paths.storage.publish_json(name, record)
 
 
-def read_attempt(run_dir: Path, spec: StageSpec, task: int) -> dict[str, Any] | None:
-    return read_json_or_none(attempt_path(run_dir, spec, task))
+def read_attempt(paths: RunPaths, spec: StageSpec, task: int) -> dict[str, Any] | None:
+    return paths.storage.read_json(paths.attempt(spec.stage_dir, task))
 
 
 @dataclass
 class LaunchResult:
-    complete: bool  # every stage finished (local) ; False if submitted and still running
+    complete: bool  # every stage finished (a launcher that waits)
     submitted: bool  # work was handed to a scheduler and is still running
     failed: dict[str, list[int]]  # stage -> failed tasks
 
@@ -59,11 +54,14 @@ class Launcher(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def launch(self, run_dir: Path, plan: Plan, *, dry_run: bool = False) -> LaunchResult: ...
+    def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
+        """Run (or submit) every task of ``plan`` without a valid marker, in stage order."""
 
-    def cancel(self, run_dir: Path, plan: Plan) -> int:
-        """Stop every running task of the run; return how many were signalled."""
-        return 0
+    @abstractmethod
+    def cancel(self, paths: RunPaths, plan: Plan) -> int:
+        """Stop every running task of the run; return how many jobs/processes were told."""
 
-    def now(self) -> float:
-        return time.time()
+    @abstractmethod
+    def scheduler_view(self, paths: RunPaths, plan: Plan) -> SchedulerView:
+        """(stage, task) -> (running|pending|failed, detail) for tasks the launcher knows
+        about; tasks it does not mention are pending."""

@@ -3,8 +3,10 @@
 Stages run in plan order; a stage's pending tasks run ``cluster.parallelism`` at a time
 (``cluster.num_gpus`` > 0: one per GPU with CUDA_VISIBLE_DEVICES set). A distributed stage
 starts ``world_size`` processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. Each task's
-output goes to its log file and is echoed to the console with a ``[stage task]`` prefix.
-A failed task does not stop its siblings, but no later stage starts.
+output goes to its log file and is echoed to the console with a ``[stage task]`` prefix
+(on an object-store run dir the log is kept locally while the task runs and published
+when it ends). A failed task does not stop its siblings, but no later stage starts.
+Each task runs in its own process group, reaped when it ends.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launchers.base import (
-    REPO_ROOT,
+    FAILED,
+    PENDING,
+    RUNNING,
     Launcher,
     LaunchResult,
-    log_path,
+    SchedulerView,
     read_attempt,
     write_attempt,
 )
-from lib.pipeline import DISTRIBUTED, Plan, StageSpec, completed_tasks
-from lib.sharding import compress_indices
-from lib.task import ENV_CPU_CORES, TaskIdentity, usable_cores
+from lib.core.paths import RunPaths
+from lib.core.repo import REPO_ROOT
+from lib.core.sharding import compress_indices
+from lib.plan.spec import DISTRIBUTED, Plan, StageSpec, completed_tasks
+from lib.runtime.cores import ENV_CPU_CORES, usable_cores
+from lib.runtime.identity import TaskIdentity, identity_env
 
 _LABELLED = re.compile(r"^\d\d:\d\d:\d\d \w+ \[")
 
@@ -88,7 +95,7 @@ class LocalLauncher(Launcher):
 
     def _env(self, identity: TaskIdentity, threads: int, slot: int) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(identity.as_env())
+        env.update(identity_env(identity, self.name))
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(
@@ -122,16 +129,16 @@ class LocalLauncher(Launcher):
                     with self._print_lock:
                         print(shown, flush=True)
 
-    def _start(self, run_dir: Path, spec: StageSpec, task: int, slot: int) -> _Running:
+    def _start(self, paths: RunPaths, spec: StageSpec, task: int, slot: int) -> _Running:
         cores = len(usable_cores())
         world = spec.world_size if spec.kind == DISTRIBUTED else 1
         concurrent = world if spec.kind == DISTRIBUTED else min(self.parallelism, spec.num_tasks)
         threads = max(1, cores // max(1, concurrent))
-        cmd = spec.command(sys.executable, run_dir)
+        cmd = spec.command(sys.executable, paths.root)
         port = _free_port()
         procs, pumps = [], []
         for rank in range(world):
-            identity = TaskIdentity(run_dir, spec.name, task, spec.num_tasks, rank, world)
+            identity = TaskIdentity(paths.root, spec.name, task, spec.num_tasks, rank, world)
             env = self._env(identity, threads, slot)
             if world > 1:
                 env.update(
@@ -141,7 +148,7 @@ class LocalLauncher(Launcher):
                     MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=str(port),
                 )
-            logf = log_path(run_dir, spec, task, rank)
+            logf = paths.storage.local_file(spec.log(task, rank))
             logf.parent.mkdir(parents=True, exist_ok=True)
             with open(logf, "ab") as fh:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -163,10 +170,10 @@ class LocalLauncher(Launcher):
             procs.append(proc)
             pumps.append(t)
         write_attempt(
-            run_dir,
+            paths,
             spec,
             task,
-            launcher="local",
+            launcher=self.name,
             host=socket.gethostname(),
             pids=[p.pid for p in procs],
             started=time.time(),
@@ -176,20 +183,22 @@ class LocalLauncher(Launcher):
         )
         return _Running(task, procs, pumps, slot, time.time())
 
-    def _finish(self, run_dir: Path, spec: StageSpec, r: _Running) -> int:
+    def _finish(self, paths: RunPaths, spec: StageSpec, r: _Running) -> int:
         codes = [p.wait() for p in r.procs]
         for p in r.procs:
             _reap(p.pid)
         for t in r.threads:
             t.join(timeout=10)
+        for rank in range(len(r.procs)):
+            paths.storage.publish_log(spec.log(r.task, rank))
         # A distributed task fails if any rank failed; report the first bad code.
         code = next((c for c in codes if c != 0), 0)
-        write_attempt(run_dir, spec, r.task, ended=time.time(), returncode=code)
+        write_attempt(paths, spec, r.task, ended=time.time(), returncode=code)
         return code
 
     # -- the stage loop -----------------------------------------------------------------
 
-    def _run_stage(self, run_dir: Path, spec: StageSpec, pending: list[int]) -> list[int]:
+    def _run_stage(self, paths: RunPaths, spec: StageSpec, pending: list[int]) -> list[int]:
         """Run ``pending`` tasks; return the failed ones."""
         slots = list(range(self.parallelism if spec.kind != DISTRIBUTED else 1))
         queue = list(pending)
@@ -198,7 +207,7 @@ class LocalLauncher(Launcher):
         try:
             while queue or running:
                 while queue and slots:
-                    running.append(self._start(run_dir, spec, queue.pop(0), slots.pop(0)))
+                    running.append(self._start(paths, spec, queue.pop(0), slots.pop(0)))
                 time.sleep(0.2)
                 for r in list(running):
                     codes = [p.poll() for p in r.procs]
@@ -208,21 +217,21 @@ class LocalLauncher(Launcher):
                                 _signal_group(p.pid, signal.SIGTERM)
                     elif any(c is None for c in codes):
                         continue
-                    code = self._finish(run_dir, spec, r)
+                    code = self._finish(paths, spec, r)
                     running.remove(r)
                     slots.append(r.slot)
                     if code != 0:
                         failed.append(r.task)
                         self._say(
                             f"[{spec.name} {r.task}] FAILED ({_describe_exit(code)}); log: "
-                            f"{log_path(run_dir, spec, r.task)}"
+                            f"{paths.url(spec.log(r.task))}"
                         )
         except KeyboardInterrupt:
             # The tasks are in their own sessions, so the terminal's Ctrl-C reached only us.
             for r in running:
                 for p in r.procs:
                     _signal_group(p.pid, signal.SIGTERM)
-                self._finish(run_dir, spec, r)
+                self._finish(paths, spec, r)
             raise
         return sorted(failed)
 
@@ -230,16 +239,16 @@ class LocalLauncher(Launcher):
         with self._print_lock:
             print(text, flush=True)
 
-    def launch(self, run_dir: Path, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
+    def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
         failed: dict[str, list[int]] = {}
         for spec in plan.stages:
-            done = completed_tasks(run_dir, spec)
+            done = completed_tasks(paths, spec)
             pending = [t for t in range(spec.num_tasks) if t not in done]
             if not pending:
                 self._say(f"{spec.name}: all {spec.num_tasks} task(s) already complete")
                 continue
             if dry_run:
-                cmd = shlex.join(spec.command(sys.executable, run_dir))
+                cmd = shlex.join(spec.command(sys.executable, paths.root))
                 self._say(
                     f"{spec.name}: would run tasks {compress_indices(pending)} of "
                     f"{spec.num_tasks}: {cmd}"
@@ -253,18 +262,18 @@ class LocalLauncher(Launcher):
             else:
                 self._say(f"{spec.name}: running {spec.num_tasks} task(s)")
             t0 = time.time()
-            bad = self._run_stage(run_dir, spec, pending)
+            bad = self._run_stage(paths, spec, pending)
             if bad:
                 failed[spec.name] = bad
                 return LaunchResult(False, False, failed)
             self._say(f"{spec.name}: done in {time.time() - t0:.1f}s")
         return LaunchResult(not dry_run, False, failed)
 
-    def cancel(self, run_dir: Path, plan: Plan) -> int:
+    def cancel(self, paths: RunPaths, plan: Plan) -> int:
         count = 0
         for spec in plan.stages:
             for task in range(spec.num_tasks):
-                rec = read_attempt(run_dir, spec, task)
+                rec = read_attempt(paths, spec, task)
                 if not rec or rec.get("ended") or rec.get("host") != socket.gethostname():
                     continue
                 for pid in rec.get("pids", []):
@@ -278,3 +287,34 @@ class LocalLauncher(Launcher):
                         except ProcessLookupError:
                             pass
         return count
+
+    def scheduler_view(self, paths: RunPaths, plan: Plan) -> SchedulerView:
+        """From the attempt records: running while a pid lives on this host, failed with
+        its exit code, pending if it exited 0 without a marker."""
+        view: SchedulerView = {}
+        for spec in plan.stages:
+            for task in range(spec.num_tasks):
+                rec = read_attempt(paths, spec, task)
+                if rec is not None:
+                    view[(spec.name, task)] = attempt_state(rec)
+        return view
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def attempt_state(rec: dict) -> tuple[str, str]:
+    """State from a local attempt record: running if a pid lives on this host."""
+    if rec.get("ended"):
+        code = rec.get("returncode")
+        return (FAILED, f"exit code {code}") if code else (PENDING, "exited 0 without marker")
+    if rec.get("host") == socket.gethostname() and any(_pid_alive(p) for p in rec.get("pids", [])):
+        return RUNNING, f"pid {rec['pids'][0]}"
+    return FAILED, "process vanished without a marker"

@@ -1,5 +1,9 @@
-"""embedfleet library: formats, datasets, embedding backends, merge, k-means, metrics.
+"""embedfleet's library. ``core`` (the run-dir contract) at the bottom; the shared layers
+``formats``, ``config``, ``data``, ``plan``, ``runtime`` and ``compute``; one package per
+stage on top (``embed``, ``merge``, ``kmeans``, ``curate``, ``metrics``), each importing
+the shared layers and never another stage.
 
-The library never imports ``jobs`` or ``launchers``; a job never knows which launcher
-started it (see DESIGN.md, "Dependencies point one way").
+The library never imports ``jobs``, ``launchers`` or ``cli``; a job never knows which
+launcher started it (DESIGN.md, "Dependencies point one way"). The import-linter
+contracts in pyproject.toml keep it so.
 """

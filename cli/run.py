@@ -1,0 +1,175 @@
+"""What ``launch.py`` does with a composed config: validate it, count the rows, plan the
+stages, save ``run.yaml`` and ``plan.json`` in the run dir, hand the plan to the launcher,
+and print the end-of-run summary."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cli.summary import print_summary
+from launchers import get_launcher
+from lib.config.compose import compose, explain_config_error
+from lib.config.fields import to_plain
+from lib.config.redact import redact
+from lib.core.errors import ConfigMismatchError, DatasetError, EmbedfleetError
+from lib.core.hashing import config_digest
+from lib.core.paths import RunPaths
+from lib.core.storage import is_url, join
+from lib.plan.registry import build_plan
+from lib.plan.spec import completed_tasks
+
+
+def prevalidate(overrides: list[str]) -> str | None:
+    """Compose the config once, before Hydra runs (and creates the run dir); return an
+    explanation if it fails or the run dir cannot be written."""
+    try:
+        cfg = compose(overrides)
+        paths = RunPaths(str(cfg.run.dir))
+    except Exception as exc:
+        return explain_config_error(exc)
+    try:
+        paths.storage.check_writable()
+    except (PermissionError, EmbedfleetError) as exc:
+        return f"error: {exc}"
+    return None
+
+
+def _absolutize(cfg: DictConfig) -> None:
+    """Make user paths absolute, so tasks started elsewhere (or from the repo) read the same."""
+    if not is_url(str(cfg.run.root)):
+        cfg.run.root = str(Path(cfg.run.root).expanduser().absolute())
+    p = cfg.dataset.path
+    if p and "://" not in p and not p.startswith("builtin:") and os.path.exists(p):
+        cfg.dataset.path = str(Path(p).absolute())
+    mp = cfg.model.path
+    if mp and not mp.startswith("pkg:") and Path(mp).expanduser().exists():
+        cfg.model.path = str(Path(mp).expanduser().absolute())
+    for section, key in (("merge", "legacy_dir"), ("kmeans", "embeddings_path")):
+        value = cfg[section][key]
+        if value and not is_url(str(value)):
+            cfg[section][key] = str(Path(value).expanduser().absolute())
+
+
+def _flatten(obj, prefix: str = "") -> dict[str, object]:
+    if isinstance(obj, dict):
+        out: dict[str, object] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _config_changes(paths: RunPaths, cfg: DictConfig) -> list[str]:
+    try:
+        text = paths.storage.read_text(paths.run_config)
+    except FileNotFoundError:
+        return []
+    old = _flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=False))
+    new = _flatten(redact(to_plain(cfg)))
+    keys = sorted(k for k in set(old) | set(new) if not k.startswith(("cluster.", "run.")))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def dataset_row_count(cfg: DictConfig, dry_run: bool = False) -> int:
+    """Rows to embed. A dry run may plan from ``dataset.expected_rows`` when the dataset
+    is not reachable from this machine (e.g. planning a cluster run on a laptop)."""
+    if "embed" not in cfg.stages:
+        return 0
+    from lib.data.columns import check_dataset, open_dataset
+
+    try:
+        return check_dataset(open_dataset(cfg), cfg)
+    except DatasetError as exc:
+        sizes = [v for v in (cfg.dataset.expected_rows, cfg.dataset.limit) if v is not None]
+        if not dry_run or not sizes:
+            raise
+        print(
+            f"warning: {exc}\nplanning for {min(sizes)} rows (dataset.expected_rows/limit)",
+            file=sys.stderr,
+        )
+        return int(min(sizes))
+
+
+def save_run_config(paths: RunPaths | Path | str, cfg: DictConfig) -> None:
+    """``run.yaml``: the resolved config with secret-looking values redacted."""
+    paths = paths if isinstance(paths, RunPaths) else RunPaths(paths)
+    text = OmegaConf.to_yaml(OmegaConf.create(redact(to_plain(cfg))))
+    paths.storage.publish_bytes(paths.run_config, text.encode())
+
+
+def launch_run(cfg: DictConfig, *, dry_run: bool, started: float) -> int:
+    """Plan and launch ``cfg``. Returns a process exit code."""
+    try:
+        run_dir = str(cfg.run.dir)
+        if not is_url(run_dir):
+            run_dir = str(Path(run_dir).absolute())
+        cfg.run.dir = run_dir
+        _absolutize(cfg)
+        paths = RunPaths(run_dir)
+        if not dry_run:
+            paths.storage.check_writable()
+        rows = dataset_row_count(cfg, dry_run)
+        if "embed" in cfg.stages:
+            from lib.compute.models import resolve_model_path
+
+            try:
+                resolve_model_path(cfg.model.path)
+            except EmbedfleetError as exc:
+                if not dry_run:
+                    raise
+                print(f"warning: {exc}", file=sys.stderr)
+        plan = build_plan(cfg, rows)
+        try:
+            for spec in plan.stages:
+                completed_tasks(paths, spec)
+        except ConfigMismatchError as exc:
+            changes = _config_changes(paths, cfg)
+            detail = ("\nchanged since that run:\n  " + "\n  ".join(changes)) if changes else ""
+            raise ConfigMismatchError(f"{exc}{detail}") from None
+        plan.extra["config_digest"] = config_digest([s.config_hash for s in plan.stages])
+        launcher = get_launcher(cfg)
+        if not dry_run:
+            save_run_config(paths, cfg)
+            plan.save(paths)
+        print(f"embedfleet: {cfg.description or cfg.run.name}")
+        print(f"run dir: {run_dir}")
+        result = launcher.launch(paths, plan, dry_run=dry_run)
+    except (EmbedfleetError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if dry_run:
+        print("dry run: nothing was run or submitted")
+        return 0
+    if result.failed:
+        stage, tasks = next(iter(result.failed.items()))
+        print(
+            f"\n{stage}: {len(tasks)} task(s) failed. See `python launch.py status {run_dir}` and "
+            f"`python launch.py logs {run_dir} {stage} {tasks[0]}`; rerun the same command "
+            "(or `launch.py retry RUN_DIR`) to redo only the missing tasks.",
+            file=sys.stderr,
+        )
+        return 1
+    if result.submitted:
+        print(f"submitted; watch with: python launch.py status {run_dir}")
+        return 0
+    print_summary(paths, plan, time.time() - started)
+    return 0
+
+
+def resolve_run(arg: str) -> RunPaths:
+    """The run dir a subcommand names: a run dir (path or URL), or ``run.name=...``
+    overrides that compose to one."""
+    paths = RunPaths(arg if is_url(arg) else str(Path(arg).absolute()))
+    if paths.storage.exists(paths.run_config):
+        return paths
+    if "=" in arg:
+        cfg = compose([arg])
+        return RunPaths(join(str(cfg.run.root), str(cfg.run.name)))
+    raise EmbedfleetError(
+        f"{arg} is not a run dir (no {paths.run_config}); pass the directory launch.py printed"
+    )

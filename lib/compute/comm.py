@@ -1,0 +1,81 @@
+"""The collectives of one computation: over the job's ranks, or none.
+
+``Comm.current()`` is the process group set up by ``lib.compute.distributed.process_group``
+(world size 1 when there is none); ``Comm.solo()`` is a problem one rank solves alone
+inside a distributed job. With world size 1 every collective is a no-op. Small CPU-side
+values (flags, counts, row ids) are staged onto the GPU when the backend is NCCL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lib.compute import distributed as D
+
+
+def _backend() -> str | None:
+    dist = torch.distributed
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+@dataclass(frozen=True)
+class Comm:
+    """Collectives over the job's ranks, or none (``solo``)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Comm:
+        """The process group of ``lib.compute.distributed.process_group`` (or world size 1)."""
+        return cls(D.rank(), D.world_size())
+
+    @classmethod
+    def solo(cls) -> Comm:
+        """No collectives: this rank solves the problem alone."""
+        return cls(0, 1)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor on a device the backend can reduce: NCCL needs CUDA tensors, and some
+        of our collectives carry small CPU-side values (flags, counts, row ids)."""
+        if tensor.device.type == "cpu" and _backend() == "nccl":
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            staged = self._staged(tensor)
+            D.all_reduce_sum_(staged)
+            if staged is not tensor:
+                tensor.copy_(staged)
+        return tensor
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            staged = self._staged(tensor)
+            D.all_reduce_max_(staged)
+            if staged is not tensor:
+                tensor.copy_(staged)
+        return tensor
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return tensor
+        return D.all_gather_rows(self._staged(tensor)).to(tensor.device)
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Rows of every rank, concatenated on rank 0; ``None`` on the others."""
+        if self.world == 1:
+            return tensor
+        out = D.gather_rows(self._staged(tensor), 0)
+        return None if out is None else out.to(tensor.device)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            D.barrier()

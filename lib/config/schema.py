@@ -1,0 +1,118 @@
+"""The configuration schema: every stage's parameter dataclass, composed into one root.
+
+Every YAML file under ``conf/`` is merged onto these dataclasses, so a misspelt key or a
+value of the wrong type fails at startup with the key's full path (``launch.py`` adds the
+list of valid keys) before anything is submitted. Jobs re-read the resolved ``run.yaml``
+through the same schema. The stage sections are defined in their stage packages
+(``lib/<stage>/params.py``); the run and cluster sections here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lib.curate.params import CurateParams
+from lib.data.params import DatasetParams
+from lib.embed.params import EmbedParams, ModelParams
+from lib.kmeans.params import KmeansParams
+from lib.merge.params import MergeParams
+from lib.metrics.params import ClusteringParams, MetricsParams, TrackingParams
+
+SCHEMA_NAME = "embedfleet_schema"
+
+
+class LauncherKind(StrEnum):
+    local = "local"
+    slurm = "slurm"
+    submitit = "submitit"
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives: ``root/name``, a local path or an fsspec URL (``s3://bucket/
+    runs``). ``dir`` is the run dir: ``root/name`` for a single run, one sub-dir per
+    sweep point under ``-m``."""
+
+    name: str = "default"
+    root: str = "outputs"
+    dir: str = "${ef.run_dir:${run.root},${hydra:runtime.output_dir}}"
+    seed: int = 0
+
+
+@dataclass
+class SlurmResources:
+    """sbatch resources of one stage. null = not rendered (the cluster's default)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # e.g. "02:00:00" or "1-00:00:00"
+    nodes: int | None = None
+    ntasks_per_node: int | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None  # e.g. "32G"
+    mem_per_cpu: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    # Any other #SBATCH flag, e.g. {reservation: ml, mail-type: FAIL}.
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    # Shell lines run before the task: module load, conda/venv activation, exports.
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageResources:
+    """Resources per stage; each stage's non-null values override ``default``."""
+
+    default: SlurmResources = field(default_factory=SlurmResources)
+    embed: SlurmResources = field(default_factory=SlurmResources)
+    merge: SlurmResources = field(default_factory=SlurmResources)
+    kmeans: SlurmResources = field(default_factory=SlurmResources)
+    metrics: SlurmResources = field(default_factory=SlurmResources)
+    curate: SlurmResources = field(default_factory=SlurmResources)
+
+
+@dataclass
+class SlurmConfig:
+    job_name_prefix: str = "ef"
+    array_throttle: int | None = None  # --array=...%N: tasks of one array running at once
+    max_array_size: int | None = None  # null: read MaxArraySize from `scontrol show config`
+    signal: str = "USR2"  # sent before the time limit: stop at a safe point, requeue
+    signal_delay_s: int = 120
+    requeue: bool = True
+    max_restarts: int = 3  # a task restarted more often (SLURM_RESTART_COUNT) fails
+    resources: StageResources = field(default_factory=StageResources)
+
+
+@dataclass
+class ClusterConfig:
+    launcher: LauncherKind = LauncherKind.local
+    parallelism: int = 2  # local: tasks run at once
+    num_gpus: int = 0  # local: >0 runs one task per GPU with CUDA_VISIBLE_DEVICES set
+    # Interpreter for task commands on the cluster; null: the one running launch.py.
+    python: str | None = None
+    # Where tasks put memory-mapped scratch files (k-means, metrics) and, for a run dir on
+    # an object store, staged uploads and cached downloads. Expanded on the compute node,
+    # so "$LSCRATCH" means the node-local scratch there.
+    scratch_dir: str = "$TMPDIR"
+    env: dict[str, str] = field(default_factory=dict)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class EmbedfleetConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    dataset: DatasetParams = field(default_factory=DatasetParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    embed: EmbedParams = field(default_factory=EmbedParams)
+    merge: MergeParams = field(default_factory=MergeParams)
+    kmeans: KmeansParams = field(default_factory=KmeansParams)
+    curate: CurateParams = field(default_factory=CurateParams)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsParams = field(default_factory=MetricsParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+    clustering: ClusteringParams = field(default_factory=ClusteringParams)
+    stages: list[str] = field(default_factory=lambda: ["embed", "merge"])
+    description: str = ""

@@ -1,0 +1,263 @@
+"""Every name inside a run dir, in one place: no other module formats a run-dir path.
+
+A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
+
+    run.yaml  plan.json                      the resolved config (redacted), the stage plan
+    <stage dir>/completions/task_XXXXX.json  completion markers (DESIGN.md contract 2)
+    <stage dir>/attempts/task_XXXXX.json     who ran a task last (local launcher)
+    <stage dir>/logs/task_XXXXX[.rankR].log  task logs
+    embed/shards/shard_XXXXX.{safetensors,parquet,dropped.parquet}
+    embed/parts/shard_XXXXX/part_YYYYY.*     finished parts of an unfinished shard
+    merge/embeddings.{safetensors,npy} metadata.parquet dropped_rows.parquet
+          quality_report.json by_source/<source>/ by_source/index.json
+    kmeans/level{L}/step{s}|split/           centroids, assignment, members, ... (+ markers)
+    kmeans/level{L}/final.json               the level's summary
+    kmeans/curated/                          the curated subset
+    metrics/level{L}/                        metrics.json, per_cluster.parquet, examples.json
+    slurm/<stage>-NNN.sbatch slurm/submissions.json submitit/<stage>/
+
+Stage dirs: ``embed``, ``merge``, ``kmeans/level{L}`` (stage ``kmeans_level{L}``),
+``kmeans/curated`` (stage ``curate``), ``metrics/level{L}`` (stage ``metrics_level{L}``).
+Names are relative POSIX strings; ``RunPaths.storage`` reads and writes them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.core.errors import ConfigError
+from lib.core.storage import Storage, open_storage
+
+RUN_CONFIG = "run.yaml"
+PLAN = "plan.json"
+
+EMBED_DIR = "embed"
+MERGE_DIR = "merge"
+KMEANS_DIR = "kmeans"
+CURATED_DIR = f"{KMEANS_DIR}/curated"
+METRICS_DIR = "metrics"
+SLURM_DIR = "slurm"
+SUBMITIT_DIR = "submitit"
+
+EMBED_STAGE, MERGE_STAGE, CURATE_STAGE = "embed", "merge", "curate"
+KMEANS_LEVEL_PREFIX = "kmeans_level"
+METRICS_LEVEL_PREFIX = "metrics_level"
+MERGE_EMBEDDINGS = {"safetensors": "embeddings.safetensors", "npy": "embeddings.npy"}
+STEP_ARRAYS = ("centroids", "assignment", "members_offsets", "members", "distances", "sample")
+METRICS_FILES = ("metrics.json", "per_cluster.parquet", "examples.json")
+
+
+def task_name(task: int) -> str:
+    return f"task_{task:05d}"
+
+
+def kmeans_level_stage(level: int) -> str:
+    """The stage name of k-means level ``level``: ``kmeans_level2``."""
+    return f"{KMEANS_LEVEL_PREFIX}{level}"
+
+
+def metrics_level_stage(level: int) -> str:
+    return f"{METRICS_LEVEL_PREFIX}{level}"
+
+
+def level_of(stage: str, prefix: str = KMEANS_LEVEL_PREFIX) -> int:
+    """``kmeans_level3`` -> 3. Raises ``ConfigError`` for another name."""
+    m = re.fullmatch(rf"{prefix}(\d+)", stage)
+    if not m:
+        raise ConfigError(f"stage {stage!r} is not a level stage (expected {prefix}<L>)")
+    return int(m.group(1))
+
+
+def is_level_stage(stage: str, prefix: str = KMEANS_LEVEL_PREFIX) -> bool:
+    return re.fullmatch(rf"{prefix}\d+", stage) is not None
+
+
+def kmeans_level_dir(level: int) -> str:
+    return f"{KMEANS_DIR}/level{level}"
+
+
+def metrics_level_dir(level: int, root: str = METRICS_DIR) -> str:
+    return f"{root}/level{level}" if root else f"level{level}"
+
+
+def step_name(step: int) -> str:
+    return f"step{step}"
+
+
+def sidecar(name: str) -> str:
+    """The JSON sidecar that states an array file's shape and dtype."""
+    return f"{name}.json"
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """The files of one embed shard (or of one part of it)."""
+
+    embeddings: str
+    metadata: str
+    dropped: str
+
+    def all(self) -> list[str]:
+        return [self.embeddings, self.metadata, self.dropped]
+
+
+@dataclass(frozen=True)
+class StepFiles:
+    """One k-means step's directory (``kmeans/level1/step2``) and its files."""
+
+    dir: str
+
+    def array(self, name: str) -> str:
+        return f"{self.dir}/{name}.npy"
+
+    @property
+    def marker_dir(self) -> str:
+        """Step markers live in the step dir: ``<step dir>/completions/task_00000.json``."""
+        return self.dir
+
+
+class RunPaths:
+    """The names of one run dir, and the ``Storage`` that holds them."""
+
+    def __init__(self, root: str | Path | Storage, scratch: Path | None = None) -> None:
+        self.storage = root if isinstance(root, Storage) else open_storage(root, scratch)
+
+    @property
+    def root(self) -> str:
+        return self.storage.root
+
+    def __repr__(self) -> str:
+        return f"RunPaths({self.root!r})"
+
+    def url(self, name: str = "") -> str:
+        return self.storage.url(name)
+
+    run_config = RUN_CONFIG
+    plan = PLAN
+
+    # -- what every stage has -------------------------------------------------------------
+    @staticmethod
+    def completions(stage_dir: str) -> str:
+        return f"{stage_dir}/completions"
+
+    @staticmethod
+    def marker(stage_dir: str, task: int) -> str:
+        return f"{stage_dir}/completions/{task_name(task)}.json"
+
+    @staticmethod
+    def attempt(stage_dir: str, task: int) -> str:
+        return f"{stage_dir}/attempts/{task_name(task)}.json"
+
+    @staticmethod
+    def logs(stage_dir: str) -> str:
+        return f"{stage_dir}/logs"
+
+    @staticmethod
+    def log(stage_dir: str, task: int, rank: int | None = None) -> str:
+        """A task's log; distributed stages have one per rank (``task_00000.rank3.log``)."""
+        suffix = f".rank{rank}" if rank is not None else ""
+        return f"{stage_dir}/logs/{task_name(task)}{suffix}.log"
+
+    @staticmethod
+    def rank_log_pattern(stage_dir: str, task: int) -> str:
+        """srun's ``--output`` pattern of a distributed task's per-rank logs (``%t`` = rank)."""
+        return f"{stage_dir}/logs/{task_name(task)}.rank%t.log"
+
+    @staticmethod
+    def task_log_pattern(stage_dir: str) -> tuple[str, str]:
+        """(log dir, file name with a printf slot) for a shell that knows the task index."""
+        return f"{stage_dir}/logs", "task_%05d.log"
+
+    # -- embed ------------------------------------------------------------------------------
+    @staticmethod
+    def embed_shards() -> str:
+        return f"{EMBED_DIR}/shards"
+
+    @staticmethod
+    def embed_shard(task: int) -> ShardFiles:
+        base = f"{EMBED_DIR}/shards/shard_{task:05d}"
+        return ShardFiles(f"{base}.safetensors", f"{base}.parquet", f"{base}.dropped.parquet")
+
+    @staticmethod
+    def embed_parts(task: int) -> str:
+        return f"{EMBED_DIR}/parts/shard_{task:05d}"
+
+    @staticmethod
+    def embed_part(task: int, part: int) -> ShardFiles:
+        base = f"{EMBED_DIR}/parts/shard_{task:05d}/part_{part:05d}"
+        return ShardFiles(f"{base}.safetensors", f"{base}.parquet", f"{base}.dropped.parquet")
+
+    @staticmethod
+    def embed_part_marker(task: int, part: int) -> str:
+        return f"{EMBED_DIR}/parts/shard_{task:05d}/part_{part:05d}.json"
+
+    @staticmethod
+    def part_name(part: int) -> str:
+        return f"part_{part:05d}"
+
+    # -- merge ------------------------------------------------------------------------------
+    @staticmethod
+    def merge_embeddings(fmt: str = "safetensors") -> str:
+        return f"{MERGE_DIR}/{MERGE_EMBEDDINGS[fmt]}"
+
+    merge_metadata = f"{MERGE_DIR}/metadata.parquet"
+    merge_dropped = f"{MERGE_DIR}/dropped_rows.parquet"
+    merge_report = f"{MERGE_DIR}/quality_report.json"
+    merge_by_source = f"{MERGE_DIR}/by_source"
+    merge_by_source_index = f"{MERGE_DIR}/by_source/index.json"
+
+    @staticmethod
+    def merge_source_file(dir_name: str, file_name: str) -> str:
+        """A file of one source's split: ``merge/by_source/<dir_name>/<file_name>``."""
+        return f"{MERGE_DIR}/by_source/{dir_name}/{file_name}"
+
+    # -- kmeans -----------------------------------------------------------------------------
+    kmeans = KMEANS_DIR
+
+    @staticmethod
+    def kmeans_level(level: int) -> str:
+        return kmeans_level_dir(level)
+
+    @staticmethod
+    def kmeans_step(level: int, step: str) -> StepFiles:
+        """``step`` is ``step{s}`` or ``split``."""
+        return StepFiles(f"{kmeans_level_dir(level)}/{step}")
+
+    @staticmethod
+    def kmeans_level_of_marker(name: str) -> int | None:
+        """The level whose completion marker ``name`` is (``kmeans/level2/completions/
+        task_00000.json`` -> 2), else None."""
+        m = re.fullmatch(rf"{KMEANS_DIR}/level(\d+)/completions/{task_name(0)}\.json", name)
+        return int(m.group(1)) if m else None
+
+    @staticmethod
+    def kmeans_final(level: int) -> str:
+        return f"{kmeans_level_dir(level)}/final.json"
+
+    curated = CURATED_DIR
+
+    @staticmethod
+    def curated_file(name: str) -> str:
+        return f"{CURATED_DIR}/{name}"
+
+    # -- metrics ----------------------------------------------------------------------------
+    @staticmethod
+    def metrics_level(level: int, root: str = METRICS_DIR) -> str:
+        return metrics_level_dir(level, root)
+
+    @staticmethod
+    def metrics_file(level: int, name: str, root: str = METRICS_DIR) -> str:
+        return f"{metrics_level_dir(level, root)}/{name}"
+
+    # -- launchers --------------------------------------------------------------------------
+    @staticmethod
+    def slurm_script(stage: str, counter: int) -> str:
+        return f"{SLURM_DIR}/{stage}-{counter:03d}.sbatch"
+
+    slurm_submissions = f"{SLURM_DIR}/submissions.json"
+
+    @staticmethod
+    def submitit_folder(stage: str) -> str:
+        return f"{SUBMITIT_DIR}/{stage}/%j"

@@ -1,0 +1,89 @@
+"""A configured dataset as the stages see it: opened, checked against the config (columns,
+size) before anything runs, and the columns a task reads."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lib.core.errors import DatasetError
+from lib.core.storage import is_url
+from lib.data.datasets import RowSource, open_source
+from lib.data.params import TextMode
+from lib.data.text import check_columns, required_columns
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    """Where derived datasets (the builtin corpus) are cached: ``run.root/.cache`` on a
+    local root, the temp dir when the run lives on an object store."""
+    root = str(cfg.run.root)
+    if is_url(root):
+        return Path(tempfile.gettempdir()) / "embedfleet-cache" / "datasets"
+    return Path(root) / ".cache"
+
+
+def open_dataset(cfg: DictConfig) -> RowSource:
+    d = cfg.dataset
+    return open_source(d.path, d.format, d.split, cache_dir=cache_dir(cfg), subset=d.subset)
+
+
+def dataset_rows(source: RowSource, cfg: DictConfig) -> int:
+    """Rows the run embeds: the dataset's, or its first ``dataset.limit``."""
+    n = source.num_rows
+    if cfg.dataset.limit is not None:
+        n = min(n, int(cfg.dataset.limit))
+    return n
+
+
+def id_source_fields(cfg: DictConfig, columns: list[str]) -> tuple[str | None, str | None]:
+    """The id and source columns: as configured, or ``id``/``source`` when present (auto)."""
+    d = cfg.dataset
+    id_field = d.id_field if d.id_field is not None else ("id" if "id" in columns else None)
+    source_field = (
+        d.source_field
+        if d.source_field is not None
+        else ("source" if "source" in columns else None)
+    )
+    return id_field or None, source_field or None
+
+
+def needed_columns(cfg: DictConfig, columns: list[str]) -> list[str]:
+    d = cfg.dataset
+    cols = required_columns(TextMode(d.text_mode), d.text_field, d.template, d.chat)
+    for extra in (*id_source_fields(cfg, columns), *d.metadata_fields):
+        if extra and extra not in cols:
+            cols.append(extra)
+    return cols
+
+
+def check_dataset(source: RowSource, cfg: DictConfig) -> int:
+    """Validate columns and size before anything runs; return the number of rows to embed."""
+    d = cfg.dataset
+    text_key = {
+        TextMode.field: "dataset.text_field",
+        TextMode.template: "dataset.template",
+        TextMode.chat: "dataset.chat.messages_field",
+    }[TextMode(d.text_mode)]
+    check_columns(
+        required_columns(TextMode(d.text_mode), d.text_field, d.template, d.chat),
+        source.columns,
+        source.description,
+        text_key,
+    )
+    for key in ("id_field", "source_field"):
+        if d[key]:  # explicit names must exist; null means auto
+            check_columns([d[key]], source.columns, source.description, f"dataset.{key}")
+    check_columns(
+        list(d.metadata_fields), source.columns, source.description, "dataset.metadata_fields"
+    )
+    n = dataset_rows(source, cfg)
+    if n == 0:
+        raise DatasetError(f"{source.description}: the dataset has no rows; nothing to embed")
+    if d.expected_rows is not None and source.num_rows != d.expected_rows:
+        raise DatasetError(
+            f"{source.description}: has {source.num_rows} rows but dataset.expected_rows="
+            f"{d.expected_rows}; the dataset changed or the config is for another version"
+        )
+    return n

@@ -1,0 +1,64 @@
+"""The ``dataset`` node: where rows come from and how the text of a row is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class DatasetFormat(StrEnum):
+    auto = "auto"
+    parquet = "parquet"
+    jsonl = "jsonl"
+    csv = "csv"
+    hf = "hf"
+    builtin = "builtin"
+
+
+class TextMode(StrEnum):
+    field = "field"  # the text is one column (text_field)
+    template = "template"  # str.format template over columns
+    chat = "chat"  # a list of messages: prompt -> think -> response
+
+
+class NullText(StrEnum):
+    error = "error"
+    drop = "drop"
+
+
+@dataclass
+class ChatParams:
+    messages_field: str = "messages"
+    role_key: str = "role"
+    content_key: str = "content"
+    # A separate reasoning key on the assistant turn; else <think>...</think> in the content.
+    think_key: str = "reasoning_content"
+    assistant_role: str = "assistant"
+    turn_template: str = "{role}: {content}"
+    turn_separator: str = "\n\n"
+    # Order is prompt -> think -> response: the response last, where last-token pooling reads.
+    part_separator: str = "\n\n"
+
+
+@dataclass
+class DatasetParams:
+    # Default: derived from the path (file stem, hub name, builtin name).
+    name: str = "${ef.dataset_name:${dataset.path}}"
+    # A local path, an fsspec URL (s3://, gs://, memory://...), a Hugging Face dataset name
+    # (format=hf, read from the local cache) or builtin:<name>.
+    path: str = "builtin:stdlib_docstrings"
+    format: DatasetFormat = DatasetFormat.auto
+    split: str = "train"
+    subset: str | None = None  # Hugging Face dataset config name (e.g. 20231101.en)
+    text_mode: TextMode = TextMode.field
+    text_field: str = "text"
+    template: str = "{text}"
+    chat: ChatParams = field(default_factory=ChatParams)
+    # null = auto: the "id" / "source" column when the dataset has one, else the original
+    # row index / the dataset name. A name given explicitly must exist.
+    id_field: str | None = None
+    source_field: str | None = None
+    metadata_fields: list[str] = field(default_factory=list)
+    on_null_text: NullText = NullText.error
+    limit: int | None = None  # use only the first N rows
+    expected_rows: int | None = None  # declared size of the dataset, checked at launch

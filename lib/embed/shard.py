@@ -1,0 +1,340 @@
+"""The embed stage's task: embed one contiguous row range of the dataset into one shard.
+
+Outputs (``lib.core.paths``: ``embed/shards/shard_XXXXX.*``), published whole, then the
+task's completion marker:
+
+- ``.safetensors``: tensor ``embeddings`` (kept rows, dim), in row order;
+- ``.parquet``: ``row_index`` (original dataset row), ``id``, ``source`` and the configured
+  metadata columns, one row per embedding;
+- ``.dropped.parquet``: rows not embedded, with ``reason`` and ``token_count``.
+
+A shard is embedded part by part (``embed.part_rows``); each part's files and its marker
+(the same marker contract, ``part: part_XXXXX``) are published as it finishes, so a
+stopped or killed task resumes from its last finished part. The finished shard replaces
+the parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from omegaconf import DictConfig
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save_file
+
+from lib.core.errors import DatasetError
+from lib.core.markers import CompletionMarker, discard_marker, valid_marker, write_marker
+from lib.core.paths import RunPaths, ShardFiles
+from lib.core.progress import Progress
+from lib.core.sharding import contiguous_range
+from lib.core.storage import OutputFile, Storage
+from lib.data.columns import id_source_fields, needed_columns, open_dataset
+from lib.data.datasets import RowSource
+from lib.data.params import NullText, TextMode
+from lib.data.text import build_texts
+from lib.embed.token_filter import filter_by_length
+from lib.formats.matrix_writer import MatrixWriter
+from lib.formats.parquet import DROPPED_SCHEMA, publish_table, read_table
+from lib.runtime import stop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardResult:
+    marker: CompletionMarker
+    rows_per_second: float
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Which shard this is: the run dir, the stage, the task, its rows and the stage hash."""
+
+    paths: RunPaths
+    stage: str
+    stage_dir: str
+    task: int
+    num_tasks: int
+    total_rows: int
+    config_hash: str
+
+    @property
+    def storage(self) -> Storage:
+        return self.paths.storage
+
+
+def _string_column(table: pa.Table, name: str | None, fallback: list[str]) -> list[str]:
+    if not name:
+        return fallback
+    values = table.column(name).to_pylist()
+    return [fb if v is None else str(v) for v, fb in zip(values, fallback, strict=True)]
+
+
+def part_ranges(start: int, stop_: int, part_rows: int) -> list[tuple[int, int]]:
+    """Deterministic row parts of a shard: the same whether or not the task was stopped."""
+    if part_rows < 1:
+        raise ValueError(f"embed.part_rows must be >= 1, got {part_rows}")
+    return [(a, min(a + part_rows, stop_)) for a in range(start, stop_, part_rows)] or [
+        (start, stop_)
+    ]
+
+
+class _LazyEmbedder:
+    """Loads the model on first use: a task whose parts are all done needs none."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self._embedder = None
+
+    def get(self):
+        if self._embedder is None:
+            from lib.embed.backends import load_embedder
+
+            self._embedder = load_embedder(self.cfg.model, self.cfg.embed)
+        return self._embedder
+
+    def close(self) -> None:
+        """Release the backend's resources (vLLM's engine processes) once all parts are done."""
+        close = getattr(self._embedder, "close", None)
+        if close is not None:
+            close()
+        self._embedder = None
+
+
+def _publish_shard_files(
+    storage: Storage,
+    files: ShardFiles,
+    embeddings: np.ndarray,
+    metadata: pa.Table,
+    dropped: pa.Table,
+) -> list[OutputFile]:
+    with storage.publish(files.embeddings) as staged:
+        save_file({"embeddings": embeddings}, str(staged.path))
+    assert staged.output is not None
+    return [
+        staged.output,
+        publish_table(storage, files.metadata, metadata),
+        publish_table(storage, files.dropped, dropped),
+    ]
+
+
+def _embed_part(
+    cfg: DictConfig,
+    shard: ShardTask,
+    source: RowSource,
+    part: int,
+    row_range: tuple[int, int],
+    lazy: _LazyEmbedder,
+    progress: Progress,
+) -> CompletionMarker:
+    """Embed one part and publish its files, then its marker."""
+    d = cfg.dataset
+    start, stop_ = row_range
+    table = source.read(start, stop_, needed_columns(cfg, source.columns))
+    row_index = np.arange(start, stop_, dtype=np.int64)
+    id_field, source_field = id_source_fields(cfg, source.columns)
+    ids = _string_column(table, id_field, [str(i) for i in row_index])
+    sources = _string_column(table, source_field, [d.name] * len(row_index))
+    texts = build_texts(
+        table, TextMode(d.text_mode), d.text_field, d.template, d.chat, cfg.model.document_prefix
+    )
+    null_rows = [i for i, t in enumerate(texts) if t is None]
+    if null_rows and NullText(d.on_null_text) == NullText.error:
+        shown = ", ".join(f"row {start + i} (id {ids[i]})" for i in null_rows[:10])
+        more = f" and {len(null_rows) - 10} more" if len(null_rows) > 10 else ""
+        raise DatasetError(
+            f"{source.description}: {len(null_rows)} row(s) have no text: {shown}{more}. "
+            "Fix the data, or set dataset.on_null_text=drop to skip them (they are recorded "
+            "in the dropped-rows file)."
+        )
+    candidates = [i for i, t in enumerate(texts) if t is not None]
+    embedder = lazy.get()
+    filt = filter_by_length(
+        embedder.tokenizer,
+        [texts[i] for i in candidates],
+        int(cfg.model.max_length),
+        int(cfg.embed.tokenize_batch_size),
+    )
+    kept = [candidates[i] for i in filt.kept]
+    dropped = [candidates[i] for i in filt.dropped]
+    progress.total -= len(null_rows) + len(dropped)
+    embeddings = embedder.embed(filt.token_ids, on_batch=progress.update)
+    embeddings = np.ascontiguousarray(embeddings.astype(cfg.embed.output_dtype, copy=False))
+
+    meta_cols = {
+        "row_index": pa.array(row_index[np.asarray(kept, dtype=np.int64)], pa.int64()),
+        "id": pa.array([ids[i] for i in kept], pa.string()),
+        "source": pa.array([sources[i] for i in kept], pa.string()),
+    }
+    for name in d.metadata_fields:
+        meta_cols[name] = table.column(name).take(pa.array(kept, pa.int64()))
+    lost = null_rows + dropped
+    dropped_table = pa.table(
+        {
+            "row_index": [int(row_index[i]) for i in lost],
+            "id": [ids[i] for i in lost],
+            "source": [sources[i] for i in lost],
+            "reason": ["null_text"] * len(null_rows) + ["too_long"] * len(dropped),
+            "token_count": [None] * len(null_rows) + filt.dropped_token_counts,
+        },
+        schema=DROPPED_SCHEMA,
+    )
+    paths = shard.paths
+    outputs = _publish_shard_files(
+        shard.storage,
+        paths.embed_part(shard.task, part),
+        embeddings,
+        pa.table(meta_cols),
+        dropped_table,
+    )
+    marker = CompletionMarker(
+        stage=shard.stage,
+        task=shard.task,
+        num_tasks=shard.num_tasks,
+        config_hash=shard.config_hash,
+        row_range=[start, stop_],
+        counts={
+            "rows": stop_ - start,
+            "embedded": len(kept),
+            "dropped_too_long": len(dropped),
+            "dropped_null_text": len(null_rows),
+            "tokens": filt.kept_tokens,
+            "dim": int(embedder.dim),
+        },
+        outputs=outputs,
+        part=paths.part_name(part),
+    )
+    name = paths.embed_part_marker(shard.task, part)
+    discard_marker(shard.storage, name)  # a stale marker of an earlier, broken attempt
+    write_marker(shard.storage, name, marker)
+    return marker
+
+
+def _assemble(shard: ShardTask, parts: list[CompletionMarker], dtype: str) -> list[OutputFile]:
+    """Stream the parts into the shard's files; return them as published outputs."""
+    storage, paths, task = shard.storage, shard.paths, shard.task
+    files = paths.embed_shard(task)
+    part_files = [paths.embed_part(task, i) for i in range(len(parts))]
+    rows = sum(int(m.counts["embedded"]) for m in parts)
+    dim = int(parts[0].counts["dim"])
+    start, stop_ = parts[0].row_range[0], parts[-1].row_range[1]
+    with storage.publish(files.embeddings, digest=False) as staged:
+        writer = MatrixWriter(
+            staged.path,
+            rows,
+            dim,
+            dtype,
+            name=files.embeddings,
+            metadata={"row_start": str(start), "row_stop": str(stop_), "task": str(task)},
+        )
+        try:
+            for pf in part_files:
+                part = load_safetensors(storage.read_bytes(pf.embeddings))["embeddings"]
+                writer.write(part.reshape(-1, dim))
+            staged.sha256 = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    assert staged.output is not None
+    outputs = [staged.output]
+    for attr in ("metadata", "dropped"):
+        tables = [read_table(storage, getattr(pf, attr)) for pf in part_files]
+        outputs.append(publish_table(storage, getattr(files, attr), pa.concat_tables(tables)))
+    return outputs
+
+
+def run_embed_shard(cfg: DictConfig, shard: ShardTask) -> ShardResult:
+    """Embed rows ``contiguous_range(total_rows, task, num_tasks)`` and publish the shard.
+
+    Works part by part (``embed.part_rows``); finished parts survive a stop and are reused.
+    Raises ``StopRequested`` at a part boundary when the scheduler asked us to stop,
+    ``DatasetError`` for a bad row or a dataset that changed since launch.
+    """
+    t0 = time.monotonic()
+    storage, paths, task = shard.storage, shard.paths, shard.task
+    start, stop_ = contiguous_range(shard.total_rows, task, shard.num_tasks)
+    storage.remove_stale_temporaries(paths.embed_shards())
+    source = open_dataset(cfg)
+    if source.num_rows < stop_:
+        raise DatasetError(
+            f"{source.description}: has {source.num_rows} rows but this run planned "
+            f"{shard.total_rows}; the dataset changed since launch: relaunch with a new run.name"
+        )
+    ranges = part_ranges(start, stop_, int(cfg.embed.part_rows))
+    parts_dir = paths.embed_parts(task)
+    storage.remove_stale_temporaries(parts_dir)
+    sizes = storage.list(parts_dir)
+    blobs = storage.read_many(
+        [n for i in range(len(ranges)) if (n := paths.embed_part_marker(task, i)) in sizes]
+    )
+    done: list[CompletionMarker | None] = []
+    for i, row_range in enumerate(ranges):
+        name = paths.embed_part_marker(task, i)
+        marker = None
+        if name in blobs:
+            marker = valid_marker(
+                storage, name, shard.config_hash, sizes=sizes, blob=blobs[name], on_mismatch="stale"
+            )
+        if marker is not None and marker.row_range != list(row_range):
+            marker = None
+        done.append(marker)
+    lazy = _LazyEmbedder(cfg)
+    todo_rows = sum(b - a for (a, b), m in zip(ranges, done, strict=True) if m is None)
+    n_done = sum(m is not None for m in done)
+    log.info(
+        "task %d/%d: rows %d..%d (%d rows) in %d part(s)%s",
+        task,
+        shard.num_tasks,
+        start,
+        stop_,
+        stop_ - start,
+        len(ranges),
+        f", {n_done} already done" if n_done else "",
+    )
+    progress = Progress(todo_rows, f"embed task {task}", log, cfg.embed.log_every_seconds)
+    tokens = 0
+    for i, row_range in enumerate(ranges):
+        if done[i] is not None:
+            continue
+        done[i] = _embed_part(cfg, shard, source, i, row_range, lazy, progress)
+        tokens += done[i].counts["tokens"]
+        stop.check()  # a safe point: this part is published
+    progress.close()
+    lazy.close()
+    embed_seconds = progress.elapsed
+
+    parts = [m for m in done if m is not None]
+    counts: dict[str, int] = {}
+    for part in parts:
+        for k, v in part.counts.items():
+            counts[k] = v if k == "dim" else counts.get(k, 0) + v
+    outputs = _assemble(shard, parts, cfg.embed.output_dtype)
+    wall = time.monotonic() - t0
+    marker = CompletionMarker(
+        stage=shard.stage,
+        task=task,
+        num_tasks=shard.num_tasks,
+        config_hash=shard.config_hash,
+        row_range=[start, stop_],
+        counts=counts,
+        outputs=outputs,
+        extra={"dtype": cfg.embed.output_dtype, "parts": len(parts)},
+        wall_seconds=wall,
+    )
+    write_marker(storage, paths.marker(shard.stage_dir, task), marker)
+    storage.remove_tree(parts_dir)  # the shard now holds every part
+    rate = progress.done / max(embed_seconds, 1e-9)
+    log.info(
+        "task %d done: %d rows embedded, %d dropped, %.1f rows/s (%.0f tokens/s), %.1fs wall",
+        task,
+        counts["embedded"],
+        counts["dropped_too_long"] + counts["dropped_null_text"],
+        rate,
+        tokens / max(embed_seconds, 1e-9),
+        wall,
+    )
+    return ShardResult(marker, rate)

@@ -1,0 +1,19 @@
+"""What an embed task runs: its shard of the dataset (``lib.embed.shard``)."""
+
+from __future__ import annotations
+
+from lib.embed.shard import ShardTask, run_embed_shard
+from lib.runtime.context import TaskContext
+
+
+def run(ctx: TaskContext) -> None:
+    shard = ShardTask(
+        paths=ctx.paths,
+        stage=ctx.spec.name,
+        stage_dir=ctx.spec.stage_dir,
+        task=ctx.identity.task_index,
+        num_tasks=ctx.spec.num_tasks,
+        total_rows=ctx.plan.dataset_rows,
+        config_hash=ctx.spec.config_hash,
+    )
+    run_embed_shard(ctx.cfg, shard)

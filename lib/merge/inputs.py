@@ -1,0 +1,227 @@
+"""The merge stage's inputs, collected and validated before any output is written.
+
+Every shard present, row ranges tiling ``0..N`` with no gap or overlap (each offending
+shard named), files the size their marker recorded, one dimension and dtype everywhere.
+Every problem is collected, then raised at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lib.core.errors import InvalidMarkerError, ShardValidationError
+from lib.core.markers import read_marker
+from lib.core.paths import RunPaths
+from lib.core.sharding import compress_indices
+from lib.core.storage import Storage
+from lib.formats.arrays import ST_TO_NUMPY, ArrayFormatError, read_safetensors_header
+from lib.plan.spec import StageSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardInput:
+    """One shard as the merge sees it (from an embed marker or a legacy pickle)."""
+
+    task: int
+    row_start: int
+    row_stop: int
+    rows: int  # embedded rows (<= row_stop - row_start; the rest were dropped)
+    dim: int
+    dtype: str
+    label: str  # for messages: file name
+    storage: Storage | None = None  # where the files below live
+    embeddings: str | None = None
+    data_offset: int = 0  # byte offset of the tensor data in the file
+    metadata: str | None = None
+    dropped: str | None = None
+    sha256: str | None = None  # expected sha256 of the embeddings file
+    array: np.ndarray | None = None  # legacy shards arrive in memory
+    source_files: list[str] = field(default_factory=list)
+
+
+def refused(problems: list[str]) -> ShardValidationError:
+    return ShardValidationError("merge refused, nothing written:\n  - " + "\n  - ".join(problems))
+
+
+def collect_embed_shards(paths: RunPaths, embed: StageSpec) -> list[ShardInput]:
+    """Read every embed marker and shard header. Problems are collected, then raised once."""
+    storage = paths.storage
+    problems: list[str] = []
+    missing: list[int] = []
+    inputs: list[ShardInput] = []
+    sizes = storage.list(embed.stage_dir)
+    for task in range(embed.num_tasks):
+        mname = paths.marker(embed.stage_dir, task)
+        murl = storage.url(mname)
+        if mname not in sizes:
+            missing.append(task)
+            continue
+        try:
+            marker = read_marker(storage, mname)
+        except InvalidMarkerError as exc:
+            problems.append(str(exc))
+            continue
+        if marker.config_hash != embed.config_hash:
+            problems.append(f"{murl}: written under another embed config; rerun task {task}")
+            continue
+        files = paths.embed_shard(task)
+        recorded = {o.path: o for o in marker.outputs}
+        bad = False
+        for name in files.all():
+            out = recorded.get(name)
+            size = sizes.get(name)
+            if size is None:
+                problems.append(
+                    f"shard {task}: {storage.url(name)} is missing (its marker exists); rerun "
+                    f"task {task}"
+                )
+                bad = True
+            elif out is not None and size != out.bytes:
+                problems.append(
+                    f"shard {task}: {storage.url(name)} has {size} bytes but its marker "
+                    f"recorded {out.bytes}: the file is truncated or was modified; delete "
+                    f"{murl} and rerun task {task} (python launch.py retry {paths.root})"
+                )
+                bad = True
+        if bad:
+            continue
+        try:
+            with storage.open(files.embeddings) as fh:
+                header, offset = read_safetensors_header(
+                    fh, sizes[files.embeddings], storage.url(files.embeddings)
+                )
+            info = header["embeddings"]
+        except (ArrayFormatError, KeyError) as exc:
+            problems.append(f"shard {task}: {storage.url(files.embeddings)}: {exc}")
+            continue
+        rows, dim = info["shape"]
+        expected_rows = marker.counts.get("embedded")
+        if expected_rows is not None and rows != expected_rows:
+            problems.append(
+                f"shard {task}: {storage.url(files.embeddings)} has {rows} rows, marker says "
+                f"{expected_rows}"
+            )
+            continue
+        start, stop = marker.row_range or (0, 0)
+        inputs.append(
+            ShardInput(
+                task=task,
+                row_start=start,
+                row_stop=stop,
+                rows=rows,
+                dim=dim,
+                dtype=ST_TO_NUMPY.get(info["dtype"], info["dtype"]),
+                label=Path(files.embeddings).name,
+                storage=storage,
+                embeddings=files.embeddings,
+                data_offset=offset + info["data_offsets"][0],
+                metadata=files.metadata,
+                dropped=files.dropped,
+                sha256=recorded[files.embeddings].sha256,
+                source_files=files.all(),
+            )
+        )
+    if missing:
+        problems.insert(
+            0,
+            f"{len(missing)} of {embed.num_tasks} embed shard(s) missing (no completion marker): "
+            f"tasks {compress_indices(missing)}; run `python launch.py retry {paths.root}`",
+        )
+    if problems:
+        raise refused(problems)
+    return inputs
+
+
+def collect_legacy_shards(legacy_dir: Path, allow_pickle: bool) -> list[ShardInput]:
+    """Load ``cluster{c}_gpu{g}.pkl`` shards of the seed runs (only with allow_pickle)."""
+    if not allow_pickle:
+        raise ShardValidationError(
+            "merge.input=legacy reads pickle files, and loading a pickle runs whatever code it "
+            "contains. Only do this for files you produced yourself: set merge.allow_pickle=true."
+        )
+    files = sorted(Path(legacy_dir).glob("cluster*_gpu*.pkl"))
+    if not files:
+        raise ShardValidationError(
+            f"merge.legacy_dir={legacy_dir}: no cluster{{c}}_gpu{{g}}.pkl files found"
+        )
+    log.warning(
+        "loading %d legacy pickle shard(s) from %s: unpickling runs code from those files "
+        "(allowed by merge.allow_pickle=true)",
+        len(files),
+        legacy_dir,
+    )
+    import pickle
+
+    inputs = []
+    for i, f in enumerate(files):
+        with open(f, "rb") as fh:
+            obj = pickle.load(fh)
+        try:
+            emb = np.asarray(obj["embeddings"], dtype=np.float32)
+            start, end = int(obj["start_index"]), int(obj["end_index"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardValidationError(
+                f"{f}: expected a dict with embeddings, start_index, end_index ({exc})"
+            ) from exc
+        if emb.ndim != 2:
+            raise ShardValidationError(f"{f}: embeddings must be 2-D, found shape {emb.shape}")
+        # The seed scripts were inconsistent about an inclusive end index; accept both.
+        if emb.shape[0] == end - start + 1:
+            end += 1
+        if emb.shape[0] != end - start:
+            raise ShardValidationError(
+                f"{f}: {emb.shape[0]} rows but start_index={start}, end_index={end}"
+            )
+        inputs.append(
+            ShardInput(
+                task=i,
+                row_start=start,
+                row_stop=end,
+                rows=emb.shape[0],
+                dim=emb.shape[1],
+                dtype="float32",
+                label=f.name,
+                array=emb,
+                source_files=[str(f)],
+            )
+        )
+    return inputs
+
+
+def validate_layout(inputs: list[ShardInput], total_rows: int | None) -> None:
+    """Ranges tile 0..total with no gap/overlap; one dim and dtype. Raises with every problem."""
+    problems: list[str] = []
+    ordered = sorted(inputs, key=lambda s: (s.row_start, s.row_stop))
+    expected = 0
+    for s in ordered:
+        if s.row_start > expected:
+            problems.append(
+                f"gap: rows {expected}..{s.row_start} are in no shard (before {s.label})"
+            )
+        elif s.row_start < expected:
+            problems.append(
+                f"overlap: {s.label} covers rows {s.row_start}..{s.row_stop}, but rows "
+                f"{s.row_start}..{min(expected, s.row_stop)} are already in an earlier shard"
+            )
+        expected = max(expected, s.row_stop)
+    if total_rows is not None and expected != total_rows:
+        problems.append(
+            f"gap: rows {expected}..{total_rows} are in no shard (dataset has {total_rows})"
+        )
+    dims = {s.dim for s in inputs}
+    if len(dims) > 1:
+        common = max(dims, key=lambda d: sum(s.dim == d for s in inputs))
+        for s in inputs:
+            if s.dim != common:
+                problems.append(f"{s.label}: dimension {s.dim}, the other shards have {common}")
+    dtypes = {s.dtype for s in inputs}
+    if len(dtypes) > 1:
+        problems.append(f"shards have different dtypes: {sorted(dtypes)}")
+    if problems:
+        raise refused(problems)

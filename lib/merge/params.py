@@ -1,0 +1,31 @@
+"""The ``merge`` node: which shards to merge, into which formats, and what to check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lib.config.fields import unhashed
+
+
+class MergeFormat(StrEnum):
+    safetensors = "safetensors"
+    npy = "npy"
+
+
+class MergeInput(StrEnum):
+    embed = "embed"  # the shards of this run's embed stage
+    legacy = "legacy"  # cluster{c}_gpu{g}.pkl files of the seed runs (needs allow_pickle)
+
+
+@dataclass
+class MergeParams:
+    input: MergeInput = MergeInput.embed
+    formats: list[MergeFormat] = field(default_factory=lambda: [MergeFormat.safetensors])
+    by_source: bool = True
+    expected_rows: int | None = None
+    keep_first: int | None = None
+    chunk_rows: int = unhashed(65536)
+    verify_sha256: bool = True
+    legacy_dir: str | None = None
+    allow_pickle: bool = False

@@ -1,0 +1,31 @@
+"""Log lines of a task: ``HH:MM:SS LEVEL [stage task rank] message`` on stderr."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+NOISY = (
+    "httpx",
+    "urllib3",
+    "filelock",
+    "fsspec",
+    "sentence_transformers",
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "gcsfs",
+)
+
+
+def setup_logging(label: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("EMBEDFLEET_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s [{label}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,342 @@
+"""The SLURM and submitit launchers against the real test cluster (scripts/slurm/up.sh).
+
+Slurm holds a requeued job for ~2 minutes before it is eligible again; where a test
+requeues, it releases the job early with `scontrol update StartTime=now` so the suite
+stays short. Nothing else about the cluster is faked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cli.run import save_run_config
+from launchers.slurm.launcher import SlurmLauncher
+from launchers.slurm.queue import load_submissions
+from lib.config.compose import compose
+from lib.core.paths import RunPaths
+from lib.formats.arrays import open_embeddings
+from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec, completed_tasks
+from tests.conftest import REPO, run_launch
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SLICE = [
+    "+experiment=quickstart",
+    "dataset.limit=90",
+    "embed.num_shards=3",
+    "embed.torch_threads=1",
+    "merge.by_source=false",
+]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def sh(*args: str, check: bool = True) -> str:
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout.strip()
+
+
+def launch_cli(*args: str):
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def wait_run(run: Path, timeout: float = 600) -> str:
+    """Poll `launch.py status` until the run completes, or nothing is queued any more (then
+    give sacct a few seconds to catch up); release requeue holds meanwhile. Returns the
+    last status text."""
+    deadline = time.time() + timeout
+    idle_since = None
+    while time.time() < deadline:
+        release_begin_time_holds(run)
+        status = launch_cli("status", str(run)).stdout
+        if "all stages complete" in status:
+            return status
+        if _active(run):
+            idle_since = None
+        else:
+            idle_since = idle_since or time.time()
+            if time.time() - idle_since > 8:
+                return status
+        time.sleep(2)
+    raise AssertionError(
+        f"run {run} did not finish in {timeout}s:\n{launch_cli('status', str(run)).stdout}"
+    )
+
+
+def _active(run: Path) -> bool:
+    subs = load_submissions(run)
+    if not subs:
+        return False
+    return bool(sh("squeue", "-h", "-j", ",".join(s.job_id for s in subs), check=False))
+
+
+def release_begin_time_holds(run: Path) -> None:
+    for s in load_submissions(run):
+        out = sh("squeue", "-h", "-r", "-j", s.job_id, "-o", "%i|%r", check=False)
+        for line in out.splitlines():
+            job, reason = line.split("|")
+            if reason == "BeginTime":
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True
+                )
+
+
+def merged(run: Path) -> np.ndarray:
+    return np.asarray(open_embeddings(run / "merge" / "embeddings.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def local_reference(shared_root) -> Path:
+    _ok(run_launch(*SLICE, f"run.root={shared_root}", "run.name=slurm-ref"))
+    return shared_root / "slurm-ref"
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit"])
+def test_pipeline_on_slurm_equals_local(slurm_cluster, shared_root, local_reference, launcher):
+    run = shared_root / f"on-{launcher}"
+    proc = _ok(
+        run_launch(
+            *SLICE, f"cluster={launcher}", f"run.root={shared_root}", f"run.name=on-{launcher}"
+        )
+    )
+    assert "submitted" in proc.stdout
+    done = wait_run(run)
+    assert "all stages complete" in done, done
+    assert np.array_equal(merged(run), merged(local_reference))
+    assert pq.read_table(run / "merge" / "metadata.parquet").equals(
+        pq.read_table(local_reference / "merge" / "metadata.parquet")
+    )
+    if launcher == "slurm":
+        scripts = sorted((run / "slurm").glob("*.sbatch"))
+        assert [p.name for p in scripts] == ["embed-001.sbatch", "merge-002.sbatch"]
+        assert scripts[1].read_text().startswith("#!/bin/bash\n# Run with: ")
+        subs = load_submissions(run)
+        merge_script = scripts[1].read_text()
+        assert "--dependency" not in merge_script  # dependencies go on the sbatch command line
+        assert len(subs) == 2
+        log = (run / "embed" / "logs" / "task_00002.log").read_text()
+        assert "slurm job" in log and "task 2 done" in log
+
+
+def test_failed_task_is_named_merge_fails_clearly_and_retry_redoes_only_it(slurm_cluster, tmp_path):
+    data = tmp_path / "d.parquet"
+    texts = [f"Sentence number {i} about parsing configuration files." for i in range(30)]
+    texts[14] = None  # in task 1's range (10..20)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(30)], "text": texts}), data)
+    args = [
+        "+experiment=quickstart",
+        f"dataset.path={data}",
+        "embed.num_shards=3",
+        "cluster=slurm",
+        f"run.root={tmp_path}",
+        "run.name=fail",
+        "merge.by_source=false",
+    ]
+    _ok(run_launch(*args))
+    run = tmp_path / "fail"
+    status = wait_run(run)
+    assert "failed embed tasks 1:" in status and "FAILED exit 1:0" in status
+    assert "merge                   1      0        0       1" in status
+    sacct = sh(
+        "sacct", "-X", "-n", "-P", "-j", load_submissions(run)[0].job_id, "-o", "JobID,State"
+    )
+    assert f"{load_submissions(run)[0].job_id}_1|FAILED" in sacct
+    merge_log = (run / "merge" / "logs" / "task_00000.log").read_text()
+    assert (
+        "merge cannot start: stage 'embed' has 1 of 3 task(s) without a completion marker: 1"
+        in merge_log
+    )
+    assert (
+        "have no text: row 14 (id r14)" in (run / "embed" / "logs" / "task_00001.log").read_text()
+    )
+
+    texts[14] = "The fixed row."
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(30)], "text": texts}), data)
+    retry = _ok(launch_cli("retry", str(run)))
+    assert "embed: submitted 1 task(s) in 1 array job(s)" in retry.stdout
+    script = sorted((run / "slurm").glob("embed-*.sbatch"))[-1].read_text()
+    assert "#SBATCH --array=1\n" in script and "EMBEDFLEET_TASK_OFFSET=0" in script
+    assert "merge: submitted 1 job" in retry.stdout
+    done = wait_run(run)
+    assert "all stages complete" in done, done
+    assert open_embeddings(run / "merge" / "embeddings.safetensors").shape == (30, 384)
+
+
+def _long_run_args(root: Path, name: str) -> list[str]:
+    # One shard of 600 rows in 30-row parts: slow enough on 2 cores to be interrupted.
+    return [
+        "+experiment=quickstart",
+        "dataset.limit=600",
+        "embed.num_shards=1",
+        "embed.part_rows=30",
+        "embed.torch_threads=1",
+        "merge.by_source=false",
+        f"run.root={root}",
+        f"run.name={name}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def long_reference(shared_root) -> Path:
+    _ok(run_launch(*_long_run_args(shared_root, "long-ref")))
+    return shared_root / "long-ref"
+
+
+def _parts_done(run: Path) -> int:
+    return len(list((run / "embed" / "parts").glob("shard_00000/part_*.json")))
+
+
+def test_scontrol_requeue_resumes_from_finished_parts(slurm_cluster, shared_root, long_reference):
+    run = shared_root / "requeued"
+    _ok(run_launch(*_long_run_args(shared_root, "requeued"), "cluster=slurm"))
+    job = load_submissions(run)[0].job_id + "_0"
+    deadline = time.time() + 300
+    while _parts_done(run) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert _parts_done(run) >= 2, "the task never finished two parts"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    done = wait_run(run, timeout=900)
+    assert "all stages complete" in done, done
+    log = (run / "embed" / "logs" / "task_00000.log").read_text()
+    assert "restart 1" in log and "already done" in log
+    assert np.array_equal(merged(run), merged(long_reference))
+
+
+def test_time_limit_signal_stops_requeues_and_resumes(slurm_cluster, shared_root):
+    # SLURM checks time limits every ~30 s: with a 2-minute limit and a 60 s warning the
+    # signal comes 30-60 s in, after the task has started and installed its handler. 1,500
+    # rows on one thread take longer than that on this machine, so the task must come back.
+    rows = ["dataset.limit=1500"]
+    _ok(run_launch(*_long_run_args(shared_root, "timelimit-ref"), *rows))
+    run = shared_root / "timelimit"
+    args = [
+        *_long_run_args(shared_root, "timelimit"),
+        *rows,
+        "cluster=slurm",
+        "cluster.slurm.resources.embed.time=00:02:00",
+        "cluster.slurm.signal_delay_s=60",
+        "cluster.slurm.max_restarts=20",
+    ]
+    _ok(run_launch(*args))
+    done = wait_run(run, timeout=1500)
+    assert "all stages complete" in done, done
+    log = (run / "embed" / "logs" / "task_00000.log").read_text()
+    assert "received SIGUSR2" in log and "timeout: requeued job" in log, log[-3000:]
+    assert "already done" in log
+    assert np.array_equal(merged(run), merged(shared_root / "timelimit-ref"))
+
+
+def _touch_plan(run: Path, tasks: int, kind: str = ARRAY, world: int = 1) -> tuple:
+    cfg = compose(["+experiment=quickstart", "cluster=slurm"])
+    cfg.run.root, cfg.run.name, cfg.run.dir = str(run.parent), run.name, str(run)
+    spec = StageSpec(
+        "touch",
+        "embed",
+        "tests.slurm.jobs.touch" if kind == ARRAY else "tests.slurm.jobs.allreduce",
+        "touch",
+        kind,
+        tasks,
+        "touch",
+        world_size=world,
+    )
+    plan = Plan([spec], 0)
+    run.mkdir(parents=True, exist_ok=True)
+    save_run_config(run, cfg)
+    plan.save(run)
+    return cfg, plan, spec
+
+
+def test_3000_tasks_split_into_3_arrays_all_complete(slurm_cluster, tmp_path):
+    run = tmp_path / "big"
+    cfg, plan, spec = _touch_plan(run, 3000)
+    SlurmLauncher(cfg).launch(RunPaths(run), plan)
+    subs = load_submissions(run)
+    assert [(s.offset, len(s.indices)) for s in subs] == [(0, 1000), (1000, 1000), (2000, 1000)]
+    assert all("#SBATCH --array=0-999\n" in Path(s.script).read_text() for s in subs)
+    deadline = time.time() + 900
+    while len(completed_tasks(run, spec)) < 3000 and time.time() < deadline:
+        time.sleep(2)
+    assert len(completed_tasks(run, spec)) == 3000
+
+
+def test_distributed_job_rendezvous_over_srun(slurm_cluster, tmp_path):
+    run = tmp_path / "dist"
+    cfg, plan, spec = _touch_plan(run, 1, DISTRIBUTED, world=2)
+    SlurmLauncher(cfg).launch(RunPaths(run), plan)
+    deadline = time.time() + 300
+    while not completed_tasks(run, spec) and time.time() < deadline:
+        time.sleep(1)
+    assert json.loads((run / "touch" / "result.json").read_text()) == {"sum": 1.0, "world": 2}
+    assert (run / "touch" / "logs" / "task_00000.rank1.log").exists()
+
+
+def test_hostile_paths_and_names_run_the_intended_command(slurm_cluster, tmp_path):
+    canary = tmp_path / "PWNED"
+    hostile = tmp_path / f"we ird 'q\" $(touch {canary}) `touch {canary}`\nnext line"
+    cfg, plan, spec = _touch_plan(hostile, 2)
+    cfg.cluster.slurm.job_name_prefix = f"ef $(touch {canary}) 'x"
+    cfg.cluster.env = {"EF_NOTE": f"; touch {canary} #\n$(touch {canary})"}
+    SlurmLauncher(cfg).launch(RunPaths(hostile), plan)
+    deadline = time.time() + 120
+    while len(completed_tasks(hostile, spec)) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert completed_tasks(hostile, spec) == {0, 1}
+    assert not canary.exists()
+    script = next((hostile / "slurm").glob("*.sbatch")).read_text()
+    assert script.count("\n#SBATCH") == len(
+        [ln for ln in script.splitlines() if ln.startswith("#SBATCH")]
+    )
+
+
+def test_dry_run_prints_scripts_and_submits_nothing(slurm_cluster, tmp_path):
+    before = sh("squeue", "-h", "-o", "%i")
+    proc = _ok(run_launch(*SLICE, "cluster=slurm", f"run.root={tmp_path}", "--dry-run"))
+    assert "#SBATCH --array=0-2" in proc.stdout and "# Run with: " in proc.stdout
+    assert (
+        "$ cd " in proc.stdout
+        and "'--dependency=afterany:<embed-1>'" in proc.stdout
+        and "merge: would submit 1 job" in proc.stdout
+    )
+    assert sh("squeue", "-h", "-o", "%i") == before
+    assert not list(tmp_path.rglob("submissions.json"))
+
+
+def test_multirun_submits_each_point_without_blocking_and_cancel(slurm_cluster, tmp_path):
+    t0 = time.time()
+    proc = _ok(
+        run_launch(
+            "-m",
+            *SLICE[:-1],
+            "dataset.limit=30,60",
+            "cluster=slurm",
+            f"run.root={tmp_path}",
+            "run.name=sweep",
+        )
+    )
+    assert time.time() - t0 < 120
+    runs = sorted(p.parent.parent for p in tmp_path.glob("sweep/*/slurm/submissions.json"))
+    assert len(runs) == 2, proc.stdout
+    for run in runs:
+        _ok(launch_cli("cancel", str(run)))
+        ids = [s.job_id for s in load_submissions(run)]
+        deadline = time.time() + 60
+        while sh("squeue", "-h", "-j", ",".join(ids), check=False) and time.time() < deadline:
+            time.sleep(1)
+        assert not sh("squeue", "-h", "-j", ",".join(ids), check=False)

@@ -1,0 +1,45 @@
+"""A tiny job for the local launcher's tests: writes what it was told (identity and
+environment) to ``<stage>/out/``, prints a line, then a marker; fails, sleeps or leaves a
+child process behind when ``cluster.env`` asks it to."""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from lib.core.markers import CompletionMarker, write_marker
+from lib.core.paths import RunPaths
+from lib.runtime.environment import current_environment
+
+SEEN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "EMBEDFLEET_CPU_CORES",
+        "OMP_NUM_THREADS", "EMBEDFLEET_LAUNCHER")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--stage", required=True)
+    args = ap.parse_args()
+    ident = current_environment().identity(args.stage, run_dir=args.run_dir)
+    paths = RunPaths(args.run_dir)
+    record = {k: os.environ.get(k) for k in SEEN}
+    record.update(task=ident.task_index, rank=ident.rank, world=ident.world_size, pid=os.getpid())
+    paths.storage.publish_json(f"{args.stage}/out/{ident.task_index}.{ident.rank}.json", record)
+    print(f"hello from task {ident.task_index} rank {ident.rank}", flush=True)
+    if os.environ.get("ECHO_FAIL_TASK") == str(ident.task_index):
+        print("failing on purpose", flush=True)
+        return 3
+    if os.environ.get("ECHO_SLEEP"):
+        time.sleep(float(os.environ["ECHO_SLEEP"]))
+    if os.environ.get("ECHO_CHILD"):
+        child = subprocess.Popen(["sleep", "300"])
+        paths.storage.publish_json(f"{args.stage}/out/child.json", {"pid": child.pid})
+    if ident.rank == 0:
+        marker = CompletionMarker(args.stage, ident.task_index, ident.num_tasks, "h")
+        write_marker(paths.storage, paths.marker(args.stage, ident.task_index), marker)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
