@@ -28,7 +28,7 @@ from lib.formats.clusters import find_levels, level_marker
 from lib.metrics.levels import ClusteringInputs, MetricsOutput
 from lib.metrics.measure import measure, merged_embeddings, metrics_params, print_summary
 from lib.metrics.plan import metrics_hash
-from lib.runtime.logs import setup_logging
+from lib.runtime.logs import exit_code, setup_logging
 
 log = logging.getLogger("embedfleet")
 
@@ -168,19 +168,14 @@ def main(argv: list[str] | None, compose: Compose) -> int:
         p.error("CLUSTER is required (see --list)")
     rank = resolve_dist_env().rank
     setup_logging(f"metrics r{rank}")
-    try:
-        if args.list:
-            cfg = compose(args.overrides + ([args.cluster] if args.cluster else []))
-            print("configured (conf/clustering):", ", ".join(configured_clusterings()) or "none")
-            print(
-                f"runs with kmeans/ under {cfg.run.root}:",
-                ", ".join(runs_with_kmeans(str(cfg.run.root))) or "none",
-            )
-            return 0
-        return standalone(args, compose)
-    except EmbedfleetError as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    return exit_code(lambda: _list(args, compose) if args.list else standalone(args, compose), log)
+
+
+def _list(args: argparse.Namespace, compose: Compose) -> int:
+    cfg = compose(args.overrides + ([args.cluster] if args.cluster else []))
+    print("configured (conf/clustering):", ", ".join(configured_clusterings()) or "none")
+    print(
+        f"runs with kmeans/ under {cfg.run.root}:",
+        ", ".join(runs_with_kmeans(str(cfg.run.root))) or "none",
+    )
+    return 0

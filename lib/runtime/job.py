@@ -24,9 +24,9 @@ from lib.core.storage import expand_scratch
 from lib.plan.spec import Plan, require_complete
 from lib.runtime import stop
 from lib.runtime.context import TaskContext
-from lib.runtime.environment import current_environment
+from lib.runtime.environment import TaskEnvironment, current_environment
 from lib.runtime.identity import ENV_RUN_DIR
-from lib.runtime.logs import setup_logging
+from lib.runtime.logs import exit_code, setup_logging
 
 log = logging.getLogger("embedfleet")
 
@@ -55,40 +55,39 @@ def run_stage_task(group: str, body: Callable[[TaskContext], None], argv: list[s
     env.install_stop_handler()
     args = parse_args(group, argv)
     setup_logging(args.stage)
-    try:
-        if not args.run_dir:
-            raise EmbedfleetError(f"no run dir: pass --run-dir or set {ENV_RUN_DIR}")
-        paths = RunPaths(args.run_dir)
-        cfg = load_run_config(paths)
-        paths = RunPaths(args.run_dir, expand_scratch(cfg.cluster.scratch_dir))
-        plan = Plan.load(paths)
-        spec = plan.stage(args.stage)
-        identity = env.identity(
-            spec.name, run_dir=paths.root, task_index=args.task_index, num_tasks=spec.num_tasks
+    return exit_code(lambda: _run(args, env, body), log)
+
+
+def _run(
+    args: argparse.Namespace, env: TaskEnvironment, body: Callable[[TaskContext], None]
+) -> int:
+    if not args.run_dir:
+        raise EmbedfleetError(f"no run dir: pass --run-dir or set {ENV_RUN_DIR}")
+    paths = RunPaths(args.run_dir)
+    cfg = load_run_config(paths)
+    paths = RunPaths(args.run_dir, expand_scratch(cfg.cluster.scratch_dir))
+    plan = Plan.load(paths)
+    spec = plan.stage(args.stage)
+    identity = env.identity(
+        spec.name, run_dir=paths.root, task_index=args.task_index, num_tasks=spec.num_tasks
+    )
+    setup_logging(identity.label())
+    env.configure(cfg.cluster)
+    env.install_stop_handler()
+    if check_marker(paths, spec.stage_dir, identity.task_index, spec.config_hash):
+        log.info(
+            "task %d already has a valid completion marker; nothing to do", identity.task_index
         )
-        setup_logging(identity.label())
-        env.configure(cfg.cluster)
-        env.install_stop_handler()
-        if check_marker(paths, spec.stage_dir, identity.task_index, spec.config_hash):
-            log.info(
-                "task %d already has a valid completion marker; nothing to do", identity.task_index
-            )
-            return 0
-        if identity.rank == 0:  # a stale marker (outputs changed) is replaced, not kept
-            discard_marker(paths.storage, paths.marker(spec.stage_dir, identity.task_index))
-        # Under SLURM this job may start after `afterany`: check the upstream markers
-        # ourselves and fail clearly instead of running on missing inputs.
-        for upstream in spec.depends_on:
-            require_complete(paths, plan.stage(upstream), spec.name)
-        try:
-            body(TaskContext(cfg, plan, spec, identity, paths, env))
-        except stop.StopRequested:
-            log.warning("%s", env.after_stop())
-            return EXIT_STOPPED
         return 0
-    except EmbedfleetError as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    if identity.rank == 0:  # a stale marker (outputs changed) is replaced, not kept
+        discard_marker(paths.storage, paths.marker(spec.stage_dir, identity.task_index))
+    # Under SLURM this job may start after `afterany`: check the upstream markers
+    # ourselves and fail clearly instead of running on missing inputs.
+    for upstream in spec.depends_on:
+        require_complete(paths, plan.stage(upstream), spec.name)
+    try:
+        body(TaskContext(cfg, plan, spec, identity, paths, env))
+    except stop.StopRequested:
+        log.warning("%s", env.after_stop())
+        return EXIT_STOPPED
+    return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+
+from lib.core.errors import EmbedfleetError
 
 NOISY = (
     "httpx",
@@ -29,3 +32,16 @@ def setup_logging(label: str) -> None:
     )
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_code(fn: Callable[[], int], log: logging.Logger) -> int:
+    """``fn()``'s exit code; a clear error (``EmbedfleetError``) is logged without a
+    traceback and gives 1, Ctrl-C gives 130."""
+    try:
+        return fn()
+    except EmbedfleetError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130

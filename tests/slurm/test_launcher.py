@@ -306,15 +306,23 @@ def test_hostile_paths_and_names_run_the_intended_command(slurm_cluster, tmp_pat
 
 
 def test_dry_run_prints_scripts_and_submits_nothing(slurm_cluster, tmp_path):
-    before = sh("squeue", "-h", "-o", "%i")
-    proc = _ok(run_launch(*SLICE, "cluster=slurm", f"run.root={tmp_path}", "--dry-run"))
+    # Other tests may use the cluster meanwhile (make test runs them in parallel): what
+    # must not appear is a job of this run, which its unique name would show.
+    name = f"dry-{tmp_path.name}"
+    args = [*SLICE, "cluster=slurm", f"run.root={tmp_path}", f"run.name={name}", "--dry-run"]
+    proc = _ok(run_launch(*args))
     assert "#SBATCH --array=0-2" in proc.stdout and "# Run with: " in proc.stdout
+    assert f"#SBATCH --job-name=ef-{name}-embed" in proc.stdout
     assert (
         "$ cd " in proc.stdout
         and "'--dependency=afterany:<embed-1>'" in proc.stdout
         and "merge: would submit 1 job" in proc.stdout
     )
-    assert sh("squeue", "-h", "-o", "%i") == before
+    queued = sh("squeue", "-h", "-o", "%j")
+    assert f"ef-{name}-" not in queued
+    assert not sh(
+        "sacct", "-X", "-n", "-P", "--name", f"ef-{name}-embed,ef-{name}-merge", "-o", "JobID"
+    )
     assert not list(tmp_path.rglob("submissions.json"))
 
 
