@@ -13,7 +13,7 @@ comma := ,
 EXTRAS := quickstart,remote,tracking,dev$(if $(VLLM),$(comma)$(VLLM))
 # `make test`: pytest-xdist workers; modules share a worker (--dist loadgroup, see
 # tests/conftest.py), so the sleep-bound SLURM tests run beside the CPU-bound ones.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 # `make run` / `make status` / `make metrics` (a cluster user's targets).
 EXPERIMENT ?= quickstart
 CLUSTER ?= local

@@ -1,12 +1,18 @@
-"""One device resolver for every stage: ``auto`` | ``cpu`` | ``cuda`` -> a torch device."""
+"""One device resolver for every stage: ``auto`` | ``cpu`` | ``cuda`` -> a torch device.
+
+The enums are parameter types of the stages' config nodes, so this module imports torch
+only when a device is resolved: loading the schema (every job does) stays light.
+"""
 
 from __future__ import annotations
 
 from enum import StrEnum
-
-import torch
+from typing import TYPE_CHECKING
 
 from lib.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Device(StrEnum):
@@ -32,6 +38,8 @@ def resolve_device(
     environment's local rank), made the current device so NCCL collectives use it. Raises ``ConfigError`` naming
     ``key`` when CUDA is asked for and none is visible.
     """
+    import torch
+
     if isinstance(device, torch.device):
         dev = device
     else:
@@ -54,6 +62,8 @@ def resolve_device(
 
 def pick_dtype(dtype: ModelDtype | str, device: torch.device) -> torch.dtype:
     """A model's compute dtype: ``auto`` is bf16 on a GPU and fp32 on the CPU."""
+    import torch
+
     dtype = ModelDtype(str(dtype))
     if dtype == ModelDtype.auto:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
