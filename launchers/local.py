@@ -140,14 +140,8 @@ class LocalLauncher(Launcher):
         for rank in range(world):
             identity = TaskIdentity(paths.root, spec.name, task, spec.num_tasks, rank, world)
             env = self._env(identity, threads, slot)
-            if world > 1:
-                env.update(
-                    RANK=str(rank),
-                    WORLD_SIZE=str(world),
-                    LOCAL_RANK=str(rank),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
-                )
+            if world > 1:  # RANK/WORLD_SIZE come with the identity; the rendezvous here
+                env.update(LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             logf = paths.storage.local_file(spec.log(task, rank))
             logf.parent.mkdir(parents=True, exist_ok=True)
             with open(logf, "ab") as fh:

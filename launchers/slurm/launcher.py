@@ -46,8 +46,7 @@ class SlurmLauncher(Launcher):
     def _script(
         self, paths: RunPaths, spec: StageSpec, offset: int, indices: list[int], n: int
     ) -> tuple[Path, str]:
-        base = paths.storage.local_file("")
-        log_dir, log_format = paths.task_log_pattern(spec.stage_dir)
+        base = Path(paths.root)  # a shared local path (require_shared_run_dir)
         script = base / paths.slurm_script(spec.name, n)
         res = merged_resources(self.cfg, spec.group)
         env = {str(k): str(v) for k, v in (self.cfg.cluster.env or {}).items()}
@@ -59,7 +58,7 @@ class SlurmLauncher(Launcher):
             stage=spec.name,
             job_name=name,
             command=command,
-            log_dir=base / log_dir,
+            log_dir=base / paths.logs(spec.stage_dir),
             workdir=REPO_ROOT,
             resources=res,
             signal=self.slurm.signal,
@@ -72,7 +71,7 @@ class SlurmLauncher(Launcher):
             text = render_distributed_script(
                 nodes=nodes,
                 ntasks_per_node=per_node,
-                rank_log=base / paths.rank_log_pattern(spec.stage_dir, 0),
+                rank_log=base / paths.log(spec.stage_dir, 0, rank="%t"),
                 **common,
             )
         else:
@@ -86,7 +85,7 @@ class SlurmLauncher(Launcher):
                 first_task=min(tasks),
                 last_task=max(tasks),
                 num_tasks=spec.num_tasks,
-                log_file_format=log_format,
+                log_file_format=paths.log_file_format(),
                 **common,
             )
         return script, text
@@ -101,6 +100,7 @@ class SlurmLauncher(Launcher):
         stage_jobs: dict[str, list[str]] = {}  # stage -> job ids it now waits on
         new: list[Submission] = []
         counter = len(subs)
+        base = Path(paths.root)
         for spec in plan.stages:
             done = completed_tasks(paths, spec)
             running = {t for (stage, t) in live if stage == spec.name}
@@ -123,7 +123,7 @@ class SlurmLauncher(Launcher):
                 if deps:
                     cmd.append("--dependency=afterany:" + ":".join(deps))
                 cmd.append(str(script))
-                log_dir = paths.storage.local_file(paths.logs(spec.stage_dir))
+                log_dir = base / paths.logs(spec.stage_dir)
                 if dry_run:
                     print(f"# ---- {script}\n{text}")
                     print(f"$ cd {shlex.quote(str(log_dir))} && {shlex.join(cmd)}\n")

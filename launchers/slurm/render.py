@@ -124,6 +124,34 @@ def job_name(*parts: str) -> str:
     return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in "-".join(parts))
 
 
+def _render(
+    template: str,
+    *,
+    fixed: dict[str, Any],
+    flag_resources: Mapping[str, Any],
+    resources: Mapping[str, Any],
+    requeue: bool,
+    env: Mapping[str, str] | None,
+    command: Iterable[str],
+    **values: Any,
+) -> str:
+    """Render ``template`` with the sorted ``#SBATCH`` lines (``flag_resources`` +
+    ``fixed``), the setup lines, the quoted environment and the command."""
+    if requeue:
+        fixed = {**fixed, "requeue": True}
+    return (
+        _env()
+        .get_template(template)
+        .render(
+            **values,
+            command=list(command),
+            sbatch_lines=sbatch_lines(flag_resources, fixed),
+            setup=list(resources.get("setup") or []),
+            env=_env_items(env or {}),
+        )
+    )
+
+
 def render_array_script(
     *,
     script_path: str | Path,
@@ -156,29 +184,26 @@ def render_array_script(
         # B: the batch shell, which exec's the task: it gets the signal itself.
         "signal": f"B:{signal}@{int(signal_delay_s)}",
     }
-    if requeue:
-        fixed["requeue"] = True
-    return (
-        _env()
-        .get_template("array.sbatch.j2")
-        .render(
-            script_path=str(script_path),
-            run_dir=str(run_dir),
-            stage=stage,
-            array=array,
-            task_offset=int(task_offset),
-            first_task=first_task,
-            last_task=last_task,
-            num_tasks=int(num_tasks),
-            log_dir=str(log_dir),
-            log_file_format=log_file_format,
-            workdir=str(workdir),
-            command=list(command),
-            sbatch_lines=sbatch_lines(resources, fixed),
-            setup=list(resources.get("setup") or []),
-            env=_env_items(env or {}),
-            signal=_signal_name(signal),
-        )
+    return _render(
+        "array.sbatch.j2",
+        fixed=fixed,
+        flag_resources=resources,
+        resources=resources,
+        requeue=requeue,
+        env=env,
+        command=command,
+        script_path=str(script_path),
+        run_dir=str(run_dir),
+        stage=stage,
+        array=array,
+        task_offset=int(task_offset),
+        first_task=first_task,
+        last_task=last_task,
+        num_tasks=int(num_tasks),
+        log_dir=str(log_dir),
+        log_file_format=log_file_format,
+        workdir=str(workdir),
+        signal=_signal_name(signal),
     )
 
 
@@ -212,22 +237,19 @@ def render_distributed_script(
         # No B:, so every rank of the srun step gets the signal.
         "signal": f"{signal}@{int(signal_delay_s)}",
     }
-    if requeue:
-        fixed["requeue"] = True
-    return (
-        _env()
-        .get_template("distributed.sbatch.j2")
-        .render(
-            script_path=str(script_path),
-            run_dir=str(run_dir),
-            stage=stage,
-            world_size=int(nodes) * int(ntasks_per_node),
-            log_dir=str(log_dir),
-            rank_log=str(rank_log),
-            workdir=str(workdir),
-            command=list(command),
-            sbatch_lines=sbatch_lines(res, fixed),
-            setup=list(resources.get("setup") or []),
-            env=_env_items(env or {}),
-        )
+    return _render(
+        "distributed.sbatch.j2",
+        fixed=fixed,
+        flag_resources=res,
+        resources=resources,
+        requeue=requeue,
+        env=env,
+        command=command,
+        script_path=str(script_path),
+        run_dir=str(run_dir),
+        stage=stage,
+        world_size=int(nodes) * int(ntasks_per_node),
+        log_dir=str(log_dir),
+        rank_log=str(rank_log),
+        workdir=str(workdir),
     )

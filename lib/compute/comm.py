@@ -48,21 +48,21 @@ class Comm:
             return tensor.to(torch.device("cuda", torch.cuda.current_device()))
         return tensor
 
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, tensor: torch.Tensor, reduce) -> torch.Tensor:
         if self.world > 1:
             staged = self._staged(tensor)
-            D.all_reduce_sum_(staged)
+            reduce(staged)
             if staged is not tensor:
                 tensor.copy_(staged)
         return tensor
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place."""
+        return self._all_reduce(tensor, D.all_reduce_sum_)
+
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            staged = self._staged(tensor)
-            D.all_reduce_max_(staged)
-            if staged is not tensor:
-                tensor.copy_(staged)
-        return tensor
+        """Maximum over ranks, in place."""
+        return self._all_reduce(tensor, D.all_reduce_max_)
 
     def all_gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world == 1:

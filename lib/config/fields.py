@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lib.core.errors import ConfigError
+
 _HASHED = "embedfleet.hashed"
 
 
@@ -61,8 +63,6 @@ def to_params(section: DictConfig, cls: type) -> Any:
 def from_mapping(cls: type, mapping: Mapping[str, Any], section: str) -> Any:
     """An instance of the dataclass ``cls`` from a plain mapping (a job's config section,
     a test's dict). Raises ``ConfigError`` naming unknown keys and listing the valid ones."""
-    from lib.core.errors import ConfigError
-
     known = sorted(f.name for f in dataclasses.fields(cls))
     unknown = sorted(set(mapping) - set(known))
     if unknown:

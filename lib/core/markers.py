@@ -10,8 +10,10 @@ the row range, counts and the stage's config hash.
 A marker is *valid* when it parses, its config hash is the stage's, and every output it
 names exists with the recorded size (and sha256, when asked). A marker with another config
 hash is an error (``ConfigMismatchError``), not a skip: the run dir belongs to another
-configuration. A marker whose outputs are missing or changed counts as absent; the task
-removes it before it runs again (``discard_marker``), so the create-only write succeeds.
+configuration. A marker whose outputs are missing or changed counts as absent; before a
+task (or checkpoint) rewrites the outputs, it removes that stale marker
+(``discard_marker``), so no marker ever describes outputs being replaced and the
+create-only write at the end succeeds.
 """
 
 from __future__ import annotations

@@ -45,12 +45,16 @@ EMBED_STAGE, MERGE_STAGE, CURATE_STAGE = "embed", "merge", "curate"
 KMEANS_LEVEL_PREFIX = "kmeans_level"
 METRICS_LEVEL_PREFIX = "metrics_level"
 MERGE_EMBEDDINGS = {"safetensors": "embeddings.safetensors", "npy": "embeddings.npy"}
-STEP_ARRAYS = ("centroids", "assignment", "members_offsets", "members", "distances", "sample")
 METRICS_FILES = ("metrics.json", "per_cluster.parquet", "examples.json")
 
 
+# printf-style, so that a shell that knows the task index (an sbatch array script) can
+# form the same names.
+TASK_FORMAT = "task_%05d"
+
+
 def task_name(task: int) -> str:
-    return f"task_{task:05d}"
+    return TASK_FORMAT % task
 
 
 def kmeans_level_stage(level: int) -> str:
@@ -99,6 +103,10 @@ class ShardFiles:
     metadata: str
     dropped: str
 
+    @classmethod
+    def at(cls, base: str) -> ShardFiles:
+        return cls(f"{base}.safetensors", f"{base}.parquet", f"{base}.dropped.parquet")
+
     def all(self) -> list[str]:
         return [self.embeddings, self.metadata, self.dropped]
 
@@ -111,11 +119,6 @@ class StepFiles:
 
     def array(self, name: str) -> str:
         return f"{self.dir}/{name}.npy"
-
-    @property
-    def marker_dir(self) -> str:
-        """Step markers live in the step dir: ``<step dir>/completions/task_00000.json``."""
-        return self.dir
 
 
 class RunPaths:
@@ -137,11 +140,7 @@ class RunPaths:
     run_config = RUN_CONFIG
     plan = PLAN
 
-    # -- what every stage has -------------------------------------------------------------
-    @staticmethod
-    def completions(stage_dir: str) -> str:
-        return f"{stage_dir}/completions"
-
+    # -- what every stage has (a k-means step dir, too: its marker is in the step dir) ------
     @staticmethod
     def marker(stage_dir: str, task: int) -> str:
         return f"{stage_dir}/completions/{task_name(task)}.json"
@@ -155,20 +154,16 @@ class RunPaths:
         return f"{stage_dir}/logs"
 
     @staticmethod
-    def log(stage_dir: str, task: int, rank: int | None = None) -> str:
-        """A task's log; distributed stages have one per rank (``task_00000.rank3.log``)."""
+    def log(stage_dir: str, task: int, rank: int | str | None = None) -> str:
+        """A task's log; distributed stages have one per rank (``task_00000.rank3.log``;
+        ``rank="%t"`` gives srun's ``--output`` pattern of them)."""
         suffix = f".rank{rank}" if rank is not None else ""
         return f"{stage_dir}/logs/{task_name(task)}{suffix}.log"
 
     @staticmethod
-    def rank_log_pattern(stage_dir: str, task: int) -> str:
-        """srun's ``--output`` pattern of a distributed task's per-rank logs (``%t`` = rank)."""
-        return f"{stage_dir}/logs/{task_name(task)}.rank%t.log"
-
-    @staticmethod
-    def task_log_pattern(stage_dir: str) -> tuple[str, str]:
-        """(log dir, file name with a printf slot) for a shell that knows the task index."""
-        return f"{stage_dir}/logs", "task_%05d.log"
+    def log_file_format() -> str:
+        """A task's log file name with a printf slot for the task index."""
+        return f"{TASK_FORMAT}.log"
 
     # -- embed ------------------------------------------------------------------------------
     @staticmethod
@@ -177,25 +172,23 @@ class RunPaths:
 
     @staticmethod
     def embed_shard(task: int) -> ShardFiles:
-        base = f"{EMBED_DIR}/shards/shard_{task:05d}"
-        return ShardFiles(f"{base}.safetensors", f"{base}.parquet", f"{base}.dropped.parquet")
+        return ShardFiles.at(f"{EMBED_DIR}/shards/shard_{task:05d}")
 
     @staticmethod
     def embed_parts(task: int) -> str:
         return f"{EMBED_DIR}/parts/shard_{task:05d}"
 
     @staticmethod
+    def part_name(part: int) -> str:
+        return f"part_{part:05d}"
+
+    @staticmethod
     def embed_part(task: int, part: int) -> ShardFiles:
-        base = f"{EMBED_DIR}/parts/shard_{task:05d}/part_{part:05d}"
-        return ShardFiles(f"{base}.safetensors", f"{base}.parquet", f"{base}.dropped.parquet")
+        return ShardFiles.at(f"{RunPaths.embed_parts(task)}/{RunPaths.part_name(part)}")
 
     @staticmethod
     def embed_part_marker(task: int, part: int) -> str:
-        return f"{EMBED_DIR}/parts/shard_{task:05d}/part_{part:05d}.json"
-
-    @staticmethod
-    def part_name(part: int) -> str:
-        return f"part_{part:05d}"
+        return f"{RunPaths.embed_parts(task)}/{RunPaths.part_name(part)}.json"
 
     # -- merge ------------------------------------------------------------------------------
     @staticmethod

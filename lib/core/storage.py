@@ -115,19 +115,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to the local ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def json_bytes(obj: Any) -> bytes:
     """Indented, key-sorted JSON (how every manifest and marker is written)."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, json_bytes(obj))
+    """Write ``obj`` to the local ``path`` atomically (scratch sidecars, tests)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(json_bytes(obj))
 
 
 def remove_stale_temporaries(directory: Path) -> int:
@@ -450,9 +446,7 @@ class FsspecStorage(Storage):
         if not names:
             return {}
         paths = {self._p(n): n for n in names}
-        got = self.fs.cat(list(paths), on_error="omit")
-        if len(paths) == 1 and not isinstance(got, dict):  # cat of one path returns bytes
-            got = {next(iter(paths)): got}
+        got = self.fs.cat(list(paths), on_error="omit")  # a list in: a dict out, concurrently
         return {paths[p]: bytes(v) for p, v in got.items() if not isinstance(v, Exception)}
 
     @staticmethod

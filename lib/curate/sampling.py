@@ -36,10 +36,10 @@ import pyarrow as pa
 
 from lib.core.errors import ConfigError, DatasetError
 from lib.core.markers import CompletionMarker, discard_marker, valid_marker, write_marker
-from lib.core.paths import CURATE_STAGE, RunPaths, sidecar
+from lib.core.paths import CURATE_STAGE, RunPaths
 from lib.core.storage import LocalStorage, Storage
 from lib.curate.params import CurateParams
-from lib.formats.arrays import load_npy, publish_npy
+from lib.formats.arrays import publish_npy, read_npy
 from lib.formats.clusters import level_marker, load_level
 from lib.formats.parquet import publish_table, read_table
 
@@ -261,7 +261,7 @@ def write_curated(
     marker_name = paths.marker(paths.curated, 0)
     rows_name = paths.curated_file("embedding_rows.npy")
     if valid_marker(storage, marker_name, config_hash, stage_dir=paths.curated) is not None:
-        return np.asarray(load_npy(_local_array(storage, rows_name)))
+        return np.asarray(read_npy(storage, rows_name))
     params.validate()
     tree = ClusterTree.from_run(paths, n_levels)
     rows = hierarchical_sample(tree, params)
@@ -270,12 +270,12 @@ def write_curated(
         table = curated_metadata(rows, metadata)
     elif metadata is not None:
         table = curated_metadata(rows, metadata, storage)
+    discard_marker(storage, marker_name)  # a stale one goes before its outputs are rewritten
     outputs = publish_npy(storage, rows_name, rows)
     if table is not None:
         dataset_rows = table.column("row_index").to_numpy().astype(np.int64)
         outputs += publish_npy(storage, paths.curated_file("dataset_rows.npy"), dataset_rows)
         outputs.append(publish_table(storage, paths.curated_file("metadata.parquet"), table))
-    discard_marker(storage, marker_name)
     write_marker(
         storage,
         marker_name,
@@ -291,8 +291,3 @@ def write_curated(
         ),
     )
     return rows
-
-
-def _local_array(storage: Storage, name: str) -> Path:
-    storage.local_path(sidecar(name))
-    return storage.local_path(name)

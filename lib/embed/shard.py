@@ -184,6 +184,8 @@ def _embed_part(
         schema=DROPPED_SCHEMA,
     )
     paths = shard.paths
+    # A stale marker of an earlier, broken attempt goes before its files are rewritten.
+    discard_marker(shard.storage, paths.embed_part_marker(shard.task, part))
     outputs = _publish_shard_files(
         shard.storage,
         paths.embed_part(shard.task, part),
@@ -208,9 +210,7 @@ def _embed_part(
         outputs=outputs,
         part=paths.part_name(part),
     )
-    name = paths.embed_part_marker(shard.task, part)
-    discard_marker(shard.storage, name)  # a stale marker of an earlier, broken attempt
-    write_marker(shard.storage, name, marker)
+    write_marker(shard.storage, paths.embed_part_marker(shard.task, part), marker)
     return marker
 
 

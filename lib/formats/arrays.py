@@ -88,6 +88,23 @@ def publish_npy(storage: Storage, name: str, array: np.ndarray) -> list[OutputFi
     return [staged.output, storage.publish_json(sidecar(name), spec.to_json())]
 
 
+def read_npy(
+    storage: Storage,
+    name: str,
+    *,
+    shape: tuple[int | None, ...] | None = None,
+    dtype: str | None = None,
+) -> np.ndarray:
+    """The published .npy ``name`` checked against its sidecar, memory-mapped from a local
+    file (a cached copy, with the sidecar beside it, on an object store)."""
+    try:
+        storage.local_path(sidecar(name))
+        local = storage.local_path(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"array file {storage.url(name)} does not exist") from None
+    return load_npy(local, shape=shape, dtype=dtype)
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> ArraySpec:
     """Write ``array`` to the local ``path`` (.npy) atomically, then its sidecar."""
     p = Path(path)

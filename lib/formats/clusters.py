@@ -19,9 +19,9 @@ import numpy as np
 
 from lib.core.errors import DatasetError, InvalidMarkerError, UpstreamIncompleteError
 from lib.core.markers import CompletionMarker, read_marker
-from lib.core.paths import RunPaths, StepFiles, sidecar
+from lib.core.paths import RunPaths, StepFiles
 from lib.core.storage import Storage
-from lib.formats.arrays import load_npy
+from lib.formats.arrays import read_npy
 
 
 @dataclass
@@ -40,13 +40,7 @@ class StepOutputs:
         return self.files.dir
 
     def load(self, name: str, shape: tuple[int | None, ...] | None = None, dtype=None):
-        rel = self.files.array(name)
-        try:
-            self.storage.local_path(sidecar(rel))  # the sidecar lands beside the array
-            local = self.storage.local_path(rel)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"array file {self.storage.url(rel)} does not exist") from None
-        return load_npy(local, shape=shape, dtype=dtype)
+        return read_npy(self.storage, self.files.array(name), shape=shape, dtype=dtype)
 
     def centroids(self) -> np.ndarray:
         return self.load("centroids", shape=(None, None))

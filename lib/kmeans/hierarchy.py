@@ -122,7 +122,7 @@ def check_finite(points: PointSet, comm: Comm, name: str, chunk_rows: int) -> No
 
 def _step_marker(paths: RunPaths, level: int, step: str, h: str) -> CompletionMarker | None:
     files = paths.kmeans_step(level, step)
-    return valid_marker(paths.storage, paths.marker(files.marker_dir, 0), h, stage_dir=files.dir)
+    return valid_marker(paths.storage, paths.marker(files.dir, 0), h, stage_dir=files.dir)
 
 
 def run_level(

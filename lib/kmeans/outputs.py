@@ -51,6 +51,8 @@ def publish_step(
     """Write a step's arrays, then its marker (rank 0 only)."""
     storage = paths.storage
     files = paths.kmeans_step(level, step)
+    name = paths.marker(files.dir, 0)
+    discard_marker(storage, name)  # a stale one goes before the arrays it describes
     storage.remove_stale_temporaries(files.dir)
     k = len(centroids)
     offsets, members = build_members(assignment, sq_distances, k)
@@ -83,8 +85,6 @@ def publish_step(
         part=step,
         wall_seconds=time.time() - started,
     )
-    name = paths.marker(files.marker_dir, 0)
-    discard_marker(storage, name)
     write_marker(storage, name, marker)
 
 

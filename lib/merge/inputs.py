@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.core.errors import InvalidMarkerError, ShardValidationError
-from lib.core.markers import read_marker
+from lib.core.markers import parse_marker
 from lib.core.paths import RunPaths
 from lib.core.sharding import compress_indices
 from lib.core.storage import Storage
@@ -55,15 +55,16 @@ def collect_embed_shards(paths: RunPaths, embed: StageSpec) -> list[ShardInput]:
     problems: list[str] = []
     missing: list[int] = []
     inputs: list[ShardInput] = []
-    sizes = storage.list(embed.stage_dir)
-    for task in range(embed.num_tasks):
-        mname = paths.marker(embed.stage_dir, task)
+    sizes = storage.list(embed.stage_dir)  # one listing, one batched read of the markers
+    names = [paths.marker(embed.stage_dir, task) for task in range(embed.num_tasks)]
+    blobs = storage.read_many([n for n in names if n in sizes])
+    for task, mname in enumerate(names):
         murl = storage.url(mname)
-        if mname not in sizes:
+        if mname not in blobs:
             missing.append(task)
             continue
         try:
-            marker = read_marker(storage, mname)
+            marker = parse_marker(blobs[mname], murl)
         except InvalidMarkerError as exc:
             problems.append(str(exc))
             continue

@@ -164,14 +164,14 @@ def run_metrics_level(
         "timings_s": result.timings,
     }
     storage = out.storage
+    marker_name = RunPaths.marker(RunPaths.metrics_level(level, out.root), 0)
+    discard_marker(storage, marker_name)  # goes before the outputs it describes are rewritten
     metrics_json, per_cluster, examples_json = METRICS_FILES
     outputs = [
         publish_table(storage, out.name(level, per_cluster), pa.table(result.per_cluster)),
         storage.publish_json(out.name(level, examples_json), examples),
         storage.publish_json(out.name(level, metrics_json), doc),
     ]
-    marker_name = RunPaths.marker(RunPaths.metrics_level(level, out.root), 0)
-    discard_marker(storage, marker_name)
     write_marker(
         storage,
         marker_name,

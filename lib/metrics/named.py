@@ -68,7 +68,7 @@ def clustering_inputs(cfg: DictConfig) -> ClusteringInputs:
             "clustering=NAME / clustering.run_dir=PATH"
         )
     run = RunPaths(str(c.run_dir))
-    if not run.storage.list(KMEANS_DIR):
+    if not run.storage.exists(KMEANS_DIR):
         raise ConfigError(
             f"clustering {c.name or run.root}: {run.url(KMEANS_DIR)} does not exist; run the "
             "kmeans stage for that run first or fix clustering.run_dir"
