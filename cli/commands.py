@@ -12,6 +12,7 @@ from launchers import get_launcher
 from launchers.base import FAILED, PENDING, RUNNING
 from lib.config.compose import load_run_config
 from lib.core.errors import EmbedfleetError
+from lib.core.locks import run_lock
 from lib.core.paths import RunPaths
 from lib.plan.spec import Plan
 
@@ -72,7 +73,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     paths = resolve_run(args.run)
     _, plan, launcher = _load(paths)
-    result = launcher.launch(paths, plan, dry_run=args.dry_run)
+    with run_lock(paths.storage, paths.launcher_lock, enabled=not args.dry_run):
+        result = launcher.launch(paths, plan, dry_run=args.dry_run)
+    if result.interrupted is not None:
+        return 130  # the launcher said what it stopped
     if result.failed:
         view = launcher.scheduler_view(paths, plan)
         print(render_status(paths, collect_status(paths, plan, view)), file=sys.stderr)

@@ -18,6 +18,7 @@ from lib.config.fields import to_plain
 from lib.config.redact import redact
 from lib.core.errors import ConfigMismatchError, DatasetError, EmbedfleetError
 from lib.core.hashing import config_digest
+from lib.core.locks import run_lock
 from lib.core.paths import RunPaths
 from lib.core.storage import is_url, join
 from lib.plan.registry import build_plan
@@ -133,15 +134,23 @@ def launch_run(cfg: DictConfig, *, dry_run: bool, started: float) -> int:
             raise ConfigMismatchError(f"{exc}{detail}") from None
         plan.extra["config_digest"] = config_digest([s.config_hash for s in plan.stages])
         launcher = get_launcher(cfg)
-        if not dry_run:
-            save_run_config(paths, cfg)
-            plan.save(paths)
-        print(f"embedfleet: {cfg.description or cfg.run.name}")
-        print(f"run dir: {run_dir}")
-        result = launcher.launch(paths, plan, dry_run=dry_run)
+        # One launcher per run dir, from before run.yaml is written until the launcher
+        # returns (a scheduler's: once submitted); a dry run writes nothing.
+        with run_lock(paths.storage, paths.launcher_lock, enabled=not dry_run):
+            if not dry_run:
+                save_run_config(paths, cfg)
+                plan.save(paths)
+            print(f"embedfleet: {cfg.description or cfg.run.name}")
+            print(f"run dir: {run_dir}")
+            result = launcher.launch(paths, plan, dry_run=dry_run)
     except (EmbedfleetError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before any task started (the launcher handles its own)
+        print("interrupted: no task was started; rerun the same command", file=sys.stderr)
+        return 130
+    if result.interrupted is not None:
+        return 130  # the launcher said what it stopped
     if dry_run:
         print("dry run: nothing was run or submitted")
         return 0

@@ -7,7 +7,8 @@ done, for ``status``). Completion markers stay the truth; the scheduler's view i
 advisory: it tells running from failed from pending and where the logs are.
 
 An attempt record ``<stage dir>/attempts/task_XXXXX.json`` says who ran a task last
-(launcher, host, pids or job id, start, end, return code).
+(launcher, host, pids or job id, start, end, return code; a local launcher adds each
+pid's ``process_start`` so that a reused pid is never taken for the task).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class LaunchResult:
     complete: bool  # every stage finished (a launcher that waits)
     submitted: bool  # work was handed to a scheduler and is still running
     failed: dict[str, list[int]]  # stage -> failed tasks
+    # Ctrl-C (or SIGTERM/SIGHUP) of a launcher that waits: how many tasks it stopped
+    # (already said on the console); None when not interrupted. Exit code 130.
+    interrupted: int | None = None
 
 
 class Launcher(ABC):

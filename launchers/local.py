@@ -2,11 +2,22 @@
 
 Stages run in plan order; a stage's pending tasks run ``cluster.parallelism`` at a time
 (``cluster.num_gpus`` > 0: one per GPU with CUDA_VISIBLE_DEVICES set). A distributed stage
-starts ``world_size`` processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. Each task's
-output goes to its log file and is echoed to the console with a ``[stage task]`` prefix
+starts ``world_size`` processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. A task
+writes its output straight into its log file, so it keeps its log if the launcher dies;
+the launcher tails the file and echoes it to the console with a ``[stage task]`` prefix
 (on an object-store run dir the log is kept locally while the task runs and published
-when it ends). A failed task does not stop its siblings, but no later stage starts.
-Each task runs in its own process group, reaped when it ends.
+when it ends). A failed task does not stop its siblings, but no later stage starts. Each
+task runs in its own process group, reaped when it ends.
+
+A task still running from an earlier launcher of this run (one killed with kill -9: its
+tasks run on) is adopted, not started twice: its attempt record names its pids and when
+each process started (so that a reused pid is not mistaken for it); the launcher waits
+for it to exit and takes its marker as the outcome.
+
+Ctrl-C (SIGINT; SIGTERM and SIGHUP alike) signals every running task at once, waits for
+them with one deadline (``STOP_GRACE_S``), then, or at a second Ctrl-C, SIGKILLs each
+task's process group; further signals are ignored until no child is left. It prints one
+line and ``launch`` returns with ``interrupted`` set (exit code 130).
 """
 
 from __future__ import annotations
@@ -21,7 +32,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launchers.base import (
@@ -34,6 +46,8 @@ from launchers.base import (
     read_attempt,
     write_attempt,
 )
+from lib.core.locks import process_alive, process_start
+from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
 from lib.core.sharding import compress_indices
@@ -42,6 +56,14 @@ from lib.runtime.cores import ENV_CPU_CORES, usable_cores
 from lib.runtime.identity import TaskIdentity, identity_env
 
 _LABELLED = re.compile(r"^\d\d:\d\d:\d\d \w+ \[")
+
+# After Ctrl-C: how long tasks get to exit on SIGTERM before their process groups are
+# SIGKILLed. A task of this launcher stops at once on SIGTERM (lib.runtime.job); this
+# only bounds one stuck in C code (a model forward, a collective).
+STOP_GRACE_S = 10.0
+# The signals that stop the launcher (and its tasks) cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+POLL_S = 0.2
 
 
 def _free_port() -> int:
@@ -59,13 +81,73 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+class _Tail(threading.Thread):
+    """Echoes the lines a task appends to its log file, from ``offset`` on, until told
+    the task has ended (then drains what is left)."""
+
+    def __init__(self, launcher: LocalLauncher, path: Path, offset: int, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.launcher, self.path, self.offset, self.prefix = launcher, path, offset, prefix
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        buf = b""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            while True:
+                # Read after looking at `done`: what the task wrote before it ended is in
+                # the file by the time `done` is set, so this read still gets it.
+                finished = self.done.is_set()
+                chunk = fh.read(1 << 16)
+                if chunk:
+                    *lines, buf = (buf + chunk).split(b"\n")
+                    for line in lines:
+                        self.launcher._echo(line, self.prefix)
+                elif finished:
+                    if buf:
+                        self.launcher._echo(buf, self.prefix)
+                    return
+                else:
+                    time.sleep(0.1)
+
+
 @dataclass
 class _Running:
     task: int
-    procs: list[subprocess.Popen]
-    threads: list[threading.Thread]
+    pids: list[int]
+    starts: list[str | None]  # each pid's process_start: a reused pid is not the task
+    procs: list[subprocess.Popen]  # empty for a task adopted from an earlier launcher
+    tails: list[_Tail]
     slot: int
-    started: float
+    started: float = field(default_factory=time.time)
+
+    @property
+    def adopted(self) -> bool:
+        return not self.procs
+
+    def codes(self) -> list[int | None]:
+        """Each process's exit code, None while it runs (an adopted process that ended
+        reads 0: its marker decides, see ``LocalLauncher._finish``)."""
+        if self.procs:
+            return [p.poll() for p in self.procs]
+        return [
+            None if process_alive(p, s) else 0 for p, s in zip(self.pids, self.starts, strict=True)
+        ]
+
+    def alive(self) -> bool:
+        return any(c is None for c in self.codes())
+
+    def signal(self, sig: int) -> None:
+        for pid in self.pids:
+            _signal_group(pid, sig)
+
+
+class _Interrupted(Exception):
+    """Raised out of the stage loop once every task is stopped after Ctrl-C."""
+
+    def __init__(self, stopped: int) -> None:
+        super().__init__(f"{stopped} task(s) stopped")
+        self.stopped = stopped
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -79,6 +161,18 @@ def _reap(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
 
 
+def live_pids(rec: dict) -> list[tuple[int, str | None]]:
+    """The (pid, process_start) pairs of a local attempt record that still run here as
+    the processes it started; none for a record of another host or an ended attempt."""
+    if rec.get("ended") or rec.get("host") != socket.gethostname():
+        return []
+    pids = [int(p) for p in rec.get("pids", [])]
+    starts = list(rec.get("process_starts") or [])
+    if len(starts) != len(pids):
+        return []  # no way to tell the task from a process that got its pid later
+    return [(p, s) for p, s in zip(pids, starts, strict=True) if process_alive(p, s)]
+
+
 class LocalLauncher(Launcher):
     name = "local"
 
@@ -90,6 +184,8 @@ class LocalLauncher(Launcher):
         self.extra_env = {str(k): str(v) for k, v in (c.env or {}).items()}
         self.echo = echo
         self._print_lock = threading.Lock()
+        self._signals = 0  # stop signals received during `launch`
+        self._quiet = False  # after Ctrl-C: task output goes to the logs only
 
     # -- process plumbing ---------------------------------------------------------------
 
@@ -114,20 +210,20 @@ class LocalLauncher(Launcher):
             env[ENV_CPU_CORES] = ",".join(map(str, cores[first : first + threads]))
         return env
 
-    def _pump(self, proc: subprocess.Popen, log_file: Path, prefix: str) -> None:
-        with open(log_file, "ab") as fh:
-            assert proc.stdout is not None
-            for line in iter(proc.stdout.readline, b""):
-                fh.write(line)
-                fh.flush()
-                if self.echo:
-                    text = line.decode(errors="replace").rstrip("\r\n")
-                    # tqdm redraws with \r; show only the last state of such a line.
-                    text = text.rsplit("\r", 1)[-1]
-                    # Job log lines carry their own "[stage task]" label; others get ours.
-                    shown = text if _LABELLED.match(text) else f"{prefix} {text}"
-                    with self._print_lock:
-                        print(shown, flush=True)
+    def _echo(self, line: bytes, prefix: str) -> None:
+        if not self.echo or self._quiet:
+            return
+        text = line.decode(errors="replace").rstrip("\r\n")
+        # tqdm redraws with \r; show only the last state of such a line.
+        text = text.rsplit("\r", 1)[-1]
+        # Job log lines carry their own "[stage task]" label; others get ours.
+        shown = text if _LABELLED.match(text) else f"{prefix} {text}"
+        with self._print_lock:
+            print(shown, flush=True)
+
+    @staticmethod
+    def _prefix(spec: StageSpec, task: int, rank: int, world: int) -> str:
+        return f"[{spec.name} {task}]" if world == 1 else f"[{spec.name} r{rank}]"
 
     def _start(self, paths: RunPaths, spec: StageSpec, task: int, slot: int) -> _Running:
         cores = len(usable_cores())
@@ -136,7 +232,7 @@ class LocalLauncher(Launcher):
         threads = max(1, cores // max(1, concurrent))
         cmd = spec.command(sys.executable, paths.root)
         port = _free_port()
-        procs, pumps = [], []
+        procs, tails = [], []
         for rank in range(world):
             identity = TaskIdentity(paths.root, spec.name, task, spec.num_tasks, rank, world)
             env = self._env(identity, threads, slot)
@@ -147,86 +243,191 @@ class LocalLauncher(Launcher):
             with open(logf, "ab") as fh:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 fh.write(f"=== {stamp} local attempt: {shlex.join(cmd)}\n".encode())
-            # Its own process group, so that what the task started (vLLM's engine and
-            # worker processes, a DataLoader's workers) goes with it when it ends, as a
-            # SLURM job step's cgroup would: see _reap.
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-            prefix = f"[{spec.name} {task}]" if world == 1 else f"[{spec.name} r{rank}]"
-            t = threading.Thread(target=self._pump, args=(proc, logf, prefix), daemon=True)
-            t.start()
+                fh.flush()
+                offset = fh.tell()
+                # Its own process group, so that what the task started (vLLM's engine and
+                # worker processes, a DataLoader's workers) goes with it when it ends, as a
+                # SLURM job step's cgroup would: see _reap. Not the terminal's: Ctrl-C
+                # reaches only the launcher, which stops the tasks itself.
+                proc = subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO_ROOT,
+                    start_new_session=True,
+                )
+            tail = _Tail(self, logf, offset, self._prefix(spec, task, rank, world))
+            tail.start()
             procs.append(proc)
-            pumps.append(t)
+            tails.append(tail)
+        pids = [p.pid for p in procs]
+        starts = [process_start(pid) for pid in pids]
         write_attempt(
             paths,
             spec,
             task,
             launcher=self.name,
             host=socket.gethostname(),
-            pids=[p.pid for p in procs],
+            launcher_pid=os.getpid(),
+            pids=pids,
+            process_starts=starts,
             started=time.time(),
             ended=None,
             returncode=None,
+            interrupted=None,
             command=shlex.join(cmd),
         )
-        return _Running(task, procs, pumps, slot, time.time())
+        return _Running(task, pids, starts, procs, tails, slot)
 
-    def _finish(self, paths: RunPaths, spec: StageSpec, r: _Running) -> int:
-        codes = [p.wait() for p in r.procs]
-        for p in r.procs:
-            _reap(p.pid)
-        for t in r.threads:
+    def _adopt(
+        self, paths: RunPaths, spec: StageSpec, task: int, slot: int, live: list
+    ) -> _Running:
+        """Follow a task an earlier launcher started and that still runs."""
+        pids = [p for p, _ in live]
+        world = len(pids)
+        more = f" (and {world - 1} more rank(s))" if world > 1 else ""
+        self._say(f"{spec.name} task {task}: adopting pid {pids[0]}{more} from an earlier launcher")
+        tails = []
+        for rank in range(world):
+            logf = paths.storage.local_file(spec.log(task, rank))
+            offset = logf.stat().st_size if logf.exists() else 0
+            if logf.exists():
+                tail = _Tail(self, logf, offset, self._prefix(spec, task, rank, world))
+                tail.start()
+                tails.append(tail)
+        write_attempt(paths, spec, task, adopted_by=os.getpid())
+        return _Running(task, pids, [s for _, s in live], [], tails, slot)
+
+    def _finish(
+        self, paths: RunPaths, spec: StageSpec, r: _Running, *, interrupted: bool = False
+    ) -> int:
+        if r.procs:
+            codes = [p.wait() for p in r.procs]
+        else:
+            while r.alive():
+                time.sleep(POLL_S)
+            codes = [0]
+        for pid in r.pids:
+            _reap(pid)
+        for t in r.tails:
+            t.done.set()
+        for t in r.tails:
             t.join(timeout=10)
-        for rank in range(len(r.procs)):
+        for rank in range(len(r.pids)):
             paths.storage.publish_log(spec.log(r.task, rank))
-        # A distributed task fails if any rank failed; report the first bad code.
+        # A distributed task fails if any rank failed; report the first bad code. An
+        # adopted task's exit code went to the launcher that died: its marker tells.
         code = next((c for c in codes if c != 0), 0)
-        write_attempt(paths, spec, r.task, ended=time.time(), returncode=code)
+        if r.adopted and not interrupted:
+            code = 0 if check_marker(paths, spec.stage_dir, r.task, spec.config_hash) else 1
+        write_attempt(
+            paths, spec, r.task, ended=time.time(), returncode=code, interrupted=interrupted
+        )
         return code
+
+    # -- Ctrl-C -------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals += 1  # acted on by the stage loop (never raise here: no traceback)
+
+    @contextlib.contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        """Count stop signals instead of dying of them while tasks may run (main thread
+        only: a launcher started from another thread keeps the process's handlers)."""
+        self._signals = 0
+        self._quiet = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        saved = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+
+    def _stop_all(self, paths: RunPaths, spec: StageSpec, running: list[_Running]) -> int:
+        """Stop every running task: SIGTERM to all at once, one deadline, then SIGKILL of
+        each process group (at once on a second signal). Returns how many were stopped."""
+        self._quiet = True
+        seen = self._signals
+        for r in running:
+            r.signal(signal.SIGTERM)
+        deadline = time.time() + STOP_GRACE_S
+        killed = False
+        while any(r.alive() for r in running):
+            if not killed and (self._signals > seen or time.time() > deadline):
+                for r in running:
+                    r.signal(signal.SIGKILL)
+                killed = True
+            time.sleep(0.05)
+        for r in running:
+            self._finish(paths, spec, r, interrupted=True)
+        return len(running)
 
     # -- the stage loop -----------------------------------------------------------------
 
+    def _take_over(self, paths: RunPaths, spec: StageSpec, task: int) -> list | None:
+        """The live processes of ``task`` from an earlier launcher, to adopt; None if
+        there are none. A distributed task with only some ranks left cannot finish: those
+        are killed and the task runs again."""
+        rec = read_attempt(paths, spec, task)
+        if not rec or rec.get("launcher_pid") == os.getpid():
+            return None
+        live = live_pids(rec)
+        if live and len(live) < len(rec.get("pids", [])):
+            for pid, _ in live:
+                _signal_group(pid, signal.SIGKILL)
+            while any(process_alive(p, s) for p, s in live):
+                time.sleep(0.05)
+            return None
+        return live or None
+
     def _run_stage(self, paths: RunPaths, spec: StageSpec, pending: list[int]) -> list[int]:
-        """Run ``pending`` tasks; return the failed ones."""
+        """Run ``pending`` tasks; return the failed ones. Raises ``_Interrupted``."""
         slots = list(range(self.parallelism if spec.kind != DISTRIBUTED else 1))
-        queue = list(pending)
         running: list[_Running] = []
+        queue: list[int] = []
+        for task in pending:
+            live = self._take_over(paths, spec, task)
+            if live is None:
+                queue.append(task)
+            else:  # it holds a slot: it uses the cores one would
+                slot = slots.pop(0) if slots else len(running)
+                running.append(self._adopt(paths, spec, task, slot, live))
         failed: list[int] = []
-        try:
-            while queue or running:
-                while queue and slots:
-                    running.append(self._start(paths, spec, queue.pop(0), slots.pop(0)))
-                time.sleep(0.2)
-                for r in list(running):
-                    codes = [p.poll() for p in r.procs]
-                    if any(c not in (None, 0) for c in codes):
-                        for p in r.procs:  # one rank died: stop its peers
-                            if p.poll() is None:
-                                _signal_group(p.pid, signal.SIGTERM)
-                    elif any(c is None for c in codes):
-                        continue
-                    code = self._finish(paths, spec, r)
-                    running.remove(r)
+        while queue or running:
+            if self._signals:
+                raise _Interrupted(self._stop_all(paths, spec, running))
+            while queue and slots:
+                running.append(self._start(paths, spec, queue.pop(0), slots.pop(0)))
+            time.sleep(POLL_S)
+            for r in list(running):
+                codes = r.codes()
+                if any(c not in (None, 0) for c in codes):
+                    for p in r.procs:  # one rank died: stop its peers
+                        if p.poll() is None:
+                            _signal_group(p.pid, signal.SIGTERM)
+                elif any(c is None for c in codes):
+                    continue
+                if self._signals:
+                    break  # stopped with the others, as interrupted
+                code = self._finish(paths, spec, r)
+                running.remove(r)
+                if r.slot < self.parallelism:
                     slots.append(r.slot)
-                    if code != 0:
-                        failed.append(r.task)
-                        self._say(
-                            f"[{spec.name} {r.task}] FAILED ({_describe_exit(code)}); log: "
-                            f"{paths.url(spec.log(r.task))}"
-                        )
-        except KeyboardInterrupt:
-            # The tasks are in their own sessions, so the terminal's Ctrl-C reached only us.
-            for r in running:
-                for p in r.procs:
-                    _signal_group(p.pid, signal.SIGTERM)
-                self._finish(paths, spec, r)
-            raise
+                if code != 0:
+                    failed.append(r.task)
+                    why = (
+                        "it ended without a completion marker"
+                        if r.adopted
+                        else _describe_exit(code)
+                    )
+                    self._say(
+                        f"[{spec.name} {r.task}] FAILED ({why}); log: {paths.url(spec.log(r.task))}"
+                    )
         return sorted(failed)
 
     def _say(self, text: str) -> None:
@@ -234,8 +435,20 @@ class LocalLauncher(Launcher):
             print(text, flush=True)
 
     def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
+        with self._signals_deferred():
+            try:
+                return self._launch(paths, plan, dry_run)
+            except _Interrupted as exc:
+                self._say(
+                    f"interrupted: {exc.stopped} task(s) stopped; rerun the same command to resume"
+                )
+                return LaunchResult(False, False, {}, interrupted=exc.stopped)
+
+    def _launch(self, paths: RunPaths, plan: Plan, dry_run: bool) -> LaunchResult:
         failed: dict[str, list[int]] = {}
         for spec in plan.stages:
+            if self._signals:
+                raise _Interrupted(0)
             done = completed_tasks(paths, spec)
             pending = [t for t in range(spec.num_tasks) if t not in done]
             if not pending:
@@ -268,9 +481,9 @@ class LocalLauncher(Launcher):
         for spec in plan.stages:
             for task in range(spec.num_tasks):
                 rec = read_attempt(paths, spec, task)
-                if not rec or rec.get("ended") or rec.get("host") != socket.gethostname():
+                if not rec:
                     continue
-                for pid in rec.get("pids", []):
+                for pid, _ in live_pids(rec):
                     try:
                         os.killpg(pid, signal.SIGTERM)  # the task and what it started
                         count += 1
@@ -284,7 +497,7 @@ class LocalLauncher(Launcher):
 
     def scheduler_view(self, paths: RunPaths, plan: Plan) -> SchedulerView:
         """From the attempt records: running while a pid lives on this host, failed with
-        its exit code, pending if it exited 0 without a marker."""
+        its exit code, pending if it exited 0 without a marker or was interrupted."""
         view: SchedulerView = {}
         for spec in plan.stages:
             for task in range(spec.num_tasks):
@@ -294,21 +507,19 @@ class LocalLauncher(Launcher):
         return view
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def attempt_state(rec: dict) -> tuple[str, str]:
-    """State from a local attempt record: running if a pid lives on this host."""
+    """State from a local attempt record: running if its processes live on this host."""
     if rec.get("ended"):
+        if rec.get("interrupted"):
+            return PENDING, "interrupted (Ctrl-C); rerun the same command to resume"
         code = rec.get("returncode")
         return (FAILED, f"exit code {code}") if code else (PENDING, "exited 0 without marker")
-    if rec.get("host") == socket.gethostname() and any(_pid_alive(p) for p in rec.get("pids", [])):
-        return RUNNING, f"pid {rec['pids'][0]}"
+    live = live_pids(rec)
+    if live:
+        return RUNNING, f"pid {live[0][0]}"
+    if rec.get("host") == socket.gethostname() and not rec.get("process_starts"):
+        # A record from before process start times were kept: trust the pid.
+        pids = [int(p) for p in rec.get("pids", [])]
+        if any(process_alive(p) for p in pids):
+            return RUNNING, f"pid {pids[0]}"
     return FAILED, "process vanished without a marker"

@@ -37,3 +37,8 @@ class InvalidMarkerError(EmbedfleetError):
 
 class StorageError(EmbedfleetError):
     """A run dir location cannot be read or written; the message names it and the fix."""
+
+
+class RunLockedError(EmbedfleetError):
+    """Another launcher (or another copy of a task) holds the run dir's lock; the message
+    names the holder (host, pid, start) and how to proceed."""

@@ -3,8 +3,10 @@
 A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
 
     run.yaml  plan.json                      the resolved config (redacted), the stage plan
+    launcher.lock                            who is launching the run (lib.core.locks)
     <stage dir>/completions/task_XXXXX.json  completion markers (DESIGN.md contract 2)
     <stage dir>/attempts/task_XXXXX.json     who ran a task last (local launcher)
+    <stage dir>/attempts/task_XXXXX.lock     held while the task runs (local path run dirs)
     <stage dir>/logs/task_XXXXX[.rankR].log  task logs
     embed/shards/shard_XXXXX.{safetensors,parquet,dropped.parquet}
     embed/parts/shard_XXXXX/part_YYYYY.*     finished parts of an unfinished shard
@@ -32,6 +34,7 @@ from lib.core.storage import Storage, open_storage
 
 RUN_CONFIG = "run.yaml"
 PLAN = "plan.json"
+LAUNCHER_LOCK = "launcher.lock"
 
 EMBED_DIR = "embed"
 MERGE_DIR = "merge"
@@ -139,6 +142,8 @@ class RunPaths:
 
     run_config = RUN_CONFIG
     plan = PLAN
+    # Held by the launcher that runs the run (lib.core.locks).
+    launcher_lock = LAUNCHER_LOCK
 
     # -- what every stage has (a k-means step dir, too: its marker is in the step dir) ------
     @staticmethod
@@ -148,6 +153,12 @@ class RunPaths:
     @staticmethod
     def attempt(stage_dir: str, task: int) -> str:
         return f"{stage_dir}/attempts/{task_name(task)}.json"
+
+    @staticmethod
+    def task_lock(stage_dir: str, task: int, rank: int = 0) -> str:
+        """Held by the process running the task (rank) while it runs (lib.core.locks)."""
+        suffix = f".rank{rank}" if rank else ""
+        return f"{stage_dir}/attempts/{task_name(task)}{suffix}.lock"
 
     @staticmethod
     def logs(stage_dir: str) -> str:
