@@ -14,17 +14,28 @@ configuration. A marker whose outputs are missing or changed counts as absent; b
 task (or checkpoint) rewrites the outputs, it removes that stale marker
 (``discard_marker``), so no marker ever describes outputs being replaced and the
 create-only write at the end succeeds.
+
+A consumer that finds an output that no longer matches its marker (missing, another size,
+another sha256: corrupted in place) *invalidates* the marker (``reject_marker``): it is
+moved aside with the reason (``RunPaths.invalid_marker``), so the next launch, ``retry``
+or a task started by hand redoes that task instead of trusting it, and the message says
+so. ``output_problems`` is the one check every consumer and ``launch.py verify`` use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import socket
 import time
+import uuid
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lib.core.errors import ConfigMismatchError, InvalidMarkerError
+from lib.core.hashing import CHUNK_BYTES
 from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile, Storage, json_bytes
 
@@ -174,3 +185,148 @@ def completed_tasks(paths: RunPaths, stage_dir: str, num_tasks: int, config_hash
 def discard_marker(storage: Storage, name: str) -> None:
     """Remove a stale marker (its outputs changed) so that the task can publish anew."""
     storage.remove(name)
+
+
+def _sha256(storage: Storage, name: str, on_bytes: Callable[[int], None] | None) -> str:
+    digest = hashlib.sha256()
+    with storage.open(name) as fh:
+        while block := fh.read(CHUNK_BYTES):
+            digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
+    return digest.hexdigest()
+
+
+def output_problems(
+    storage: Storage,
+    marker: CompletionMarker,
+    *,
+    sizes: dict[str, int] | None = None,
+    verify_sha256: bool = True,
+    only: Collection[str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, str]:
+    """What no longer matches between ``marker`` and its outputs: {output: problem}
+    (missing, another size, another sha256); empty when all match.
+
+    ``sizes``: a listing covering the outputs (``storage.list``); ``only``: check just
+    these outputs (what the caller reads); ``on_bytes(n)``: called as bytes are hashed."""
+    problems = {}
+    for out in marker.outputs:
+        if only is not None and out.path not in only:
+            continue
+        url = storage.url(out.path)
+        size = sizes.get(out.path) if sizes is not None else None
+        if size is None:
+            size = storage.size(out.path)
+        if size is None:
+            problems[out.path] = f"{url} is missing"
+        elif size != out.bytes:
+            problems[out.path] = (
+                f"{url} has {size} bytes but its marker recorded {out.bytes} (truncated or "
+                "modified)"
+            )
+        elif verify_sha256 and out.sha256:
+            found = _sha256(storage, out.path, on_bytes)
+            if found != out.sha256:
+                problems[out.path] = (
+                    f"{url}: sha256 {found[:12]}... differs from the {out.sha256[:12]}... its "
+                    "marker recorded (modified or corrupted in place)"
+                )
+    return problems
+
+
+def invalidate_marker(storage: Storage, name: str, reason: str) -> str | None:
+    """Move the marker at ``name`` aside (``RunPaths.invalid_marker``) with ``reason``, so
+    that its task or checkpoint is redone. Returns where it went; None if no marker was
+    there (another reader moved it first)."""
+    try:
+        blob = storage.read_bytes(name)
+    except FileNotFoundError:
+        return None
+    try:
+        original: Any = json.loads(blob)
+    except ValueError:
+        original = blob.decode(errors="replace")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
+    aside = RunPaths.invalid_marker(name, stamp)
+    record = {
+        "marker": name,
+        "reason": reason,
+        "invalidated_at": time.time(),
+        "host": socket.gethostname(),
+        "content": original,
+    }
+    storage.publish_json(aside, record)  # the record first: the reason is never lost
+    storage.remove(name)
+    return aside
+
+
+def _checkpoints_naming(storage: Storage, name: str, bad: Collection[str]) -> list[str]:
+    """Checkpoint markers beside the task marker ``name`` that name one of ``bad`` (a
+    k-means level marker repeats its final step's outputs): they must go too, or the
+    redone task would trust the step and publish the broken file again."""
+    stage_dir = name.rsplit("/completions/", 1)[0]
+    if stage_dir == name or not bad:
+        return []
+    task_marker = re.compile(rf"{re.escape(stage_dir)}/completions/task_\d+\.json")
+    found = []
+    listing = [n for n in storage.list(stage_dir) if RunPaths.is_marker(n)]
+    for other in listing:
+        if other == name or task_marker.fullmatch(other):
+            continue
+        try:
+            marker = read_marker(storage, other)
+        except (FileNotFoundError, InvalidMarkerError):
+            continue
+        if any(o.path in bad for o in marker.outputs):
+            found.append(other)
+    return found
+
+
+def what_to_redo(marker: CompletionMarker | None, name: str) -> str:
+    """``task 0 of embed`` / ``part_00003 of embed task 0``, for messages."""
+    if marker is None:
+        return f"the task of {name}"
+    task = f"task {marker.task} of {marker.stage}"
+    return f"{marker.part} of {marker.stage} task {marker.task}" if marker.part else task
+
+
+def reject_marker(
+    storage: Storage, name: str, marker: CompletionMarker | None, problems: dict[str, str]
+) -> str:
+    """Invalidate the marker at ``name`` because of ``problems`` (``output_problems``),
+    and any checkpoint marker of its task naming the same files; return the message that
+    says what is wrong, that the marker was invalidated, and what to do."""
+    reason = "; ".join(problems.values())
+    for other in _checkpoints_naming(storage, name, problems):
+        invalidate_marker(storage, other, f"{reason} (named by {storage.url(name)} too)")
+    aside = invalidate_marker(storage, name, reason)
+    where = f" (moved to {storage.url(aside)})" if aside else ""
+    return (
+        f"{reason}: marker {storage.url(name)} invalidated{where}; rerun the same command to "
+        f"redo {what_to_redo(marker, name)}"
+    )
+
+
+def require_intact(
+    storage: Storage,
+    name: str,
+    *,
+    only: Collection[str] | None = None,
+    verify_sha256: bool = True,
+) -> CompletionMarker | None:
+    """The marker at ``name`` (None when absent: the caller's own checks say what is
+    missing), after checking, sha256 too, the outputs a consumer reads (``only``; default
+    all). Raises ``InvalidMarkerError``, having invalidated the marker, when one of them no
+    longer matches it or the marker is unreadable."""
+    try:
+        marker = read_marker(storage, name)
+    except FileNotFoundError:
+        return None
+    except InvalidMarkerError as exc:
+        raise InvalidMarkerError(reject_marker(storage, name, None, {name: str(exc)})) from None
+    problems = output_problems(storage, marker, verify_sha256=verify_sha256, only=only)
+    if problems:
+        raise InvalidMarkerError(reject_marker(storage, name, marker, problems))
+    return marker

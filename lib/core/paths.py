@@ -5,6 +5,7 @@ A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
     run.yaml  plan.json                      the resolved config (redacted), the stage plan
     launcher.lock                            who is launching the run (lib.core.locks)
     <stage dir>/completions/task_XXXXX.json  completion markers (DESIGN.md contract 2)
+    <stage dir>/completions/invalid/         markers whose outputs no longer matched, with why
     <stage dir>/attempts/task_XXXXX.json     who ran a task last (local launcher)
     <stage dir>/attempts/task_XXXXX.lock     held while the task runs (local path run dirs)
     <stage dir>/logs/task_XXXXX[.rankR].log  task logs
@@ -149,6 +150,23 @@ class RunPaths:
     @staticmethod
     def marker(stage_dir: str, task: int) -> str:
         return f"{stage_dir}/completions/{task_name(task)}.json"
+
+    @staticmethod
+    def invalid_marker(name: str, stamp: str) -> str:
+        """Where the marker ``name`` goes when its outputs no longer match it: beside it,
+        under ``invalid/`` (``<stage dir>/completions/invalid/task_00000.<stamp>.json``)."""
+        head, _, base = name.rpartition("/")
+        moved = f"invalid/{base.removesuffix('.json')}.{stamp}.json"
+        return f"{head}/{moved}" if head else moved
+
+    @staticmethod
+    def is_marker(name: str) -> bool:
+        """Whether ``name`` is a live task or checkpoint marker: ``.../completions/
+        task_XXXXX.json`` (tasks, k-means steps) or ``embed/parts/shard_X/part_Y.json``."""
+        return (
+            re.fullmatch(r"(.+/)?completions/task_\d+\.json", name) is not None
+            or re.fullmatch(rf"{EMBED_DIR}/parts/shard_\d+/part_\d+\.json", name) is not None
+        )
 
     @staticmethod
     def attempt(stage_dir: str, task: int) -> str:

@@ -284,6 +284,15 @@ class Storage(ABC):
         object store never shows an unfinished upload)."""
         return 0
 
+    def clean_temporaries(self, prefix: str) -> int:
+        """Delete the temporaries (``name.tmp-<hex>``, see ``publish``) of writers killed
+        mid-write whose final name starts with ``prefix``, at any depth; return how many.
+
+        A task calls it first, with a prefix only its own outputs have (``merge/``,
+        ``embed/shards/shard_00003.``): sibling tasks may be publishing next to it. On an
+        object store an unfinished upload is never visible, so nothing is there to clean."""
+        return 0
+
     @abstractmethod
     def check_writable(self) -> None:
         """Raise with the location and the fix if the run dir cannot be written."""
@@ -387,6 +396,19 @@ class LocalStorage(Storage):
 
     def remove_stale_temporaries(self, prefix: str) -> int:
         return remove_stale_temporaries(self.path(prefix))
+
+    def clean_temporaries(self, prefix: str) -> int:
+        top = self.path(prefix) if prefix.endswith("/") or not prefix else self.path(prefix).parent
+        removed = 0
+        for dirpath, _, files in os.walk(top):
+            for f in files:
+                if TMP_MARK not in f:
+                    continue
+                p = Path(dirpath) / f
+                if p.relative_to(self.base).as_posix().startswith(prefix):
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def check_writable(self) -> None:
         check_writable(self.base)

@@ -35,8 +35,14 @@ import numpy as np
 import pyarrow as pa
 
 from lib.core.errors import ConfigError, DatasetError
-from lib.core.markers import CompletionMarker, discard_marker, valid_marker, write_marker
-from lib.core.paths import CURATE_STAGE, RunPaths
+from lib.core.markers import (
+    CompletionMarker,
+    discard_marker,
+    require_intact,
+    valid_marker,
+    write_marker,
+)
+from lib.core.paths import CURATE_STAGE, MERGE_DIR, RunPaths
 from lib.core.storage import LocalStorage, Storage
 from lib.curate.params import CurateParams
 from lib.formats.arrays import publish_npy, read_npy
@@ -230,6 +236,16 @@ def curated_metadata(
     return out.append_column("embedding_row", pa.array(rows, type=pa.int64()))
 
 
+def verify_inputs(paths: RunPaths, n_levels: int, metadata: str | Path | None) -> None:
+    """Check (sha256) what curate reads against its markers: levels 1..n_levels and the
+    merge stage's metadata. A file that no longer matches invalidates its marker and raises
+    ``InvalidMarkerError`` saying so; an absent marker is left to the readers' messages."""
+    for level in range(1, n_levels + 1):
+        require_intact(paths.storage, paths.marker(paths.kmeans_level(level), 0))
+    if isinstance(metadata, str):
+        require_intact(paths.storage, paths.marker(MERGE_DIR, 0), only=[metadata])
+
+
 def write_curated(
     run: RunPaths | str | Path,
     n_levels: int,
@@ -263,6 +279,8 @@ def write_curated(
     if valid_marker(storage, marker_name, config_hash, stage_dir=paths.curated) is not None:
         return np.asarray(read_npy(storage, rows_name))
     params.validate()
+    storage.clean_temporaries(f"{paths.curated}/")  # one curate task: leftovers are its own
+    verify_inputs(paths, n_levels, metadata)
     tree = ClusterTree.from_run(paths, n_levels)
     rows = hierarchical_sample(tree, params)
     table = None

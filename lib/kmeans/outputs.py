@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from lib.compute.comm import Comm
-from lib.core.markers import CompletionMarker, discard_marker, write_marker
-from lib.core.paths import RunPaths
+from lib.core.errors import InvalidMarkerError
+from lib.core.markers import CompletionMarker, discard_marker, require_intact, write_marker
+from lib.core.paths import MERGE_DIR, RunPaths
 from lib.formats.arrays import publish_npy
 
 
@@ -86,6 +87,31 @@ def publish_step(
         wall_seconds=time.time() - started,
     )
     write_marker(storage, name, marker)
+
+
+def prepare_level(paths: RunPaths, level: int, merged: str | None, comm: Comm) -> None:
+    """Before a level runs: rank 0 removes the temporaries of killed attempts in the level's
+    dir (one job per level: they are its own) and checks (sha256) what the level reads
+    against its marker: the merged embeddings ``merged`` (a name in the run dir; None for
+    ``kmeans.embeddings_path``) for level 1, level L-1 for level L. A file that no longer
+    matches invalidates that marker; every rank then raises ``InvalidMarkerError``."""
+    message = ""
+    if comm.is_root:
+        paths.storage.clean_temporaries(f"{paths.kmeans_level(level)}/")
+        try:
+            if level > 1:
+                require_intact(paths.storage, paths.marker(paths.kmeans_level(level - 1), 0))
+            elif merged is not None:
+                require_intact(paths.storage, paths.marker(MERGE_DIR, 0), only=[merged])
+        except InvalidMarkerError as exc:
+            message = str(exc)
+    failed = comm.max_(torch.tensor([1 if message else 0], dtype=torch.int64))
+    if int(failed.item()):
+        raise InvalidMarkerError(
+            message
+            or "rank 0 found an input that no longer matches its marker (see rank 0's "
+            "log); rerun the same command"
+        )
 
 
 def gather_to_root(comm: Comm, local: np.ndarray) -> np.ndarray | None:

@@ -15,6 +15,7 @@ from lib.compute.distributed import process_group
 from lib.core.errors import DatasetError
 from lib.core.paths import level_of
 from lib.kmeans.hierarchy import run_level
+from lib.kmeans.outputs import prepare_level
 from lib.kmeans.plan import embeddings_source, kmeans_params
 from lib.runtime import stop
 from lib.runtime.context import TaskContext
@@ -40,8 +41,12 @@ def run(ctx: TaskContext) -> None:
     device = resolve_device(params.device, local_rank=ctx.env.local_rank(), key="kmeans.device")
     try:
         embeddings = embeddings_source(ctx.cfg, ctx.paths) if level == 1 else None
+        merged = None
+        if level == 1 and not ctx.cfg.kmeans.embeddings_path:
+            merged = ctx.paths.merge_embeddings(str(ctx.cfg.merge.formats[0]))
         with process_group(device):
             comm = Comm.current()
+            prepare_level(ctx.paths, level, merged, comm)
             result = run_level(
                 ctx.paths,
                 level,

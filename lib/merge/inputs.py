@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.core.errors import InvalidMarkerError, ShardValidationError
-from lib.core.markers import parse_marker
+from lib.core.markers import CompletionMarker, output_problems, parse_marker, reject_marker
 from lib.core.paths import RunPaths
 from lib.core.sharding import compress_indices
 from lib.core.storage import Storage
@@ -41,6 +41,8 @@ class ShardInput:
     metadata: str | None = None
     dropped: str | None = None
     sha256: str | None = None  # expected sha256 of the embeddings file
+    marker_name: str | None = None  # its completion marker, invalidated if a file mismatches
+    marker: CompletionMarker | None = None
     array: np.ndarray | None = None  # legacy shards arrive in memory
     source_files: list[str] = field(default_factory=list)
 
@@ -73,24 +75,14 @@ def collect_embed_shards(paths: RunPaths, embed: StageSpec) -> list[ShardInput]:
             continue
         files = paths.embed_shard(task)
         recorded = {o.path: o for o in marker.outputs}
-        bad = False
-        for name in files.all():
-            out = recorded.get(name)
-            size = sizes.get(name)
-            if size is None:
-                problems.append(
-                    f"shard {task}: {storage.url(name)} is missing (its marker exists); rerun "
-                    f"task {task}"
-                )
-                bad = True
-            elif out is not None and size != out.bytes:
-                problems.append(
-                    f"shard {task}: {storage.url(name)} has {size} bytes but its marker "
-                    f"recorded {out.bytes}: the file is truncated or was modified; delete "
-                    f"{murl} and rerun task {task} (python launch.py retry {paths.root})"
-                )
-                bad = True
+        unnamed = [n for n in files.all() if n not in recorded]
+        if unnamed:
+            problems.append(f"{murl}: does not name {unnamed}; rerun task {task} of embed")
+            continue
+        # Sizes here (one listing); the sha256 while streaming (lib.merge.stream).
+        bad = output_problems(storage, marker, sizes=sizes, verify_sha256=False)
         if bad:
+            problems.append(f"shard {task}: " + reject_marker(storage, mname, marker, bad))
             continue
         try:
             with storage.open(files.embeddings) as fh:
@@ -98,16 +90,16 @@ def collect_embed_shards(paths: RunPaths, embed: StageSpec) -> list[ShardInput]:
                     fh, sizes[files.embeddings], storage.url(files.embeddings)
                 )
             info = header["embeddings"]
-        except (ArrayFormatError, KeyError) as exc:
-            problems.append(f"shard {task}: {storage.url(files.embeddings)}: {exc}")
-            continue
-        rows, dim = info["shape"]
-        expected_rows = marker.counts.get("embedded")
-        if expected_rows is not None and rows != expected_rows:
-            problems.append(
-                f"shard {task}: {storage.url(files.embeddings)} has {rows} rows, marker says "
-                f"{expected_rows}"
-            )
+            rows, dim = info["shape"]
+            expected_rows = marker.counts.get("embedded")
+            if expected_rows is not None and rows != expected_rows:
+                raise ArrayFormatError(f"has {rows} rows, its marker says {expected_rows}")
+        except (ArrayFormatError, KeyError, ValueError) as exc:
+            # A header that disagrees with a file of the recorded size: corrupted in place
+            # when its sha256 differs too (then the marker goes), else a bug to report.
+            bad = output_problems(storage, marker, only=[files.embeddings])
+            detail = reject_marker(storage, mname, marker, bad) if bad else str(exc)
+            problems.append(f"shard {task}: {storage.url(files.embeddings)}: {detail}")
             continue
         start, stop = marker.row_range or (0, 0)
         inputs.append(
@@ -125,6 +117,8 @@ def collect_embed_shards(paths: RunPaths, embed: StageSpec) -> list[ShardInput]:
                 metadata=files.metadata,
                 dropped=files.dropped,
                 sha256=recorded[files.embeddings].sha256,
+                marker_name=mname,
+                marker=marker,
                 source_files=files.all(),
             )
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.core.errors import ShardValidationError
+from lib.core.markers import reject_marker
 from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile, Storage
 from lib.formats.matrix_writer import MatrixWriter
@@ -76,10 +77,18 @@ def _iter_blocks(
                 fut.result()
         if digest:
             digest.update(tail)
-            if digest.hexdigest() != shard.sha256:
+            if (found := digest.hexdigest()) != shard.sha256:
+                problem = (
+                    f"{where}: sha256 {found[:12]}... differs from the {str(shard.sha256)[:12]}"
+                    "... its marker recorded (modified or corrupted in place)"
+                )
+                if shard.marker_name is None:
+                    raise ShardValidationError(f"{problem}; rerun task {shard.task}")
                 raise ShardValidationError(
-                    f"{where}: sha256 differs from its completion marker: the file was "
-                    f"modified or is corrupt; rerun task {shard.task}"
+                    "merge refused, nothing written: "
+                    + reject_marker(
+                        shard.storage, shard.marker_name, shard.marker, {shard.embeddings: problem}
+                    )
                 )
 
 

@@ -73,8 +73,11 @@ def _dir_name(source: str, used: set[str]) -> str:
     return name
 
 
-def split_by_source(paths: RunPaths, merged: str, metadata: str, chunk_rows: int) -> dict:
-    """Write ``by_source/<source>/`` embeddings + metadata, gathering rows in chunks."""
+def split_by_source(
+    paths: RunPaths, merged: str, metadata: str, chunk_rows: int
+) -> tuple[dict, list[OutputFile]]:
+    """Write ``by_source/<source>/`` embeddings + metadata, gathering rows in chunks.
+    Returns the index (source -> dir, rows) and every published file, for the marker."""
     storage = paths.storage
     emb = open_embeddings(storage.local_path(merged))
     meta = read_table(storage, metadata)
@@ -85,6 +88,7 @@ def split_by_source(paths: RunPaths, merged: str, metadata: str, chunk_rows: int
     bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
     used: set[str] = set()
     index = {}
+    outputs: list[OutputFile] = []
     file_name = Path(merged).name
     for code, source in enumerate(uniques):
         positions = order[bounds[code] : bounds[code + 1]]
@@ -101,11 +105,15 @@ def split_by_source(paths: RunPaths, merged: str, metadata: str, chunk_rows: int
             except BaseException:
                 writer.abort()
                 raise
-        publish_table(
-            storage,
-            paths.merge_source_file(name, "metadata.parquet"),
-            meta.take(pa.array(positions)),
+        assert staged.output is not None
+        outputs.append(staged.output)
+        outputs.append(
+            publish_table(
+                storage,
+                paths.merge_source_file(name, "metadata.parquet"),
+                meta.take(pa.array(positions)),
+            )
         )
         index[str(source)] = {"dir": name, "rows": len(positions)}
-    storage.publish_json(paths.merge_by_source_index, index)
-    return index
+    outputs.append(storage.publish_json(paths.merge_by_source_index, index))
+    return index, outputs

@@ -27,6 +27,10 @@ def run_merge(
     """Merge the shards of ``embed`` (or the legacy pickles of ``m.legacy_dir``)."""
     t0 = time.monotonic()
     storage = paths.storage
+    # One merge task per run: every temporary under merge/ is a leftover of a killed one.
+    removed = storage.clean_temporaries(f"{spec.stage_dir}/")
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted merge", removed)
     if MergeInput(m.input) == MergeInput.legacy:
         if not m.legacy_dir:
             raise ShardValidationError("merge.input=legacy needs merge.legacy_dir=/path/to/pickles")
@@ -59,9 +63,10 @@ def run_merge(
     report["rows_dropped"], dropped = merge_dropped(inputs, storage, paths.merge_dropped)
     outputs.append(dropped)
     if m.by_source:
-        report["by_source"] = split_by_source(
+        report["by_source"], split = split_by_source(
             paths, outputs[0].path, paths.merge_metadata, int(m.chunk_rows)
         )
+        outputs += split
     outputs.append(storage.publish_json(paths.merge_report, report))
     marker = CompletionMarker(
         stage=spec.name,

@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 import torch
 
 from lib.compute.comm import Comm
-from lib.core.errors import DatasetError
-from lib.core.markers import CompletionMarker, discard_marker, write_marker
-from lib.core.paths import METRICS_FILES, RunPaths, metrics_level_stage
+from lib.core.errors import DatasetError, InvalidMarkerError
+from lib.core.markers import CompletionMarker, discard_marker, require_intact, write_marker
+from lib.core.paths import MERGE_DIR, MERGE_EMBEDDINGS, METRICS_FILES, RunPaths, metrics_level_stage
 from lib.core.sharding import contiguous_range
 from lib.core.storage import Storage
 from lib.formats.arrays import open_embeddings
@@ -74,6 +74,52 @@ class MetricsOutput:
 
     def url(self, level: int) -> str:
         return self.storage.url(RunPaths.metrics_level(level, self.root))
+
+
+def _merge_outputs_read(inputs: ClusteringInputs) -> list[str]:
+    """The merge stage's outputs in ``inputs.run`` that ``inputs`` reads (its embeddings,
+    its metadata), by name; none for files from elsewhere."""
+    storage = inputs.run.storage
+    marker = storage.read_json(RunPaths.marker(MERGE_DIR, 0)) or {}
+    wanted = {Path(p).resolve() for p in (inputs.embeddings, inputs.metadata) if p is not None}
+    candidates = {RunPaths.merge_embeddings(f) for f in MERGE_EMBEDDINGS}
+    candidates.add(RunPaths.merge_metadata)
+    names = []
+    for out in marker.get("outputs", []):
+        name = out.get("path") if isinstance(out, dict) else None
+        if name not in candidates:
+            continue
+        try:
+            local = storage.local_path(name)
+        except FileNotFoundError:
+            continue
+        if Path(local).resolve() in wanted:
+            names.append(name)
+    return names
+
+
+def verify_inputs(inputs: ClusteringInputs, levels: list[int], comm: Comm | None = None) -> None:
+    """Check (sha256) what the metrics of ``levels`` read against its markers: k-means
+    levels 1..max and the merged embeddings and metadata. Rank 0 checks; a file that no
+    longer matches invalidates its marker, and every rank raises ``InvalidMarkerError``."""
+    comm = comm or Comm.current()
+    message = ""
+    if comm.is_root:
+        storage = inputs.run.storage
+        try:
+            for level in range(1, max(levels) + 1):
+                require_intact(storage, RunPaths.marker(RunPaths.kmeans_level(level), 0))
+            if read := _merge_outputs_read(inputs):
+                require_intact(storage, RunPaths.marker(MERGE_DIR, 0), only=read)
+        except InvalidMarkerError as exc:
+            message = str(exc)
+    failed = comm.max_(torch.tensor([1 if message else 0], dtype=torch.int64))
+    if int(failed.item()):
+        raise InvalidMarkerError(
+            message
+            or "rank 0 found an input that no longer matches its "
+            "marker (see rank 0's log); rerun the same command"
+        )
 
 
 def flatten_levels(
@@ -137,6 +183,8 @@ def run_metrics_level(
     rank 0, else None."""
     t0 = time.perf_counter()
     comm = comm or Comm.current()
+    if comm.is_root:  # one task per level: temporaries in its dir are a killed attempt's
+        out.storage.clean_temporaries(f"{RunPaths.metrics_level(level, out.root)}/")
     X = open_embeddings(inputs.embeddings)
     key = hashlib.sha256(f"{inputs.run.root}|{level}|{X.shape}|{k}".encode())
     scratch = Scratch(

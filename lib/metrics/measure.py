@@ -22,6 +22,7 @@ from lib.metrics.levels import (
     MetricsOutput,
     flatten_levels,
     run_metrics_level,
+    verify_inputs,
 )
 from lib.metrics.params import MetricsParams
 from lib.metrics.tracking import make_tracker
@@ -72,6 +73,7 @@ def measure(
     names of the markers (default ``metrics_level{L}``)."""
     comm = Comm.current()
     params = metrics_params(cfg)
+    verify_inputs(inputs, levels, comm)
     n = open_embeddings(inputs.embeddings).shape[0]
     flat = flatten_levels(inputs.run, levels, n)
     scratch = expand_scratch(params.scratch_dir or cfg.cluster.scratch_dir)

@@ -131,7 +131,7 @@ def test_truncated_shard_file(tmp_path, rng):
     three_shards(tmp_path, rng)
     p = shard_file(tmp_path, 2)
     p.write_bytes(p.read_bytes()[:-40])
-    with pytest.raises(ShardValidationError, match=r"shard 2: .* truncated or was modified"):
+    with pytest.raises(ShardValidationError, match=r"shard 2: .* \(truncated or modified\)"):
         collect_embed_shards(RunPaths(tmp_path), spec(3))
 
 
@@ -171,9 +171,28 @@ def test_sha256_mismatch_is_refused(tmp_path, rng):
     raw[-1] ^= 0xFF  # same size, different content
     p.write_bytes(bytes(raw))
     inputs = collect_embed_shards(RunPaths(tmp_path), spec(3))
-    with pytest.raises(ShardValidationError, match="sha256 differs"):
+    with pytest.raises(ShardValidationError, match="sha256 .* differs") as err:
         merge_shards(inputs, LocalStorage(tmp_path), [MergeFormat.safetensors])
+    assert "marker" in str(err.value) and "invalidated" in str(err.value)
+    assert "rerun the same command to redo task 1 of embed" in str(err.value)
     assert not (tmp_path / "merge" / "embeddings.safetensors").exists()
+    # The marker is moved aside with the reason: the next run redoes task 1.
+    assert not (tmp_path / RunPaths.marker("embed", 1)).exists()
+    (aside,) = (tmp_path / "embed" / "completions" / "invalid").iterdir()
+    assert aside.name.startswith("task_00001.")
+    record = json.loads(aside.read_text())
+    assert "sha256" in record["reason"] and record["content"]["task"] == 1
+
+
+def test_a_truncated_shard_invalidates_its_marker(tmp_path, rng):
+    three_shards(tmp_path, rng)
+    p = shard_file(tmp_path, 2, "metadata")
+    p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(ShardValidationError, match="truncated or modified") as err:
+        collect_embed_shards(RunPaths(tmp_path), spec(3))
+    assert "rerun the same command to redo task 2 of embed" in str(err.value)
+    assert not (tmp_path / RunPaths.marker("embed", 2)).exists()
+    assert (tmp_path / RunPaths.marker("embed", 0)).exists()
 
 
 def test_by_source_split(tmp_path, rng):
@@ -183,8 +202,10 @@ def test_by_source_split(tmp_path, rng):
     paths = RunPaths(tmp_path)
     merge_shards(inputs, paths.storage, [MergeFormat.safetensors])
     merge_metadata(inputs, paths.storage, paths.merge_metadata, None)
-    index = split_by_source(paths, paths.merge_embeddings(), paths.merge_metadata, 4)
+    index, outputs = split_by_source(paths, paths.merge_embeddings(), paths.merge_metadata, 4)
     assert sum(v["rows"] for v in index.values()) == 30
+    # Every file of the split is named for the merge marker.
+    assert {o.path for o in outputs} == set(paths.storage.list(paths.merge_by_source))
     s1 = np.asarray(open_embeddings(out / "by_source" / "s1" / "embeddings.safetensors"))
     assert np.array_equal(s1, data[1::3])
     meta = pq.read_table(out / "by_source" / "s1" / "metadata.parquet")
