@@ -204,6 +204,11 @@ class RunPaths:
         return ShardFiles.at(f"{EMBED_DIR}/shards/shard_{task:05d}")
 
     @staticmethod
+    def embed_shard_prefix(task: int) -> str:
+        """What the names of shard ``task``'s files (and their temporaries) start with."""
+        return f"{EMBED_DIR}/shards/shard_{task:05d}."
+
+    @staticmethod
     def embed_parts(task: int) -> str:
         return f"{EMBED_DIR}/parts/shard_{task:05d}"
 

@@ -257,7 +257,8 @@ def run_embed_shard(cfg: DictConfig, shard: ShardTask) -> ShardResult:
     t0 = time.monotonic()
     storage, paths, task = shard.storage, shard.paths, shard.task
     start, stop_ = contiguous_range(shard.total_rows, task, shard.num_tasks)
-    storage.remove_stale_temporaries(paths.embed_shards())
+    # Only this task's: sibling tasks may be publishing into embed/shards/ right now.
+    storage.clean_temporaries(paths.embed_shard_prefix(task))
     source = open_dataset(cfg)
     if source.num_rows < stop_:
         raise DatasetError(
