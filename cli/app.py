@@ -2,7 +2,7 @@
 
     python launch.py +experiment=quickstart [KEY=VALUE ...] [--dry-run]
     python launch.py -m +experiment=NAME key=a,b
-    python launch.py status|wait|retry|cancel RUN_DIR
+    python launch.py status|wait|retry|cancel|verify RUN_DIR
     python launch.py logs RUN_DIR STAGE TASK [--rank R] [--tail N]
 
 ``python launch.py --help`` lists the config groups; README.md tours the config.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-SUBCOMMANDS = ("status", "wait", "logs", "retry", "cancel")
+SUBCOMMANDS = ("status", "wait", "logs", "retry", "cancel", "verify")
 HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info"}
 
 

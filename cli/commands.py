@@ -1,4 +1,4 @@
-"""``launch.py status|wait|logs|retry|cancel RUN_DIR``: watch and steer a run."""
+"""``launch.py status|wait|logs|retry|cancel|verify RUN_DIR``: watch and steer a run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 from cli.run import resolve_run
 from cli.status import collect_status, render_status
+from cli.verify import cmd_verify
 from launchers import get_launcher
 from launchers.base import FAILED, PENDING, RUNNING
 from lib.config.compose import load_run_config
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cancel", help="stop every running task / job of the run")
     s.add_argument("run")
     s.set_defaults(fn=cmd_cancel)
+    s = sub.add_parser(
+        "verify",
+        help="re-hash every output of every marker; invalidate the ones that do not match",
+    )
+    s.add_argument("run")
+    s.set_defaults(fn=cmd_verify)
     return p
 
 

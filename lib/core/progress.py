@@ -16,12 +16,22 @@ from tqdm import tqdm
 
 class Progress:
     def __init__(
-        self, total: int, what: str, log: logging.Logger, every_seconds: float = 10.0
+        self,
+        total: int,
+        what: str,
+        log: logging.Logger,
+        every_seconds: float = 10.0,
+        unit: str = "row",  # "B": bytes, shown scaled (KB, MB, ...)
     ) -> None:
         self.total, self.what, self.log, self.every = total, what, log, every_seconds
+        self.unit = unit
         self.done = 0
         self.start = self.last = time.monotonic()
-        self.bar = tqdm(total=total, desc=what, unit="row") if sys.stderr.isatty() else None
+        self.bar = (
+            tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B")
+            if sys.stderr.isatty()
+            else None
+        )
 
     def update(self, n: int) -> None:
         self.done += n
@@ -31,8 +41,15 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
+            units = self.unit if self.unit == "B" else f"{self.unit}s"
             self.log.info(
-                "%s: %d/%d rows (%.1f rows/s)", self.what, self.done, self.total, self.rate
+                "%s: %d/%d %s (%.1f %s/s)",
+                self.what,
+                self.done,
+                self.total,
+                units,
+                self.rate,
+                units,
             )
 
     @property
