@@ -22,7 +22,7 @@ from lib.core.locks import run_lock
 from lib.core.paths import RunPaths
 from lib.core.storage import is_url, join
 from lib.plan.registry import build_plan
-from lib.plan.spec import completed_tasks
+from lib.plan.spec import Plan, StageSpec, completed_tasks
 
 
 def prevalidate(overrides: list[str]) -> str | None:
@@ -65,15 +65,80 @@ def _flatten(obj, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): obj}
 
 
-def _config_changes(paths: RunPaths, cfg: DictConfig) -> list[str]:
+# What each stage's config hash covers (its plan module's ``build``), for the last resort of
+# ``_config_changes``: a hash differs and neither run.yaml nor plan.json says why.
+_HASHED = {
+    "embed": "dataset.*, model.*, embed.* (less run-time settings) and the dataset's row count",
+    "merge": "merge.* (less run-time settings) and the embed stage's hash",
+    "kmeans": "the level's kmeans.* values and its input's hash (the merge stage's, "
+    "kmeans.embeddings_path's path/shape/dtype, or level L-1's)",
+    "curate": "curate.*, the number of k-means levels and the top level's hash",
+    "metrics": "metrics.*, the level and its k-means level's hash",
+}
+
+
+def _config_changes(
+    paths: RunPaths, cfg: DictConfig, plan: Plan | None = None, spec: StageSpec | None = None
+) -> list[str]:
+    """What differs between the run dir's last launch and this one: run.yaml's keys, then
+    plan.json's row count, task counts and stage hashes; failing all, which hash of
+    ``spec`` (the stage whose marker mismatched) differs and what it covers."""
+    changes = []
     try:
         text = paths.storage.read_text(paths.run_config)
     except FileNotFoundError:
-        return []
-    old = _flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=False))
-    new = _flatten(redact(to_plain(cfg)))
-    keys = sorted(k for k in set(old) | set(new) if not k.startswith(("cluster.", "run.")))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+        text = None
+    if text is not None:
+        old = _flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=False))
+        new = _flatten(redact(to_plain(cfg)))
+        keys = sorted(k for k in set(old) | set(new) if not k.startswith(("cluster.", "run.")))
+        changes += [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
+        ]
+    if plan is None:
+        return changes
+    try:
+        saved: Plan | None = Plan.load(paths)
+    except (EmbedfleetError, ValueError, KeyError, TypeError):
+        saved = None
+    if saved is not None:
+        if saved.dataset_rows != plan.dataset_rows:
+            changes.append(
+                f"dataset rows: {saved.dataset_rows} -> {plan.dataset_rows} (dataset.limit, or "
+                f"the dataset {cfg.dataset.path} itself changed)"
+            )
+        before = {s.name: s for s in saved.stages}
+        for now in plan.stages:
+            was = before.get(now.name)
+            if was is None:
+                continue
+            if was.num_tasks != now.num_tasks:
+                changes.append(f"{now.name}: {was.num_tasks} task(s) -> {now.num_tasks}")
+            if was.config_hash != now.config_hash:
+                changes.append(
+                    f"{now.name} config hash: {was.config_hash[:12]} -> {now.config_hash[:12]}"
+                )
+    if spec is not None and not changes:
+        why = (
+            "the run dir has no plan.json of the earlier launch to compare with"
+            if saved is None
+            else "although run.yaml and plan.json match this launch"
+        )
+        changes.append(
+            f"{spec.name}: its markers carry config hash {_marker_hash(paths, spec)[:12]}, "
+            f"this run's is {spec.config_hash[:12]}, {why}; that hash covers "
+            f"{_HASHED.get(spec.group, spec.group)} (rows now: {plan.dataset_rows})"
+        )
+    return changes
+
+
+def _marker_hash(paths: RunPaths, spec: StageSpec) -> str:
+    """The config hash of the first marker of ``spec`` found (for messages)."""
+    for task in range(spec.num_tasks):
+        data = paths.storage.read_json(paths.marker(spec.stage_dir, task))
+        if isinstance(data, dict) and data.get("config_hash"):
+            return str(data["config_hash"])
+    return "?"
 
 
 def dataset_row_count(cfg: DictConfig, dry_run: bool = False) -> int:
@@ -129,7 +194,7 @@ def launch_run(cfg: DictConfig, *, dry_run: bool, started: float) -> int:
             for spec in plan.stages:
                 completed_tasks(paths, spec)
         except ConfigMismatchError as exc:
-            changes = _config_changes(paths, cfg)
+            changes = _config_changes(paths, cfg, plan, spec)
             detail = ("\nchanged since that run:\n  " + "\n  ".join(changes)) if changes else ""
             raise ConfigMismatchError(f"{exc}{detail}") from None
         plan.extra["config_digest"] = config_digest([s.config_hash for s in plan.stages])

@@ -302,10 +302,10 @@ def reject_marker(
     for other in _checkpoints_naming(storage, name, problems):
         invalidate_marker(storage, other, f"{reason} (named by {storage.url(name)} too)")
     aside = invalidate_marker(storage, name, reason)
-    where = f" (moved to {storage.url(aside)})" if aside else ""
+    where = f"moved to {storage.url(aside)}" if aside else "already moved aside"
     return (
-        f"{reason}: marker {storage.url(name)} invalidated{where}; rerun the same command to "
-        f"redo {what_to_redo(marker, name)}"
+        f"{reason}: marker invalidated; rerun the same command to redo "
+        f"{what_to_redo(marker, name)} ({storage.url(name)} {where}, with the reason)"
     )
 
 

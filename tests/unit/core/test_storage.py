@@ -33,6 +33,29 @@ def test_atomic_write_and_stale_cleanup(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
 
 
+def test_clean_temporaries_touches_only_the_prefix(tmp_path):
+    storage = LocalStorage(tmp_path)
+    junk = [
+        "merge/embeddings.safetensors.tmp-0123456789ab",
+        "merge/by_source/a/metadata.parquet.tmp-0123456789ab",
+        "embed/shards/shard_00001.parquet.tmp-0123456789ab",
+    ]
+    keep = [
+        "embed/shards/shard_00010.parquet.tmp-0123456789ab",  # a sibling task, still writing
+        "embed/shards/shard_00001.parquet",
+        "merged/x.tmp-0123456789ab",
+    ]
+    for name in junk + keep:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert storage.clean_temporaries("merge/") == 2
+    assert storage.clean_temporaries("embed/shards/shard_00001.") == 1
+    assert storage.clean_temporaries("kmeans/level1/") == 0  # no such dir
+    assert sorted(
+        p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
+    ) == sorted(keep)
+
+
 def test_check_writable_names_the_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

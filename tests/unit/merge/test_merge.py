@@ -173,8 +173,7 @@ def test_sha256_mismatch_is_refused(tmp_path, rng):
     inputs = collect_embed_shards(RunPaths(tmp_path), spec(3))
     with pytest.raises(ShardValidationError, match="sha256 .* differs") as err:
         merge_shards(inputs, LocalStorage(tmp_path), [MergeFormat.safetensors])
-    assert "marker" in str(err.value) and "invalidated" in str(err.value)
-    assert "rerun the same command to redo task 1 of embed" in str(err.value)
+    assert "marker invalidated; rerun the same command to redo task 1 of embed" in str(err.value)
     assert not (tmp_path / "merge" / "embeddings.safetensors").exists()
     # The marker is moved aside with the reason: the next run redoes task 1.
     assert not (tmp_path / RunPaths.marker("embed", 1)).exists()
@@ -190,7 +189,7 @@ def test_a_truncated_shard_invalidates_its_marker(tmp_path, rng):
     p.write_bytes(p.read_bytes()[:-5])
     with pytest.raises(ShardValidationError, match="truncated or modified") as err:
         collect_embed_shards(RunPaths(tmp_path), spec(3))
-    assert "rerun the same command to redo task 2 of embed" in str(err.value)
+    assert "marker invalidated; rerun the same command to redo task 2 of embed" in str(err.value)
     assert not (tmp_path / RunPaths.marker("embed", 2)).exists()
     assert (tmp_path / RunPaths.marker("embed", 0)).exists()
 
