@@ -6,6 +6,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from omegaconf import DictConfig
 
 from lib.core.errors import DatasetError
@@ -26,7 +29,15 @@ def cache_dir(cfg: DictConfig) -> Path:
 
 def open_dataset(cfg: DictConfig) -> RowSource:
     d = cfg.dataset
-    return open_source(d.path, d.format, d.split, cache_dir=cache_dir(cfg), subset=d.subset)
+    return open_source(
+        d.path,
+        d.format,
+        d.split,
+        cache_dir=cache_dir(cfg),
+        subset=d.subset,
+        encoding=d.encoding,
+        encoding_errors=d.encoding_errors,
+    )
 
 
 def dataset_rows(source: RowSource, cfg: DictConfig) -> int:
@@ -86,4 +97,39 @@ def check_dataset(source: RowSource, cfg: DictConfig) -> int:
             f"{source.description}: has {source.num_rows} rows but dataset.expected_rows="
             f"{d.expected_rows}; the dataset changed or the config is for another version"
         )
+    if d.unique_ids:
+        check_unique_ids(source, cfg, n)
     return n
+
+
+def duplicate_ids(ids: pa.Array | pa.ChunkedArray) -> tuple[int, dict[str, list[int]]]:
+    """(rows whose id an earlier row already has, the first few duplicated ids -> the
+    positions of their rows)."""
+    counts = pc.value_counts(ids)
+    values, n = counts.field("values"), counts.field("counts").to_numpy()
+    dup = np.flatnonzero(n > 1)
+    if dup.size == 0:
+        return 0, {}
+    examples: dict[str, list[int]] = {}
+    for v in values.take(pa.array(dup[:5])).to_pylist():
+        rows = pc.indices_nonzero(pc.equal(ids, pa.scalar(v, ids.type))).to_pylist()
+        examples[str(v)] = rows
+    return int((n[dup] - 1).sum()), examples
+
+
+def check_unique_ids(source: RowSource, cfg: DictConfig, rows: int) -> None:
+    """``dataset.unique_ids=true``: raise ``DatasetError`` naming the first duplicated id
+    and its rows. Without an id column the ids are row indices, unique by construction."""
+    id_field, _ = id_source_fields(cfg, source.columns)
+    if id_field is None:
+        return
+    ids = source.read(0, rows, [id_field]).column(0).cast(pa.string())
+    count, examples = duplicate_ids(ids)
+    if count:
+        first, where = next(iter(examples.items()))
+        raise DatasetError(
+            f"{source.description}: {count} row(s) repeat an earlier id in column "
+            f"{id_field!r}; the first: id {first!r} at rows {', '.join(map(str, where[:10]))}. "
+            "Make the ids unique, or set dataset.unique_ids=false to allow duplicates "
+            "(they are counted in the merge quality report)."
+        )

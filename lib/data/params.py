@@ -26,6 +26,11 @@ class NullText(StrEnum):
     drop = "drop"
 
 
+class EncodingErrors(StrEnum):
+    error = "error"  # a byte sequence that does not decode fails the task, naming it
+    replace = "replace"  # undecodable bytes become U+FFFD
+
+
 @dataclass
 class ChatParams:
     messages_field: str = "messages"
@@ -60,5 +65,17 @@ class DatasetParams:
     source_field: str | None = None
     metadata_fields: list[str] = field(default_factory=list)
     on_null_text: NullText = NullText.error
+    # Text read as bytes (a CSV or jsonl with bytes that are not UTF-8) is decoded with
+    # this codec, never embedded as "b'...'".
+    encoding: str = "utf-8"
+    encoding_errors: EncodingErrors = EncodingErrors.error
+    # A text column that is not a string (ints, floats) is an error; true: str() of it.
+    cast_text: bool = False
+    # Empty and whitespace-only texts are dropped and recorded with reason "empty"
+    # (false: embedded as they are).
+    drop_empty_text: bool = True
+    # Duplicate ids are counted in the merge quality report and warned about; true:
+    # an error at launch naming the first duplicate and its rows.
+    unique_ids: bool = False
     limit: int | None = None  # use only the first N rows
     expected_rows: int | None = None  # declared size of the dataset, checked at launch

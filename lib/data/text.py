@@ -4,18 +4,23 @@ Chat mode joins every turn before the last assistant turn into the prompt and or
 parts prompt -> think -> response, so the response comes last, where last-token pooling
 reads. The think part comes from a separate key on the assistant turn
 (``reasoning_content``) or from ``<think>...</think>`` inside its content.
+
+A column read as bytes (pyarrow reads a CSV column that is not valid UTF-8 as binary) is
+decoded with ``TextDecoding``, never turned into ``"b'...'"`` by ``str()``; a text column
+of another type (ints) is refused unless ``cast_text`` is set.
 """
 
 from __future__ import annotations
 
 import re
 import string
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from lib.core.errors import DatasetError
-from lib.data.params import ChatParams, TextMode
+from lib.data.params import ChatParams, EncodingErrors, TextMode
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 
@@ -72,6 +77,61 @@ def chat_text(messages: Any, cfg: ChatParams) -> str | None:
     return cfg.part_separator.join(parts) if parts else None
 
 
+@dataclass(frozen=True)
+class TextDecoding:
+    """How a text column that is not a string becomes text; ``where`` and ``first_row``
+    name the file and the dataset row of the table's first row in messages."""
+
+    encoding: str = "utf-8"
+    errors: EncodingErrors = EncodingErrors.error
+    cast: bool = False
+    where: str = "the dataset"
+    first_row: int = 0
+
+
+def _decode(values: list[bytes | None], column: str, dec: TextDecoding) -> list[str | None]:
+    out: list[str | None] = []
+    errors = "replace" if EncodingErrors(dec.errors) == EncodingErrors.replace else "strict"
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            out.append(v.decode(dec.encoding, errors))
+        except UnicodeDecodeError as exc:
+            raise DatasetError(
+                f"{dec.where}: row {dec.first_row + i}, column {column!r}: byte offset "
+                f"{exc.start} of the value ({v[exc.start : exc.start + 4]!r}) is not valid "
+                f"{dec.encoding} ({exc.reason}). Set dataset.encoding to the file's encoding "
+                "(e.g. latin-1, cp1252), or dataset.encoding_errors=replace to embed "
+                "undecodable bytes as U+FFFD, or fix the file."
+            ) from exc
+    return out
+
+
+def column_texts(table: pa.Table, column: str, dec: TextDecoding, *, text: bool) -> list[Any]:
+    """The values of ``column``: bytes decoded; for the text column (``text``), anything
+    but a string refused unless ``dec.cast``."""
+    col = table.column(column)
+    t = col.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return _decode(col.to_pylist(), column, dec)
+    values = col.to_pylist()
+    if not text or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):
+        return values
+    if pa.types.is_dictionary(t) and pa.types.is_string(t.value_type):
+        return values
+    if not dec.cast:
+        first = next((i for i, v in enumerate(values) if v is not None), None)
+        shown = f" (row {dec.first_row + first}: {values[first]!r})" if first is not None else ""
+        raise DatasetError(
+            f"{dec.where}: text column {column!r} has type {t}, not text{shown}. Point "
+            "dataset.text_field to a text column, or set dataset.cast_text=true to embed "
+            "str() of each value."
+        )
+    return [None if v is None else str(v) for v in values]
+
+
 def build_texts(
     table: pa.Table,
     mode: TextMode,
@@ -79,14 +139,17 @@ def build_texts(
     template: str,
     chat: ChatParams,
     prefix: str = "",
+    decoding: TextDecoding | None = None,
 ) -> list[str | None]:
-    """One text per row (``None`` where the row has no text)."""
+    """One text per row (``None`` where the row has no text). Raises ``DatasetError`` for
+    bytes that do not decode or a text column that is not text (see ``TextDecoding``)."""
+    dec = decoding or TextDecoding()
     if mode == TextMode.field:
-        values = table.column(text_field).to_pylist()
-        return [None if v is None else prefix + str(v) for v in values]
+        values = column_texts(table, text_field, dec, text=True)
+        return [None if v is None else prefix + v for v in values]
     if mode == TextMode.template:
         names = required_columns(mode, text_field, template, chat)
-        cols = {n: table.column(n).to_pylist() for n in names}
+        cols = {n: column_texts(table, n, dec, text=False) for n in names}
         out: list[str | None] = []
         for i in range(table.num_rows):
             row = {n: cols[n][i] for n in names}
@@ -99,6 +162,6 @@ def build_texts(
         try:
             text = chat_text(messages, chat)
         except (ValueError, KeyError) as exc:
-            raise DatasetError(f"row {i} of the range: {exc}") from exc
+            raise DatasetError(f"{dec.where}: row {dec.first_row + i}: {exc}") from exc
         out.append(None if text is None else prefix + text)
     return out

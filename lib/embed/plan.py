@@ -1,15 +1,29 @@
-"""The embed stage in a plan: one array task per shard of contiguous rows."""
+"""The embed stage in a plan: one array task per shard of contiguous rows.
+
+Its config hash covers the dataset, model and embed settings, the row count and the
+input's fingerprint (``lib.data.fingerprint``): a dataset changed in place under the same
+path makes the relaunch see another configuration (``lib.embed.checks`` names the file)."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
 from lib.config.fields import hashed_values, to_plain
-from lib.core.errors import ConfigError
+from lib.core.errors import ConfigError, DatasetError
 from lib.core.hashing import config_digest
 from lib.core.paths import EMBED_DIR, EMBED_STAGE
+from lib.data.fingerprint import Fingerprint, dataset_fingerprint
 from lib.embed.params import EmbedParams
 from lib.plan.spec import ARRAY, StageSpec
+
+
+def input_fingerprint(cfg: DictConfig) -> Fingerprint:
+    """The dataset's fingerprint; where the dataset cannot be reached (a dry run planned
+    from ``dataset.expected_rows``), a placeholder that says so."""
+    try:
+        return dataset_fingerprint(cfg)
+    except (DatasetError, OSError) as exc:
+        return {str(cfg.dataset.path): {"unavailable": str(exc)}}
 
 
 def build(cfg: DictConfig, rows: int, prior: dict[str, StageSpec]) -> list[StageSpec]:
@@ -26,5 +40,6 @@ def build(cfg: DictConfig, rows: int, prior: dict[str, StageSpec]) -> list[Stage
         to_plain(cfg.model),
         hashed_values(EmbedParams, cfg.embed),
         rows,
+        input_fingerprint(cfg),
     )
     return [StageSpec(EMBED_STAGE, "embed", "jobs.embed", EMBED_DIR, ARRAY, n, h)]

@@ -6,7 +6,11 @@ task's completion marker:
 - ``.safetensors``: tensor ``embeddings`` (kept rows, dim), in row order;
 - ``.parquet``: ``row_index`` (original dataset row), ``id``, ``source`` and the configured
   metadata columns, one row per embedding;
-- ``.dropped.parquet``: rows not embedded, with ``reason`` and ``token_count``.
+- ``.dropped.parquet``: rows not embedded, with ``reason`` (``null_text``, ``empty``,
+  ``too_long``) and ``token_count``.
+
+A shard (or part) whose rows are all dropped is valid: its files hold 0 rows, and its
+marker is published like any other.
 
 A shard is embedded part by part (``embed.part_rows``); each part's files and its marker
 (the same marker contract, ``part: part_XXXXX``) are published as it finishes, so a
@@ -24,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 from omegaconf import DictConfig
 from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save_file
 
 from lib.core.errors import DatasetError
 from lib.core.markers import CompletionMarker, discard_marker, valid_marker, write_marker
@@ -35,7 +38,7 @@ from lib.core.storage import OutputFile, Storage
 from lib.data.columns import id_source_fields, needed_columns, open_dataset
 from lib.data.datasets import RowSource
 from lib.data.params import NullText, TextMode
-from lib.data.text import build_texts
+from lib.data.text import TextDecoding, build_texts, column_texts
 from lib.embed.token_filter import filter_by_length
 from lib.formats.matrix_writer import MatrixWriter
 from lib.formats.parquet import DROPPED_SCHEMA, publish_table, read_table
@@ -67,10 +70,12 @@ class ShardTask:
         return self.paths.storage
 
 
-def _string_column(table: pa.Table, name: str | None, fallback: list[str]) -> list[str]:
+def _string_column(
+    table: pa.Table, name: str | None, fallback: list[str], dec: TextDecoding
+) -> list[str]:
     if not name:
         return fallback
-    values = table.column(name).to_pylist()
+    values = column_texts(table, name, dec, text=False)  # bytes decoded, never str(b"..")
     return [fb if v is None else str(v) for v, fb in zip(values, fallback, strict=True)]
 
 
@@ -112,8 +117,16 @@ def _publish_shard_files(
     metadata: pa.Table,
     dropped: pa.Table,
 ) -> list[OutputFile]:
-    with storage.publish(files.embeddings) as staged:
-        save_file({"embeddings": embeddings}, str(staged.path))
+    rows, dim = embeddings.shape
+    with storage.publish(files.embeddings, digest=False) as staged:
+        # Our writer, not safetensors' save_file: it also writes a (0, dim) matrix.
+        writer = MatrixWriter(staged.path, rows, dim, str(embeddings.dtype), name=files.embeddings)
+        try:
+            writer.write(embeddings)
+            staged.sha256 = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     assert staged.output is not None
     return [
         staged.output,
@@ -137,11 +150,10 @@ def _embed_part(
     table = source.read(start, stop_, needed_columns(cfg, source.columns))
     row_index = np.arange(start, stop_, dtype=np.int64)
     id_field, source_field = id_source_fields(cfg, source.columns)
-    ids = _string_column(table, id_field, [str(i) for i in row_index])
-    sources = _string_column(table, source_field, [d.name] * len(row_index))
-    texts = build_texts(
-        table, TextMode(d.text_mode), d.text_field, d.template, d.chat, cfg.model.document_prefix
-    )
+    dec = TextDecoding(d.encoding, d.encoding_errors, bool(d.cast_text), source.description, start)
+    ids = _string_column(table, id_field, [str(i) for i in row_index], dec)
+    sources = _string_column(table, source_field, [d.name] * len(row_index), dec)
+    texts = build_texts(table, TextMode(d.text_mode), d.text_field, d.template, d.chat, "", dec)
     null_rows = [i for i, t in enumerate(texts) if t is None]
     if null_rows and NullText(d.on_null_text) == NullText.error:
         shown = ", ".join(f"row {start + i} (id {ids[i]})" for i in null_rows[:10])
@@ -151,19 +163,32 @@ def _embed_part(
             "Fix the data, or set dataset.on_null_text=drop to skip them (they are recorded "
             "in the dropped-rows file)."
         )
-    candidates = [i for i, t in enumerate(texts) if t is not None]
+    # An empty text would embed to the same vector everywhere: dropped, recorded.
+    empty_rows = (
+        [i for i, t in enumerate(texts) if t is not None and not t.strip()]
+        if d.drop_empty_text
+        else []
+    )
+    skip = set(null_rows) | set(empty_rows)
+    prefix = cfg.model.document_prefix
+    candidates = [i for i in range(len(texts)) if i not in skip]
     embedder = lazy.get()
     filt = filter_by_length(
         embedder.tokenizer,
-        [texts[i] for i in candidates],
+        [prefix + texts[i] for i in candidates],
         int(cfg.model.max_length),
         int(cfg.embed.tokenize_batch_size),
     )
     kept = [candidates[i] for i in filt.kept]
     dropped = [candidates[i] for i in filt.dropped]
-    progress.total -= len(null_rows) + len(dropped)
-    embeddings = embedder.embed(filt.token_ids, on_batch=progress.update)
-    embeddings = np.ascontiguousarray(embeddings.astype(cfg.embed.output_dtype, copy=False))
+    progress.total -= len(null_rows) + len(empty_rows) + len(dropped)
+    if filt.token_ids:
+        embeddings = embedder.embed(filt.token_ids, on_batch=progress.update)
+    else:  # every row dropped: an empty part, not a call into the backend
+        embeddings = np.empty((0, int(embedder.dim)), dtype=np.float32)
+    embeddings = np.ascontiguousarray(
+        embeddings.astype(cfg.embed.output_dtype, copy=False).reshape(-1, int(embedder.dim))
+    )
 
     meta_cols = {
         "row_index": pa.array(row_index[np.asarray(kept, dtype=np.int64)], pa.int64()),
@@ -172,14 +197,19 @@ def _embed_part(
     }
     for name in d.metadata_fields:
         meta_cols[name] = table.column(name).take(pa.array(kept, pa.int64()))
-    lost = null_rows + dropped
+    reasons = {i: ("null_text", None) for i in null_rows}
+    reasons.update({i: ("empty", None) for i in empty_rows})
+    reasons.update(
+        {i: ("too_long", n) for i, n in zip(dropped, filt.dropped_token_counts, strict=True)}
+    )
+    lost = sorted(reasons)
     dropped_table = pa.table(
         {
             "row_index": [int(row_index[i]) for i in lost],
             "id": [ids[i] for i in lost],
             "source": [sources[i] for i in lost],
-            "reason": ["null_text"] * len(null_rows) + ["too_long"] * len(dropped),
-            "token_count": [None] * len(null_rows) + filt.dropped_token_counts,
+            "reason": [reasons[i][0] for i in lost],
+            "token_count": [reasons[i][1] for i in lost],
         },
         schema=DROPPED_SCHEMA,
     )
@@ -204,6 +234,7 @@ def _embed_part(
             "embedded": len(kept),
             "dropped_too_long": len(dropped),
             "dropped_null_text": len(null_rows),
+            "dropped_empty": len(empty_rows),
             "tokens": filt.kept_tokens,
             "dim": int(embedder.dim),
         },
@@ -333,7 +364,7 @@ def run_embed_shard(cfg: DictConfig, shard: ShardTask) -> ShardResult:
         "task %d done: %d rows embedded, %d dropped, %.1f rows/s (%.0f tokens/s), %.1fs wall",
         task,
         counts["embedded"],
-        counts["dropped_too_long"] + counts["dropped_null_text"],
+        counts["dropped_too_long"] + counts["dropped_null_text"] + counts.get("dropped_empty", 0),
         rate,
         tokens / max(embed_seconds, 1e-9),
         wall,
