@@ -1,9 +1,10 @@
 """A tiny job for the local launcher's tests: writes what it was told (identity and
 environment) to ``<stage>/out/``, prints a line, then a marker; fails, sleeps or leaves a
-child process behind when ``cluster.env`` asks it to."""
+child process behind, or ignores SIGTERM, when ``cluster.env`` asks it to."""
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +31,8 @@ def main() -> int:
     if os.environ.get("ECHO_FAIL_TASK") == str(ident.task_index):
         print("failing on purpose", flush=True)
         return 3
+    if os.environ.get("ECHO_IGNORE_TERM"):  # a task stuck where SIGTERM cannot stop it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("ECHO_SLEEP"):
         time.sleep(float(os.environ["ECHO_SLEEP"]))
     if os.environ.get("ECHO_CHILD"):

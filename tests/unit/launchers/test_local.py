@@ -1,11 +1,16 @@
 """The local launcher: tasks as processes, parallelism and core shares, distributed ranks,
 failures and resume, attempt records and the scheduler view, process-group reaping and
-cancel; with a tiny job module (``echo_job``), in real processes."""
+cancel, Ctrl-C, adopting the live tasks of a launcher that died; with a tiny job module
+(``echo_job``), in real processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,12 +18,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from cli.status import collect_status, render_status
-from launchers import get_launcher
-from launchers.base import FAILED, PENDING, RUNNING
+from launchers import get_launcher, local
+from launchers.base import FAILED, PENDING, RUNNING, write_attempt
 from launchers.local import LocalLauncher
 from lib.core.errors import ConfigError
+from lib.core.locks import process_start
 from lib.core.paths import RunPaths
+from lib.core.repo import REPO_ROOT
 from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec
+from lib.runtime.identity import TaskIdentity, identity_env
 
 JOB = "tests.unit.launchers.echo_job"
 
@@ -138,3 +146,150 @@ def test_the_launcher_table_names_the_known_launchers():
     assert type(get_launcher(_cfg())) is LocalLauncher
     with pytest.raises(ConfigError, match="no such launcher; known: local, slurm, submitit"):
         get_launcher(OmegaConf.create({"cluster": {"launcher": "hosts"}}))
+
+
+# -- Ctrl-C: every task signalled at once, none left alive, one line ------------------------
+def _interrupt_when(paths_ready, times: int = 1, gap: float = 0.5) -> threading.Thread:
+    """SIGINT this process (the launcher) once ``paths_ready()`` holds, ``times`` times."""
+
+    def fire() -> None:
+        deadline = time.time() + 60
+        while not paths_ready() and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(gap)
+
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
+def _attempt_pids(tmp_path, stage: str, tasks: int) -> list[int]:
+    paths = RunPaths(tmp_path)
+    return [
+        pid
+        for t in range(tasks)
+        for pid in json.loads((tmp_path / paths.attempt(stage, t)).read_text())["pids"]
+    ]
+
+
+def test_ctrl_c_stops_every_task_and_leaves_no_child(tmp_path, capsys):
+    paths = RunPaths(tmp_path)
+    plan = _plan(_stage("w", 2))
+    started = lambda: len(list((tmp_path / "w" / "out").glob("*.json"))) == 2  # noqa: E731
+    _interrupt_when(started)
+    result = LocalLauncher(_cfg(ECHO_SLEEP="120")).launch(paths, plan)
+    assert result.interrupted == 2 and not result.complete and not result.failed
+    out = capsys.readouterr().out
+    assert "interrupted: 2 task(s) stopped; rerun the same command to resume" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert not any(_alive(pid) for pid in _attempt_pids(tmp_path, "w", 2))
+    view = LocalLauncher(_cfg()).scheduler_view(paths, plan)
+    assert view[("w", 0)][0] == PENDING and "interrupted" in view[("w", 0)][1]
+    # the signal handlers are the process's own again, and a rerun finishes the stage
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert LocalLauncher(_cfg()).launch(paths, plan).complete
+
+
+def test_a_second_ctrl_c_kills_tasks_that_ignore_sigterm(tmp_path, capsys):
+    paths = RunPaths(tmp_path)
+    started = lambda: len(list((tmp_path / "w" / "out").glob("*.json"))) == 2  # noqa: E731
+    _interrupt_when(started, times=2)
+    cfg = _cfg(ECHO_SLEEP="120", ECHO_IGNORE_TERM="1")
+    result = LocalLauncher(cfg).launch(paths, _plan(_stage("w", 2)))
+    assert result.interrupted == 2
+    assert not any(_alive(pid) for pid in _attempt_pids(tmp_path, "w", 2))
+    for t in range(2):
+        assert json.loads((tmp_path / paths.attempt("w", t)).read_text())["returncode"] == -9
+    assert "interrupted: 2 task(s) stopped" in capsys.readouterr().out
+
+
+def test_tasks_that_ignore_sigterm_are_killed_after_the_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "STOP_GRACE_S", 0.5)
+    paths = RunPaths(tmp_path)
+    _interrupt_when(lambda: (tmp_path / "w" / "out" / "0.0.json").exists())
+    cfg = _cfg(ECHO_SLEEP="120", ECHO_IGNORE_TERM="1")
+    result = LocalLauncher(cfg, echo=False).launch(paths, _plan(_stage("w", 1)))
+    assert result.interrupted == 1
+    assert not any(_alive(pid) for pid in _attempt_pids(tmp_path, "w", 1))
+
+
+# -- adopting the live tasks of a launcher that died ----------------------------------------
+def _orphan(tmp_path, spec: StageSpec, *, launcher_pid: int, **env: str) -> subprocess.Popen:
+    """A task process as a launcher that then died (kill -9) would have left it: started
+    in its own session, its attempt record written, nobody reading its output."""
+    paths = RunPaths(tmp_path)
+    identity = TaskIdentity(paths.root, spec.name, 0, spec.num_tasks)
+    full = {**os.environ, **identity_env(identity, "local"), **env, "PYTHONPATH": str(REPO_ROOT)}
+    log = tmp_path / paths.log(spec.name, 0)
+    log.parent.mkdir(parents=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            spec.command(sys.executable, paths.root),
+            env=full,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+    write_attempt(
+        paths,
+        spec,
+        0,
+        launcher="local",
+        host=socket.gethostname(),
+        launcher_pid=launcher_pid,
+        pids=[proc.pid],
+        process_starts=[process_start(proc.pid)],
+        started=time.time(),
+        ended=None,
+        returncode=None,
+    )
+    return proc
+
+
+def test_a_relaunch_adopts_a_task_left_running_instead_of_starting_it_again(tmp_path, capsys):
+    paths = RunPaths(tmp_path)
+    spec = _stage("s", 1)
+    orphan = _orphan(tmp_path, spec, launcher_pid=-1, ECHO_SLEEP="2")
+    result = LocalLauncher(_cfg()).launch(paths, _plan(spec))
+    assert result.complete and not result.failed
+    out = capsys.readouterr().out
+    assert f"s task 0: adopting pid {orphan.pid} from an earlier launcher" in out
+    assert "[s 0]" not in out.split("adopting")[0]  # nothing started before the adoption
+    # the task ran once, as the orphan: a second copy would have recorded its own pid
+    assert _records(tmp_path, "s")[(0, 0)]["pid"] == orphan.pid
+    record = json.loads((tmp_path / paths.attempt("s", 0)).read_text())
+    assert record["adopted_by"] == os.getpid() and record["returncode"] == 0
+    orphan.wait(timeout=30)
+
+
+def test_an_adopted_task_that_ends_without_a_marker_is_a_failure(tmp_path, capsys):
+    spec = _stage("s", 1)
+    _orphan(tmp_path, spec, launcher_pid=-1, ECHO_FAIL_TASK="0", ECHO_SLEEP="1")
+    result = LocalLauncher(_cfg()).launch(RunPaths(tmp_path), _plan(spec))
+    assert result.failed == {"s": [0]}
+    assert "[s 0] FAILED (it ended without a completion marker)" in capsys.readouterr().out
+
+
+def test_a_reused_pid_is_not_taken_for_the_task(tmp_path, capsys):
+    """The record's pid now names another process (here: this one): the task runs."""
+    paths = RunPaths(tmp_path)
+    spec = _stage("s", 1)
+    write_attempt(
+        paths,
+        spec,
+        0,
+        launcher="local",
+        host=socket.gethostname(),
+        launcher_pid=-1,
+        pids=[os.getpid()],
+        process_starts=["another-boot:1"],
+        started=time.time(),
+        ended=None,
+    )
+    assert LocalLauncher(_cfg()).scheduler_view(paths, _plan(spec))[("s", 0)][0] == FAILED
+    assert LocalLauncher(_cfg()).launch(paths, _plan(spec)).complete
+    assert "adopting" not in capsys.readouterr().out
+    assert _records(tmp_path, "s")[(0, 0)]["pid"] != os.getpid()
