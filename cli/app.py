@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(run_subcommand(argv))
     dry_run = "--dry-run" in argv
-    argv = [a for a in argv if a != "--dry-run"]
+    force_replan = "--force-replan" in argv
+    argv = [a for a in argv if a not in ("--dry-run", "--force-replan")]
     if not HYDRA_FLAGS.intersection(argv) and not any(a.startswith("--") for a in argv):
         from cli.run import prevalidate
 
@@ -36,10 +37,10 @@ def main(argv: list[str] | None = None) -> None:
             print(error, file=sys.stderr)
             sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
-    _hydra_app(dry_run)
+    _hydra_app(dry_run, force_replan)
 
 
-def _hydra_app(dry_run: bool) -> None:
+def _hydra_app(dry_run: bool, force_replan: bool = False) -> None:
     import hydra
     from omegaconf import DictConfig
 
@@ -52,7 +53,7 @@ def _hydra_app(dry_run: bool) -> None:
     def app(cfg: DictConfig) -> None:
         from cli.run import launch_run
 
-        code = launch_run(cfg, dry_run=dry_run, started=time.time())
+        code = launch_run(cfg, dry_run=dry_run, started=time.time(), force_replan=force_replan)
         if code:
             sys.exit(code)
 

@@ -168,8 +168,11 @@ def save_run_config(paths: RunPaths | Path | str, cfg: DictConfig) -> None:
     paths.storage.publish_bytes(paths.run_config, text.encode())
 
 
-def launch_run(cfg: DictConfig, *, dry_run: bool, started: float) -> int:
-    """Plan and launch ``cfg``. Returns a process exit code."""
+def launch_run(
+    cfg: DictConfig, *, dry_run: bool, started: float, force_replan: bool = False
+) -> int:
+    """Plan and launch ``cfg``. Returns a process exit code. ``force_replan``: accept a
+    changed input or config in an existing run dir and redo the stages it changes."""
     try:
         run_dir = str(cfg.run.dir)
         if not is_url(run_dir):
@@ -182,14 +185,25 @@ def launch_run(cfg: DictConfig, *, dry_run: bool, started: float) -> int:
         rows = dataset_row_count(cfg, dry_run)
         if "embed" in cfg.stages:
             from lib.compute.models import resolve_model_path
+            from lib.embed.checks import check_max_length
 
             try:
-                resolve_model_path(cfg.model.path)
+                check_max_length(cfg.model, resolve_model_path(cfg.model.path))
             except EmbedfleetError as exc:
                 if not dry_run:
                     raise
                 print(f"warning: {exc}", file=sys.stderr)
         plan = build_plan(cfg, rows)
+        if plan.group("embed"):
+            from lib.embed.checks import FINGERPRINT_KEY, check_input_unchanged
+
+            fingerprint = check_input_unchanged(cfg, paths, plan, force=force_replan)
+            plan.extra[FINGERPRINT_KEY] = fingerprint
+        if force_replan and not dry_run:
+            from cli.replan import discard_changed_stages
+
+            for line in discard_changed_stages(paths, plan):
+                print(line)
         try:
             for spec in plan.stages:
                 completed_tasks(paths, spec)

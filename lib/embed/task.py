@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lib.embed.checks import FINGERPRINT_KEY, check_input_at_task
 from lib.embed.shard import ShardTask, run_embed_shard
 from lib.runtime.context import TaskContext
 
@@ -16,4 +17,5 @@ def run(ctx: TaskContext) -> None:
         total_rows=ctx.plan.dataset_rows,
         config_hash=ctx.spec.config_hash,
     )
+    check_input_at_task(ctx.cfg, ctx.plan.extra.get(FINGERPRINT_KEY))
     run_embed_shard(ctx.cfg, shard)

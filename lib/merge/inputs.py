@@ -2,6 +2,8 @@
 
 Every shard present, row ranges tiling ``0..N`` with no gap or overlap (each offending
 shard named), files the size their marker recorded, one dimension and dtype everywhere.
+A shard whose rows were all dropped holds 0 rows and merges to nothing; shards that are
+all empty are refused.
 Every problem is collected, then raised at once.
 """
 
@@ -130,6 +132,16 @@ def collect_embed_shards(paths: RunPaths, embed: StageSpec) -> list[ShardInput]:
         )
     if problems:
         raise refused(problems)
+    if inputs and not any(s.rows for s in inputs):
+        # Empty shards are valid and merge to nothing; a merge of nothing at all is not
+        # a result (and its L2 norms would be undefined).
+        raise refused(
+            [
+                f"every row of the {len(inputs)} shard(s) was dropped, so there is nothing to "
+                f"merge: see the reasons in {storage.url(paths.embed_shards())}/*.dropped"
+                ".parquet (too_long: raise model.max_length; empty/null_text: fix the data)"
+            ]
+        )
     return inputs
 
 

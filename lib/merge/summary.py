@@ -18,6 +18,12 @@ def summary(paths: RunPaths, specs: list[StageSpec]) -> list[str]:
         f"  metadata       {paths.url(paths.merge_metadata)}",
         f"  dropped rows   {r.get('rows_dropped', 0)}  ({paths.url(paths.merge_dropped)})",
     ]
+    if r.get("duplicate_ids"):
+        first = next(iter(r.get("duplicate_id_examples") or {}), "?")
+        lines.append(
+            f"  duplicate ids  {r['duplicate_ids']} row(s) repeat an earlier id (first: "
+            f"{first!r}); dataset.unique_ids=true makes this an error"
+        )
     if "by_source" in r:
         lines.append(
             f"  by source      {len(r['by_source'])} sources under "

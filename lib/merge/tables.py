@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile, Storage
+from lib.data.columns import duplicate_ids
 from lib.formats.arrays import open_embeddings
 from lib.formats.matrix_writer import MatrixWriter
 from lib.formats.parquet import DROPPED_SCHEMA, publish_table, read_table
@@ -62,6 +63,15 @@ def merge_dropped(inputs: list[ShardInput], storage: Storage, name: str) -> tupl
     table = pa.concat_tables(tables) if tables else DROPPED_SCHEMA.empty_table()
     table = table.sort_by("row_index")
     return table.num_rows, publish_table(storage, name, table)
+
+
+def duplicate_ids_of(storage: Storage, metadata: str) -> tuple[int, dict[str, list[int]]]:
+    """Duplicate ids of the merged rows (``lib.data.columns.duplicate_ids``): how many rows
+    repeat an earlier id, and the first few ids with the dataset rows that carry them."""
+    table = read_table(storage, metadata, ["id", "row_index"])
+    count, examples = duplicate_ids(table.column("id"))
+    row_index = table.column("row_index").to_numpy()
+    return count, {k: [int(row_index[p]) for p in v] for k, v in examples.items()}
 
 
 def _dir_name(source: str, used: set[str]) -> str:

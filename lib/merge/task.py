@@ -14,7 +14,7 @@ from lib.core.paths import RunPaths
 from lib.merge.inputs import collect_embed_shards, collect_legacy_shards, validate_layout
 from lib.merge.params import MergeFormat, MergeInput, MergeParams
 from lib.merge.stream import merge_shards
-from lib.merge.tables import merge_dropped, merge_metadata, split_by_source
+from lib.merge.tables import duplicate_ids_of, merge_dropped, merge_metadata, split_by_source
 from lib.plan.spec import StageSpec
 from lib.runtime.context import TaskContext
 
@@ -62,6 +62,18 @@ def run_merge(
     outputs.append(merge_metadata(inputs, storage, paths.merge_metadata, m.keep_first))
     report["rows_dropped"], dropped = merge_dropped(inputs, storage, paths.merge_dropped)
     outputs.append(dropped)
+    report["duplicate_ids"], report["duplicate_id_examples"] = duplicate_ids_of(
+        storage, paths.merge_metadata
+    )
+    if report["duplicate_ids"]:
+        first, rows = next(iter(report["duplicate_id_examples"].items()))
+        log.warning(
+            "%d embedded row(s) repeat an earlier id (first: %r at dataset rows %s); set "
+            "dataset.unique_ids=true to make duplicate ids an error at launch",
+            report["duplicate_ids"],
+            first,
+            rows[:10],
+        )
     if m.by_source:
         report["by_source"], split = split_by_source(
             paths, outputs[0].path, paths.merge_metadata, int(m.chunk_rows)

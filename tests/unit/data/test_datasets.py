@@ -70,3 +70,67 @@ def test_corpus_is_real_and_large_enough(corpus_table):
     assert {"email", "asyncio", "json"} <= sources
     ids = corpus_table.column("id").to_pylist()
     assert len(set(ids)) == len(ids)
+
+
+def test_a_directory_is_one_dataset_in_sorted_file_order(tmp_path):
+    d = tmp_path / "data"
+    (d / "b").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(ROWS[:3]), d / "a.parquet", row_group_size=2)
+    (d / "b" / "c.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[3:5]))
+    pcsv.write_csv(pa.Table.from_pylist(ROWS[5:]), d / "b" / "d.csv")
+    (d / "_SUCCESS").write_text("")
+    (d / ".cache").mkdir()
+    (d / ".cache" / "x.parquet").write_text("not parquet")
+    src = open_source(str(d), DatasetFormat.auto)
+    _check(src)
+    assert src.read(0, 7, ["id"]).column("id").to_pylist() == [r["id"] for r in ROWS]
+    assert src.read(6, 7, ["id"]).column("id").to_pylist() == ["r6"]
+    only = open_source(str(d), DatasetFormat.parquet)
+    assert only.num_rows == 3
+
+
+def test_a_directory_whose_files_disagree_or_have_no_data(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    with pytest.raises(DatasetError, match="has no parquet, jsonl or csv files"):
+        open_source(str(d), DatasetFormat.auto)
+    pq.write_table(pa.table({"text": ["a"], "id": ["1"]}), d / "1.parquet")
+    pq.write_table(pa.table({"body": ["b"]}), d / "2.parquet")
+    with pytest.raises(DatasetError, match=r"2.parquet lacks column\(s\) 'text', 'id'"):
+        open_source(str(d), DatasetFormat.auto)
+
+
+def test_jsonl_bytes_that_are_not_utf8(tmp_path):
+    from lib.data.params import EncodingErrors
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=r"byte offset 28 \(line 2\) is not valid utf-8"):
+        open_source(str(p), DatasetFormat.auto)
+    rows = open_source(str(p), DatasetFormat.auto, encoding_errors=EncodingErrors.replace)
+    assert rows.read(1, 2).column("text").to_pylist() == ["caf\ufffd"]
+    latin = open_source(str(p), DatasetFormat.auto, encoding="latin-1")
+    assert latin.read(1, 2).column("text").to_pylist() == ["café"]
+    with pytest.raises(DatasetError, match="not a codec"):
+        open_source(str(p), DatasetFormat.auto, encoding="utf-9")
+
+
+def test_fingerprint_ignores_a_touch_but_not_a_same_size_edit(tmp_path):
+    import os
+
+    from lib.data.fingerprint import file_fingerprint, fingerprint_changes
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["aaaa", "bbbb"]}), p)
+    first = file_fingerprint(str(p))
+    os.utime(p, (1, 1))
+    assert file_fingerprint(str(p)) == first
+    pq.write_table(pa.table({"text": ["aaaa", "cccc"]}), p)
+    second = file_fingerprint(str(p))
+    assert second["size"] == first["size"] and second != first
+    assert fingerprint_changes({str(p): first}, {str(p): second}) == [
+        f"{p}: changed since this run embedded it (same size, different content)"
+    ]
+    with fsspec.open("memory://fp/d.parquet", "wb") as fh:
+        fh.write(b"abc")
+    assert file_fingerprint("memory://fp/d.parquet")["size"] == 3
