@@ -4,6 +4,7 @@ the named-clustering command in this process."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -190,6 +191,33 @@ def test_configured_clustering_resolves_through_conf(clustering_root, tmp_path):
     assert inputs.metadata == clustering_root / "toy/merge/metadata.parquet"
 
 
+def _republish_markers(run: Path) -> None:
+    """Make the k-means markers describe the files as they are now: outputs that are
+    wrong but published as such (a buggy writer), past the markers' own check."""
+    for marker in run.glob("kmeans/**/completions/task_*.json"):
+        doc = json.loads(marker.read_text())
+        for out in doc["outputs"]:
+            raw = (run / out["path"]).read_bytes()
+            out["bytes"], out["sha256"] = len(raw), hashlib.sha256(raw).hexdigest()
+        marker.write_text(json.dumps(doc))
+
+
+def test_an_output_changed_behind_its_marker_invalidates_the_level(tmp_path, capsys):
+    run = tmp_path / "changed"
+    make_clustering(run, n=200)
+    assignment = run / "kmeans/level1/step0/assignment.npy"
+    raw = bytearray(assignment.read_bytes())
+    raw[-8] ^= 1  # the last label, same size: only its sha256 tells
+    assignment.write_bytes(bytes(raw))
+    code, err = run_inproc(capsys, "changed", f"run.root={tmp_path}")
+    assert code == 1
+    assert "assignment.npy: sha256" in err
+    assert "marker invalidated; rerun the same command to redo task 0 of kmeans_level1" in err
+    assert not (run / RunPaths.marker("kmeans/level1", 0)).exists()
+    assert not (run / RunPaths.marker("kmeans/level1/step0", 0)).exists()
+    assert list((run / "kmeans/level1/completions/invalid").iterdir())
+
+
 def test_bad_kmeans_outputs_are_clear_errors(tmp_path, capsys):
     run = tmp_path / "bad"
     make_clustering(run, n=200)
@@ -197,17 +225,20 @@ def test_bad_kmeans_outputs_are_clear_errors(tmp_path, capsys):
     good = np.load(step / "assignment.npy")
     # assignment length != N
     save_npy(step / "assignment.npy", good[:150])
+    _republish_markers(run)
     code, err = run_inproc(capsys, "bad", f"run.root={tmp_path}")
     assert code == 1
     assert "has 150 entries but there are 200 embedding rows" in err
     # a sidecar that disagrees with its array
     save_npy(step / "assignment.npy", good)
     sidecar_path(step / "assignment.npy").write_text('{"shape": [201], "dtype": "int64"}')
+    _republish_markers(run)
     code, err = run_inproc(capsys, "bad", f"run.root={tmp_path}")
     assert code == 1
     assert "sidecar says shape=[201]" in err and "assignment.npy" in err
     # every point in one cluster: silhouette/DB undefined
     save_npy(step / "assignment.npy", np.zeros_like(good))
+    _republish_markers(run)
     code, err = run_inproc(capsys, "bad", f"run.root={tmp_path}", "metrics.levels=[1]")
     assert code == 1
     assert "undefined for 1 non-empty cluster" in err
