@@ -26,7 +26,9 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := true
 # The test SLURM cluster: MaxArraySize 1000 (the array-splitting test needs it) and 32
 # schedulable CPUs on this 2-core node, so thousands of trivial test tasks finish in
-# minutes (real work still shares the 2 cores).
+# minutes (real work still shares the 2 cores). It is private (scripts/slurm/common.sh):
+# files under $EMBEDFLEET_SLURM_DIR (default /tmp/embedfleet-slurm), ports of its own,
+# reached with SLURM_CONF=`scripts/slurm/up.sh --conf`; nothing under /etc is touched.
 SLURM_TEST_ENV := SLURM_MAX_ARRAY_SIZE=1000 SLURM_NODE_CPUS=32
 
 .PHONY: install demo test check lint bench clean help slurm-up slurm-down slurm-status run status metrics
@@ -89,7 +91,7 @@ slurm-down:
 	scripts/slurm/down.sh
 
 slurm-status:
-	$(SLURM_TEST_ENV) scripts/slurm/up.sh --check && sinfo
+	$(SLURM_TEST_ENV) scripts/slurm/up.sh --check && SLURM_CONF=$$(scripts/slurm/up.sh --conf) sinfo
 
 bench: install
 	$(PY) bench/bench_embed.py

@@ -112,11 +112,17 @@ def st_model():
 
 # The test SLURM cluster (scripts/slurm/up.sh). `make test` starts it; this fixture starts
 # it too when pytest runs alone. If it cannot start, SLURM tests fail: they never skip.
+# It is private (its own directory, munge socket and ports): the fixture points SLURM_CONF
+# at it for this process and everything it starts, so no test reaches a system SLURM.
 SLURM_TEST_ENV = {"SLURM_MAX_ARRAY_SIZE": "1000", "SLURM_NODE_CPUS": "32"}
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> dict:
+    conf = subprocess.run(
+        [str(REPO / "scripts/slurm/up.sh"), "--conf"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    os.environ["SLURM_CONF"] = conf
     env = {**os.environ, **SLURM_TEST_ENV}
     check = subprocess.run(
         [str(REPO / "scripts/slurm/up.sh"), "--check"], env=env, capture_output=True, text=True
@@ -133,7 +139,7 @@ def slurm_cluster() -> dict:
             pytest.fail(
                 f"the test SLURM cluster could not start (make slurm-up):\n{up.stdout}\n{up.stderr}"
             )
-    return SLURM_TEST_ENV
+    return {**SLURM_TEST_ENV, "SLURM_CONF": conf}
 
 
 # A real S3 server on loopback (moto's server, from PyPI). Runs wherever the suite runs, CI
@@ -178,10 +184,10 @@ def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import s3fs
-
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
     try:
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
         yield env
     finally:
         for k, v in saved.items():
@@ -189,6 +195,7 @@ def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        # Only the server this fixture started, by its own pid.
         proc.terminate()
         proc.wait(timeout=30)
 

@@ -8,6 +8,7 @@ stays short. Nothing else about the cluster is faked.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import pytest
 from cli.run import save_run_config
 from launchers.slurm.launcher import SlurmLauncher
 from launchers.slurm.queue import load_submissions
+from launchers.slurm.render import job_name
 from lib.config.compose import compose
 from lib.core.paths import RunPaths
 from lib.formats.arrays import open_embeddings
@@ -300,9 +302,21 @@ def test_hostile_paths_and_names_run_the_intended_command(slurm_cluster, tmp_pat
     assert completed_tasks(hostile, spec) == {0, 1}
     assert not canary.exists()
     script = next((hostile / "slurm").glob("*.sbatch")).read_text()
-    assert script.count("\n#SBATCH") == len(
-        [ln for ln in script.splitlines() if ln.startswith("#SBATCH")]
-    )
+    # Exactly these directives, in this order: a value that smuggled in a line of its own
+    # ("\n#SBATCH --wrap=...") would add one (sbatch reads every #SBATCH line up to the
+    # first command, wherever it came from).
+    name = job_name(cfg.cluster.slurm.job_name_prefix, hostile.name, "touch")
+    assert [ln for ln in script.splitlines() if ln.lstrip().startswith("#SBATCH")] == [
+        "#SBATCH --array=0-1",
+        "#SBATCH --cpus-per-task=2",
+        f"#SBATCH --job-name={shlex.quote(name)}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --output=slurm-%A_%a.out",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR2@120",
+        "#SBATCH --time=04:00:00",
+    ]
+    assert "\n" not in name and "PWNED" in name  # the hostile value is there, on its line
 
 
 def test_dry_run_prints_scripts_and_submits_nothing(slurm_cluster, tmp_path):
