@@ -73,3 +73,14 @@ stop_ours() {  # stop_ours NAME: TERM the recorded pid of NAME, then KILL that p
   kill -9 "$pid" 2>/dev/null || true
   echo "[slurm] killed $1 (pid $pid)"
 }
+
+lock_cluster() {  # one up.sh/down.sh at a time per cluster (pytest-xdist workers start it together)
+  mkdir -p -m 0755 "$SLURM_DIR"
+  # Daemons run as root from files in here: nobody else may plant or change them.
+  if [ "$(stat -c %u "$SLURM_DIR")" != 0 ] || [ -n "$(find "$SLURM_DIR" -maxdepth 0 -perm /022)" ]; then
+    echo "[slurm] ERROR: $SLURM_DIR must be owned by root and writable by root only: choose another EMBEDFLEET_SLURM_DIR" >&2
+    exit 1
+  fi
+  exec 9>>"$SLURM_DIR/.lock"
+  flock 9
+}

@@ -5,6 +5,8 @@
 set -uo pipefail
 # shellcheck source=scripts/slurm/common.sh
 . "$(dirname "$0")/common.sh"
+[ -d "$SLURM_DIR" ] || exit 0
+lock_cluster
 for name in slurmd slurmctld slurmdbd mariadbd munged; do
   stop_ours "$name"
 done

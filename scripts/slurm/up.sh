@@ -104,10 +104,6 @@ install_packages() {
 }
 
 make_dirs() {
-  mkdir -p -m 0755 "$SLURM_DIR"
-  # Daemons run as root from files in here: nobody else may plant or change them.
-  [ "$(stat -c %u "$SLURM_DIR")" = 0 ] || refuse "$SLURM_DIR is not owned by root: choose another EMBEDFLEET_SLURM_DIR"
-  chmod 0755 "$SLURM_DIR"
   mkdir -p "$RUN_DIR" "$LOG_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd"
   mkdir -p "$MUNGE_DIR"/etc "$MUNGE_DIR"/run "$MUNGE_DIR"/lib "$MUNGE_DIR"/log
   chown munge:munge "$MUNGE_DIR" "$MUNGE_DIR"/etc "$MUNGE_DIR"/run "$MUNGE_DIR"/lib "$MUNGE_DIR"/log
@@ -294,6 +290,7 @@ if [ "${1:-}" = "--check" ]; then
   healthy && { say "healthy ($SLURM_CONF)"; exit 0; }
   say "not running or not healthy ($SLURM_CONF)"; exit 1
 fi
+lock_cluster
 refuse_beside_a_system_slurm
 if healthy; then say "already up (MaxArraySize=$MAX_ARRAY, CPUs=$CPUS; SLURM_CONF=$SLURM_CONF)"; exit 0; fi
 install_packages
