@@ -1,7 +1,6 @@
 """Merge on real shard files (the embed stage's format), including every refusal case."""
 
 import json
-import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +20,7 @@ from lib.merge.params import MergeFormat
 from lib.merge.stream import merge_shards
 from lib.merge.tables import merge_metadata, split_by_source
 from lib.plan.spec import ARRAY, StageSpec
+from tests.pickle_canary import write_legacy_shards
 
 HASH = "h" * 64
 
@@ -212,33 +212,20 @@ def test_by_source_split(tmp_path, rng):
     assert json.loads((out / "by_source" / "index.json").read_text())["s1"]["rows"] == 10
 
 
-def _legacy(tmp_path, rng):
-    data = rng.normal(size=(20, 4)).astype(np.float32)
-    for c, (a, b) in enumerate([(0, 12), (12, 20)]):
-        with open(tmp_path / f"cluster{c}_gpu0.pkl", "wb") as fh:
-            pickle.dump(
-                {
-                    "embeddings": data[a:b],
-                    "start_index": a,
-                    "end_index": b - 1,
-                    "cluster_id": c,
-                    "gpu_id": 0,
-                },
-                fh,
-            )
-    return data
-
-
 def test_legacy_pickles_refused_by_default(tmp_path, rng):
-    _legacy(tmp_path, rng)
+    canary = tmp_path / "UNPICKLED"
+    write_legacy_shards(tmp_path, rng, canary)
     with pytest.raises(ShardValidationError, match="runs whatever code.*allow_pickle=true"):
         collect_legacy_shards(tmp_path, allow_pickle=False)
+    assert not canary.exists()  # refused before any file was unpickled
 
 
 def test_legacy_pickles_with_allow_pickle(tmp_path, rng, caplog):
-    data = _legacy(tmp_path, rng)
+    canary = tmp_path / "UNPICKLED"
+    data = write_legacy_shards(tmp_path, rng, canary)
     inputs = collect_legacy_shards(tmp_path, allow_pickle=True)
     assert "unpickling runs code" in caplog.text
+    assert canary.exists()  # the canary works: a load leaves it, so its absence means no load
     validate_layout(inputs, None)
     merge_shards(inputs, LocalStorage(tmp_path), [MergeFormat.npy])
     assert np.array_equal(np.load(tmp_path / "merge" / "embeddings.npy"), data)
