@@ -46,6 +46,7 @@ from launchers.base import (
     read_attempt,
     write_attempt,
 )
+from lib.config.redact import env_file_values, task_env
 from lib.core.locks import process_alive, process_start
 from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
@@ -181,7 +182,8 @@ class LocalLauncher(Launcher):
         c = cfg.cluster
         self.num_gpus = int(c.num_gpus)
         self.parallelism = self.num_gpus if self.num_gpus > 0 else max(1, int(c.parallelism))
-        self.extra_env = {str(k): str(v) for k, v in (c.env or {}).items()}
+        # Filled by launch (task_env): a retry's secrets come from the environment then.
+        self.extra_env: dict[str, str] = {}
         self.echo = echo
         self._print_lock = threading.Lock()
         self._signals = 0  # stop signals received during `launch`
@@ -341,7 +343,12 @@ class LocalLauncher(Launcher):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        saved = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        # Under `nohup` SIGHUP stays ignored: the run is meant to outlive the terminal.
+        saved = {
+            s: signal.signal(s, self._on_signal)
+            for s in STOP_SIGNALS
+            if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)
+        }
         try:
             yield
         finally:
@@ -446,6 +453,14 @@ class LocalLauncher(Launcher):
 
     def _launch(self, paths: RunPaths, plan: Plan, dry_run: bool) -> LaunchResult:
         failed: dict[str, list[int]] = {}
+        if not dry_run:
+            # Straight into the tasks' process environment: never into a file.
+            tenv = task_env(self.cfg.cluster, literal_secrets=True, launcher=self.name)
+            self.extra_env = {
+                **(env_file_values(tenv.env_file) if tenv.env_file else {}),
+                **tenv.plain,
+                **tenv.secret,
+            }
         for spec in plan.stages:
             if self._signals:
                 raise _Interrupted(0)
