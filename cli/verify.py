@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from cli.run import resolve_run
@@ -106,6 +107,11 @@ def verify_run(paths: RunPaths, plan: Plan) -> list[StageReport]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     paths = resolve_run(args.run)
+    if not log.handlers:  # off a terminal, Progress reports every 10 s through this logger
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     reports = verify_run(paths, Plan.load(paths))
     checked = sum(r.ok + len(r.broken) + len(r.foreign) for r in reports)
     broken = sum(len(r.broken) + len(r.foreign) for r in reports)
