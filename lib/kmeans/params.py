@@ -16,12 +16,12 @@ which skip points whose assignment provably did not change.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from lib.compute.devices import Device
-from lib.config.fields import from_mapping, hashed_values, unhashed
+from lib.config.fields import bounded, from_mapping, hashed_values, unhashed
 from lib.core.errors import ConfigError
 
 SAMPLING_STRATEGIES = ("r", "c")
@@ -39,30 +39,31 @@ class KmeansBackend(StrEnum):
 @dataclass
 class KmeansParams:
     # null: len(n_clusters).
-    n_levels: int | None = unhashed(None)
-    n_clusters: list[int] = field(default_factory=lambda: [1000, 100])
+    n_levels: int | None = unhashed(None, ge=1)
+    n_clusters: list[int] = bounded(ge=1, default_factory=lambda: [1000, 100])
     # Steps per level, step 0 included: 1 = plain k-means, 3 = two resampling steps.
-    n_resampling_steps: list[int] = field(default_factory=lambda: [1])
-    sample_size: list[int] = field(default_factory=lambda: [10])  # points per cluster
-    n_splits: list[int] = field(default_factory=lambda: [1])  # >1: level-1 split mode
-    n_iters: int = 50  # Lloyd iterations per k-means
-    tol: float = 0.0  # stop earlier when the relative inertia change is below tol
+    n_resampling_steps: list[int] = bounded(ge=1, default_factory=lambda: [1])
+    sample_size: list[int] = bounded(ge=1, default_factory=lambda: [10])  # points per cluster
+    n_splits: list[int] = bounded(ge=1, default_factory=lambda: [1])  # >1: level-1 split mode
+    n_iters: int = bounded(50, ge=0)  # Lloyd iterations per k-means
+    tol: float = bounded(0.0, ge=0)  # stop earlier when the relative inertia change is below tol
     init: str = "kmeans++"  # kmeans++ | random (| faiss with backend=faiss)
-    n_local_trials: int | None = None  # k-means++ candidates per centre; null: 2 + ln k
+    # K-means++ candidates per centre; null: 2 + ln k.
+    n_local_trials: int | None = bounded(None, ge=1)
     sampling_strategy: str = "r"  # r: random, c: closest to the centroid
     dtype: str = "float64"  # accumulation dtype of the Lloyd sums
     compute_dtype: str = "float32"  # dtype of the distance products
-    seed: int = 0
-    chunk_rows: int = unhashed(DEFAULT_CHUNK_ROWS)
+    seed: int = bounded(0, ge=0)
+    chunk_rows: int = unhashed(DEFAULT_CHUNK_ROWS, ge=1)
     # The most a rank may hold of its shard converted to the compute dtype (null: 2 GiB
     # on CPU, half the free memory on CUDA; 0 streams every pass from the memmap).
-    cache_bytes: int | None = unhashed(None)
+    cache_bytes: int | None = unhashed(None, ge=0)
     backend: KmeansBackend = KmeansBackend.torch
     allow_tf32: bool = False
     bounds: bool | None = None  # null: triangle-inequality bounds on CPU only
     save_distances: bool = unhashed(True)
     # Not part of the algorithm: where and how the level jobs run.
-    world_size: int = unhashed(1)  # ranks per level job (local processes or SLURM tasks)
+    world_size: int = unhashed(1, ge=1)  # ranks per level job (local processes or SLURM tasks)
     device: Device = unhashed(Device.auto)
     # null: the merge stage's embeddings; else a .npy/.safetensors matrix to cluster. Its
     # identity (path, shape, dtype) enters level 1's hash as the level's input.

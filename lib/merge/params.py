@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from lib.config.fields import unhashed
+from lib.config.fields import bounded, unhashed
 
 
 class MergeFormat(StrEnum):
@@ -23,9 +23,9 @@ class MergeParams:
     input: MergeInput = MergeInput.embed
     formats: list[MergeFormat] = field(default_factory=lambda: [MergeFormat.safetensors])
     by_source: bool = True
-    expected_rows: int | None = None
-    keep_first: int | None = None
-    chunk_rows: int = unhashed(65536)
+    expected_rows: int | None = bounded(None, ge=0)
+    keep_first: int | None = bounded(None, ge=1)
+    chunk_rows: int = unhashed(65536, ge=1)
     verify_sha256: bool = True
     legacy_dir: str | None = None
     allow_pickle: bool = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from lib.config.fields import unhashed
+from lib.config.fields import bounded, unhashed
 from lib.core.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -20,28 +20,29 @@ COMPUTE_DTYPES = ("float32", "float64")
 
 @dataclass
 class MetricsParams:
-    levels: list[int] | None = unhashed(None)  # null: every finished level
+    levels: list[int] | None = unhashed(None, ge=1)  # null: every finished level
     # The exact silhouette up to this many points, a sampled estimate beyond (sample_size
     # points drawn with seed); 0 disables the silhouette.
-    silhouette_exact_max: int = 20000
-    sample_size: int = 10000
+    silhouette_exact_max: int = bounded(20000, ge=0)
+    sample_size: int = bounded(10000, ge=2)
     # Rows per block: memory ~ block_rows^2 * 8 bytes for the silhouette,
     # block_rows * (D + k) * 8 otherwise.
-    block_rows: int = unhashed(2048)
-    seed: int = 0
+    block_rows: int = unhashed(2048, ge=1)
+    seed: int = bounded(0, ge=0)
     compute_dtype: str = "float32"  # pairwise products: float32 | float64
     simplified_silhouette: bool = True  # point -> own vs nearest other centroid
-    resident_bytes: int = unhashed(536870912)  # silhouette points held in memory up to this
-    silhouette_acc_bytes: int = unhashed(268435456)  # N x k sums: symmetric blocks if they fit
-    n_examples: int = 3  # rows shown per best/worst cluster
-    n_show: int = 3  # best/worst clusters shown per ranking
-    world_size: int = unhashed(1)  # ranks of the pipeline stage
-    torch_threads: int | None = unhashed(None)  # null: torch's default
+    resident_bytes: int = unhashed(536870912, ge=0)  # silhouette points held in memory up to this
+    # N x k sums: symmetric blocks if they fit.
+    silhouette_acc_bytes: int = unhashed(268435456, ge=0)
+    n_examples: int = bounded(3, ge=0)  # rows shown per best/worst cluster
+    n_show: int = bounded(3, ge=0)  # best/worst clusters shown per ranking
+    world_size: int = unhashed(1, ge=1)  # ranks of the pipeline stage
+    torch_threads: int | None = unhashed(None, ge=1)  # null: torch's default
     scratch_dir: str | None = unhashed(None)  # null: cluster.scratch_dir
     output_dir: str | None = unhashed(None)  # standalone runs; null: <clustering run_dir>/metrics
     sanity_check: bool = unhashed(False)
-    sanity_sample: int = unhashed(2000)  # rows of the sanity check's random sample
-    sanity_rtol: float = unhashed(1e-6)
+    sanity_sample: int = unhashed(2000, ge=1)  # rows of the sanity check's random sample
+    sanity_rtol: float = unhashed(1e-6, ge=0)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the bad setting."""
