@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lib.config.schema import SCHEMA_NAME, EmbedfleetConfig
+from lib.config.validate import validate_config
 from lib.core.errors import ConfigError
 from lib.core.paths import RunPaths
 from lib.core.repo import CONF_DIR
@@ -73,13 +74,15 @@ def register_configs() -> None:
 
 def compose(overrides: list[str], job_name: str = "launch") -> DictConfig:
     """``conf/config.yaml`` with ``overrides``, outside ``@hydra.main``; ``run.dir`` is
-    pinned to ``run.root/run.name`` (Hydra's output dir exists only under its app)."""
+    pinned to ``run.root/run.name`` (Hydra's output dir exists only under its app).
+    Raises ``ConfigError`` for what ``validate_config`` refuses."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=job_name):
         cfg = hydra_compose("config", overrides=overrides)
+    validate_config(cfg)
     root = str(cfg.run.root)
     cfg.run.dir = join(root if is_url(root) else str(Path(root).expanduser()), str(cfg.run.name))
     return cfg

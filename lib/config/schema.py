@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from lib.config.fields import bounded
 from lib.curate.params import CurateParams
 from lib.data.params import DatasetParams
 from lib.embed.params import EmbedParams, ModelParams
@@ -37,7 +38,7 @@ class RunConfig:
     name: str = "default"
     root: str = "outputs"
     dir: str = "${ef.run_dir:${run.root},${hydra:runtime.output_dir}}"
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -48,10 +49,10 @@ class SlurmResources:
     account: str | None = None
     qos: str | None = None
     time: str | None = None  # e.g. "02:00:00" or "1-00:00:00"
-    nodes: int | None = None
-    ntasks_per_node: int | None = None
-    gpus_per_node: int | None = None
-    cpus_per_task: int | None = None
+    nodes: int | None = bounded(None, ge=1)
+    ntasks_per_node: int | None = bounded(None, ge=1)
+    gpus_per_node: int | None = bounded(None, ge=0)
+    cpus_per_task: int | None = bounded(None, ge=1)
     mem: str | None = None  # e.g. "32G"
     mem_per_cpu: str | None = None
     constraint: str | None = None
@@ -77,20 +78,23 @@ class StageResources:
 @dataclass
 class SlurmConfig:
     job_name_prefix: str = "ef"
-    array_throttle: int | None = None  # --array=...%N: tasks of one array running at once
-    max_array_size: int | None = None  # null: read MaxArraySize from `scontrol show config`
+    # --array=...%N: tasks of one array running at once
+    array_throttle: int | None = bounded(None, ge=1)
+    # null: read MaxArraySize from `scontrol show config`
+    max_array_size: int | None = bounded(None, ge=1)
     signal: str = "USR2"  # sent before the time limit: stop at a safe point, requeue
-    signal_delay_s: int = 120
+    signal_delay_s: int = bounded(120, ge=0)
     requeue: bool = True
-    max_restarts: int = 3  # a task restarted more often (SLURM_RESTART_COUNT) fails
+    max_restarts: int = bounded(3, ge=0)  # a task restarted more often (SLURM_RESTART_COUNT) fails
     resources: StageResources = field(default_factory=StageResources)
 
 
 @dataclass
 class ClusterConfig:
     launcher: LauncherKind = LauncherKind.local
-    parallelism: int = 2  # local: tasks run at once
-    num_gpus: int = 0  # local: >0 runs one task per GPU with CUDA_VISIBLE_DEVICES set
+    parallelism: int = bounded(2, ge=1)  # local: tasks run at once
+    # local: >0 runs one task per GPU with CUDA_VISIBLE_DEVICES set
+    num_gpus: int = bounded(0, ge=0)
     # Interpreter for task commands on the cluster; null: the one running launch.py.
     python: str | None = None
     # Where tasks put memory-mapped scratch files (k-means, metrics) and, for a run dir on

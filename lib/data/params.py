@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from lib.config.fields import bounded
+
 
 class DatasetFormat(StrEnum):
     auto = "auto"
@@ -77,5 +79,6 @@ class DatasetParams:
     # Duplicate ids are counted in the merge quality report and warned about; true:
     # an error at launch naming the first duplicate and its rows.
     unique_ids: bool = False
-    limit: int | None = None  # use only the first N rows
-    expected_rows: int | None = None  # declared size of the dataset, checked at launch
+    limit: int | None = bounded(None, ge=1)  # use only the first N rows
+    # Declared size of the dataset, checked at launch.
+    expected_rows: int | None = bounded(None, ge=0)
