@@ -16,6 +16,7 @@ from lib.core.errors import EmbedfleetError
 from lib.core.locks import run_lock
 from lib.core.paths import RunPaths
 from lib.plan.spec import Plan
+from lib.config.redact import environ_secret_values, mask
 
 
 def _load(paths: RunPaths):
@@ -132,5 +133,5 @@ def run_subcommand(argv: list[str]) -> int:
     try:
         return int(args.fn(args))
     except EmbedfleetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask(str(exc), environ_secret_values())}", file=sys.stderr)
         return 1

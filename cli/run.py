@@ -15,7 +15,13 @@ from cli.summary import print_summary
 from launchers import get_launcher
 from lib.config.compose import compose, explain_config_error
 from lib.config.fields import to_plain
-from lib.config.redact import redact
+from lib.config.redact import (
+    check_no_secret_outside_env,
+    config_secret_values,
+    environ_secret_values,
+    mask,
+    redact,
+)
 from lib.core.errors import ConfigMismatchError, DatasetError, EmbedfleetError
 from lib.core.hashing import config_digest
 from lib.core.locks import run_lock
@@ -179,6 +185,7 @@ def launch_run(
             run_dir = str(Path(run_dir).absolute())
         cfg.run.dir = run_dir
         _absolutize(cfg)
+        check_no_secret_outside_env(to_plain(cfg))
         paths = RunPaths(run_dir)
         if not dry_run:
             paths.storage.check_writable()
@@ -223,7 +230,8 @@ def launch_run(
             print(f"run dir: {run_dir}")
             result = launcher.launch(paths, plan, dry_run=dry_run)
     except (EmbedfleetError, PermissionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        known = [*environ_secret_values(), *config_secret_values(to_plain(cfg))]
+        print(f"error: {mask(str(exc), known)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before any task started (the launcher handles its own)
         print("interrupted: no task was started; rerun the same command", file=sys.stderr)

@@ -10,6 +10,12 @@ submitit ships the callable to the workers by pickling it: that is our own funct
 its arguments, written by this process into the run dir, never user data. In the worker,
 ``EMBEDFLEET_LAUNCHER=submitit`` selects the submitit task environment (rank, world and
 hosts from submitit's own ``JobEnvironment``).
+
+Secrets are never among the pickled arguments (they are files in the run dir): a secret
+literal in ``cluster.env`` is refused as with cluster=slurm, ``cluster.pass_env`` names
+reach the workers through the environment of the submitting process (sbatch exports it;
+the LocalExecutor's processes inherit it), and ``cluster.env_file`` is sourced by the job
+(a setup line on SLURM; read into that environment for the LocalExecutor).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from omegaconf import DictConfig
 from launchers.base import Launcher, LaunchResult, SchedulerView
 from launchers.slurm import queue
 from launchers.slurm.queue import Submission, load_submissions, save_submissions
+from launchers.slurm.render import quote
 from launchers.slurm.resources import merged_resources, node_layout, require_shared_run_dir
+from lib.config.redact import env_file_values, refuse_secret_literals, task_env
 from lib.core.errors import EmbedfleetError
 from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
@@ -89,6 +97,8 @@ class SubmititLauncher(Launcher):
 
         self.submitit = submitit
         self.backend = "slurm" if submitit.SlurmExecutor.affinity() > 0 else "local"
+        refuse_secret_literals(cfg.cluster, self.name)
+        self.env_file: str | None = None
 
     def _executor(self, paths: RunPaths, spec: StageSpec, deps: list[str]):
         folder = paths.storage.local_file(paths.submitit_folder(spec.name))
@@ -97,6 +107,9 @@ class SubmititLauncher(Launcher):
         if self.backend == "slurm":
             if deps:
                 params["slurm_additional_parameters"]["dependency"] = "afterany:" + ":".join(deps)
+            if self.env_file:
+                # Only the file's path is written into submitit's sbatch script.
+                params["slurm_setup"] = [*params["slurm_setup"], f"source {quote(self.env_file)}"]
             executor.update_parameters(**params)
         else:
             executor.update_parameters(
@@ -117,7 +130,15 @@ class SubmititLauncher(Launcher):
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
             )
         }
-        env.update({str(k): str(v) for k, v in (self.cfg.cluster.env or {}).items()})
+        tenv = task_env(
+            self.cfg.cluster, literal_secrets=False, launcher=self.name, check_environ=not dry_run
+        )
+        env.update(tenv.plain)  # pickled into the run dir with run_task's arguments
+        self.env_file = tenv.env_file
+        # Inherited, not pickled: the forwarded secrets are already in os.environ.
+        inherited = dict(tenv.secret)
+        if tenv.env_file and self.backend == "local" and not dry_run:
+            inherited.update(env_file_values(tenv.env_file))
         subs = load_submissions(paths)
         stage_jobs: dict[str, list[str]] = {}
         failed: dict[str, list[int]] = {}
@@ -127,7 +148,7 @@ class SubmititLauncher(Launcher):
             else 10**9
         )
         # submitit calls sbatch from this process: hide an enclosing job's allocation.
-        with queue.scrubbed_environ(env):
+        with queue.scrubbed_environ({**env, **inherited}):
             for spec in plan.stages:
                 done = completed_tasks(paths, spec)
                 missing = [t for t in range(spec.num_tasks) if t not in done]

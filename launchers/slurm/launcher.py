@@ -11,6 +11,10 @@ distributed stage, chained with ``--dependency=afterany``; return at once.
   id in ``<run_dir>/slurm/submissions.json`` (``launchers.slurm.queue``); ``status`` asks
   ``squeue`` and ``sacct`` once each for all of them.
 - The run dir must be on a file system the nodes share: sbatch writes the logs there.
+- No secret is written into a script: ``cluster.pass_env`` names are forwarded from the
+  environment sbatch runs in (``--export``), ``cluster.env_file`` is sourced by the job, and
+  a secret literal in ``cluster.env`` is refused when the launcher is made (before
+  ``run.yaml``); a retry forwards the same names from its own environment again.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from launchers.slurm import queue
 from launchers.slurm.queue import Submission, chunk_tasks, load_submissions, save_submissions
 from launchers.slurm.render import job_name, render_array_script, render_distributed_script
 from launchers.slurm.resources import merged_resources, node_layout, require_shared_run_dir
+from lib.config.redact import TaskEnv, refuse_secret_literals, task_env
 from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
 from lib.core.sharding import compress_indices
@@ -40,6 +45,8 @@ class SlurmLauncher(Launcher):
         super().__init__(cfg)
         self.slurm = cfg.cluster.slurm
         self.python = cfg.cluster.python or sys.executable
+        refuse_secret_literals(cfg.cluster, self.name)
+        self.env = TaskEnv()  # set by launch: read from the environment then
 
     # -- rendering ----------------------------------------------------------------------
 
@@ -49,7 +56,6 @@ class SlurmLauncher(Launcher):
         base = Path(paths.root)  # a shared local path (require_shared_run_dir)
         script = base / paths.slurm_script(spec.name, n)
         res = merged_resources(self.cfg, spec.group)
-        env = {str(k): str(v) for k, v in (self.cfg.cluster.env or {}).items()}
         command = spec.command(self.python, paths.root)
         name = job_name(self.slurm.job_name_prefix, Path(paths.root).name, spec.name)
         common = dict(
@@ -64,7 +70,9 @@ class SlurmLauncher(Launcher):
             signal=self.slurm.signal,
             signal_delay_s=self.slurm.signal_delay_s,
             requeue=self.slurm.requeue,
-            env=env,
+            env=self.env.plain,
+            forward=self.env.forwarded,
+            env_file=self.env.env_file,
         )
         if spec.kind == DISTRIBUTED:
             nodes, per_node = node_layout(spec, res)
@@ -94,6 +102,10 @@ class SlurmLauncher(Launcher):
 
     def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
         require_shared_run_dir(paths.root, self.name)
+        # A dry run may plan on a machine without the secrets; a submission needs them.
+        self.env = task_env(
+            self.cfg.cluster, literal_secrets=False, launcher=self.name, check_environ=not dry_run
+        )
         subs = load_submissions(paths)
         live = queue.live_tasks(subs) if not dry_run else {}
         size = queue.max_array_size(self.slurm.max_array_size)

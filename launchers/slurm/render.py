@@ -7,6 +7,10 @@ script starts with a ``# Run with: sbatch ...`` line. Values that cannot be expr
 an ``#SBATCH`` line (newlines, control characters) are refused with the key named.
 ``setup`` lines are shell code the user wrote on purpose (module load, conda activate)
 and are rendered as given.
+
+No secret is ever rendered: an ``env`` value that looks like one is refused; secrets reach
+the job by name (``forward``: ``--export`` of sbatch's environment, checked at the job's
+start) or from a file the user names (``env_file``, sourced).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import jinja2
 
+from lib.config.redact import looks_secret
 from lib.config.schema import SlurmResources
 from lib.core.errors import ConfigError
 from lib.core.repo import REPO_ROOT
@@ -106,10 +111,29 @@ def sbatch_lines(resources: Mapping[str, Any], fixed: Mapping[str, Any]) -> list
 
 
 def _env_items(env: Mapping[str, str]) -> list[tuple[str, str]]:
-    for key in env:
+    for key, value in env.items():
         if not _ENV_KEY.match(str(key)):
             raise ConfigError(f"cluster.env: {key!r} is not a valid environment variable name")
+        if looks_secret(str(key), str(value)):
+            raise ConfigError(
+                f"cluster.env.{key} looks like a secret and is not rendered into a script: "
+                f"forward it by name (cluster.pass_env=[{key}]) or set it in cluster.env_file"
+            )
     return sorted((str(k), str(v)) for k, v in env.items())
+
+
+def _forward_checks(names: Iterable[str]) -> list[str]:
+    """Lines that stop the job at once, naming the fix, when a forwarded variable did not
+    arrive (set -u would only fail later, at its first use, with a less useful message)."""
+    lines = []
+    for name in sorted(set(names)):
+        if not _ENV_KEY.match(name):
+            raise ConfigError(f"cluster.pass_env: {name!r} is not a valid environment variable name")
+        lines.append(
+            f': "${{{name}:?is not set: cluster.pass_env forwards it from the environment of '
+            f'sbatch, so export {name} before submitting}}"'
+        )
+    return lines
 
 
 def _signal_name(signal: str) -> str:
@@ -132,6 +156,8 @@ def _render(
     resources: Mapping[str, Any],
     requeue: bool,
     env: Mapping[str, str] | None,
+    forward: Iterable[str],
+    env_file: str | Path | None,
     command: Iterable[str],
     **values: Any,
 ) -> str:
@@ -139,6 +165,10 @@ def _render(
     ``fixed``), the setup lines, the quoted environment and the command."""
     if requeue:
         fixed = {**fixed, "requeue": True}
+    forward = sorted(set(forward))
+    if forward:
+        # ALL: a site's SBATCH_EXPORT=NONE would otherwise drop what we forward.
+        fixed = {**fixed, "export": ",".join(["ALL", *forward])}
     return (
         _env()
         .get_template(template)
@@ -148,6 +178,8 @@ def _render(
             sbatch_lines=sbatch_lines(flag_resources, fixed),
             setup=list(resources.get("setup") or []),
             env=_env_items(env or {}),
+            forward_checks=_forward_checks(forward),
+            env_file=str(env_file) if env_file else None,
         )
     )
 
@@ -172,6 +204,8 @@ def render_array_script(
     signal_delay_s: int = 120,
     requeue: bool = True,
     env: Mapping[str, str] | None = None,
+    forward: Iterable[str] = (),
+    env_file: str | Path | None = None,
 ) -> str:
     """The sbatch script of one job array chunk of a sharded stage. ``log_file_format`` is
     a printf format of a task's log file name in ``log_dir`` (the task index fills it)."""
@@ -191,6 +225,8 @@ def render_array_script(
         resources=resources,
         requeue=requeue,
         env=env,
+        forward=forward,
+        env_file=env_file,
         command=command,
         script_path=str(script_path),
         run_dir=str(run_dir),
@@ -224,6 +260,8 @@ def render_distributed_script(
     signal_delay_s: int = 120,
     requeue: bool = True,
     env: Mapping[str, str] | None = None,
+    forward: Iterable[str] = (),
+    env_file: str | Path | None = None,
 ) -> str:
     """The sbatch script of a multi-node torch.distributed stage (srun, one rank per task).
     ``rank_log``: srun's ``--output`` pattern of the per-rank logs (``%t`` = rank)."""
@@ -244,6 +282,8 @@ def render_distributed_script(
         resources=resources,
         requeue=requeue,
         env=env,
+        forward=forward,
+        env_file=env_file,
         command=command,
         script_path=str(script_path),
         run_dir=str(run_dir),

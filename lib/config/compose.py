@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lib.config.redact import redacted_values, restore_env_secrets
 from lib.config.schema import SCHEMA_NAME, EmbedfleetConfig
 from lib.config.validate import validate_config
 from lib.core.errors import ConfigError
@@ -102,6 +103,17 @@ def load_run_config(paths: RunPaths) -> DictConfig:
         cfg = OmegaConf.merge(schema, OmegaConf.create(text))
     except Exception as exc:  # omegaconf raises several types; all mean the same to a user
         raise ConfigError(f"{paths.url(paths.run_config)}: {exc}") from exc
+    # Secrets are not in run.yaml: a task reads cluster.env's from its environment, where
+    # the launcher put them; any other redacted value is refused (launch refuses those).
+    restore_env_secrets(cfg.cluster.env)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    stale = [k for k in redacted_values(plain) if not k.startswith("cluster.env.")]
+    if stale:
+        raise ConfigError(
+            f"{paths.url(paths.run_config)}: {', '.join(stale)} held a secret, which run.yaml "
+            "keeps redacted, so no task can use it; relaunch with that secret given through "
+            "the environment (cluster.pass_env or cluster.env_file) instead of the config"
+        )
     OmegaConf.set_struct(cfg, True)
     return cfg
 

@@ -101,7 +101,15 @@ class ClusterConfig:
     # an object store, staged uploads and cached downloads. Expanded on the compute node,
     # so "$LSCRATCH" means the node-local scratch there.
     scratch_dir: str = "$TMPDIR"
+    # Variables set for every task. Not for secrets (run.yaml keeps those redacted, and
+    # only cluster=local accepts one here): use pass_env or env_file.
     env: dict[str, str] = field(default_factory=dict)
+    # Names of variables forwarded from the launching environment to the tasks (sbatch
+    # --export), never written: e.g. [WANDB_API_KEY, HF_TOKEN]. A retry forwards them again.
+    pass_env: list[str] = field(default_factory=list)
+    # A shell file the tasks source before they start (e.g. ~/.wandb_api_key.sh holding
+    # `export WANDB_API_KEY=...`): its path is in the scripts, its content nowhere.
+    env_file: str | None = None
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
