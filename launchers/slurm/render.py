@@ -128,7 +128,9 @@ def _forward_checks(names: Iterable[str]) -> list[str]:
     lines = []
     for name in sorted(set(names)):
         if not _ENV_KEY.match(name):
-            raise ConfigError(f"cluster.pass_env: {name!r} is not a valid environment variable name")
+            raise ConfigError(
+                f"cluster.pass_env: {name!r} is not a valid environment variable name"
+            )
         lines.append(
             f': "${{{name}:?is not set: cluster.pass_env forwards it from the environment of '
             f'sbatch, so export {name} before submitting}}"'

@@ -107,6 +107,8 @@ def test_hostile_values_stay_one_word_on_one_line():
     assert out.stdout == hostile
     assert "\n" not in job_name("ef", hostile)
 
+        forward=["WANDB_API_KEY", "HF_TOKEN"],
+        env_file="/home/me/.wandb_api_key.sh",
 
 def test_misspelt_resource_key_fails_at_config_time():
     from cli.run import prevalidate
@@ -156,3 +158,39 @@ def test_submitting_from_inside_a_job_scrubs_its_environment(monkeypatch):
         assert "SLURM_JOB_ID" not in os.environ and os.environ["EF_EXTRA"] == "1"
         assert os.environ["SLURM_CONF"] == "/etc/slurm/slurm.conf"
     assert os.environ["SLURM_JOB_ID"] == "5" and "EF_EXTRA" not in os.environ
+
+
+def _array(**kw):
+    return render_array_script(
+        script_path="/r/slurm/embed-001.sbatch", run_dir="/r", stage="embed", job_name="ef-r-embed",
+        command=["python", "-m", "jobs.embed"], array="0-1", task_offset=0, first_task=0,
+        last_task=1, num_tasks=2, log_dir="/r/embed/logs", log_file_format="task_%05d.log",
+        workdir="/src", resources={}, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"WANDB_API_KEY": "0123abcd"}, {"DATABASE_URL": "postgres://u:pw0123@h/db"}, {"MY_TOKEN": "t"}],
+)
+def test_a_secret_is_never_rendered_into_a_script(env):
+    (name,) = env
+    with pytest.raises(ConfigError, match=rf"cluster\.env\.{name} looks like a secret.*pass_env"):
+        _array(env=env)
+
+
+def test_forwarded_names_are_exported_and_checked_at_job_start(tmp_path):
+    text = _array(forward=["WANDB_API_KEY"], env={"HF_HOME": "/hf"}, env_file="/home/me/k.sh")
+    assert "#SBATCH --export=ALL,WANDB_API_KEY\n" in text
+    assert "\nsource /home/me/k.sh\n" in text
+    (check,) = [line for line in text.splitlines() if "WANDB_API_KEY:?" in line]
+    # The check is the job's own first use of the variable: it stops with the fix named.
+    script = tmp_path / "check.sh"
+    script.write_text(f"set -euo pipefail\n{check}\necho ok\n")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    missing = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and "export WANDB_API_KEY before submitting" in missing.stderr
+    ok = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, env={**env, "WANDB_API_KEY": "x"}
+    )
+    assert ok.returncode == 0 and ok.stdout == "ok\n"
