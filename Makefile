@@ -31,7 +31,7 @@ export TOKENIZERS_PARALLELISM := true
 # reached with SLURM_CONF=`scripts/slurm/up.sh --conf`; nothing under /etc is touched.
 SLURM_TEST_ENV := SLURM_MAX_ARRAY_SIZE=1000 SLURM_NODE_CPUS=32
 
-.PHONY: install demo test check lint bench clean help slurm-up slurm-down slurm-status run status metrics
+.PHONY: install demo test check golden lint bench clean help slurm-up slurm-down slurm-status run status metrics
 
 help:
 	@echo "make demo     install, then run the quickstart (stdlib docstrings x all-MiniLM-L6-v2)"
@@ -39,6 +39,7 @@ help:
 	@echo "make check    ruff, import contracts and the unit tests: the edit-test loop (< 3 min)"
 	@echo "make install  create $(VENV) with every dependency"
 	@echo "make lint     ruff check + format check + import-linter contracts"
+	@echo "make golden   rewrite tests/golden/ from the renderers (review the diff; never in CI)"
 	@echo "make run EXPERIMENT=full_v2 CLUSTER=oscer [ARGS='key=value ...']   launch a run"
 	@echo "make status RUN=path/or/url/of/the/run                              watch it"
 	@echo "make metrics CLUSTERING=NAME [ARGS=...]   sbatch jobs/metrics.slurm NAME on SLURM"
@@ -69,6 +70,13 @@ check: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 tests/unit
+
+# Regenerate tests/golden/ from the renderers (tests named *_golden); review and commit the
+# diff. Never in CI: there the golden tests fail if EMBEDFLEET_UPDATE_GOLDEN is set.
+golden: install
+	@[ "$${CI:-}" != true ] || { echo "make golden does not run in CI (CI=true)"; exit 2; }
+	EMBEDFLEET_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/unit -k golden
+	git status --short tests/golden
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
