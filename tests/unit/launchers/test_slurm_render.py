@@ -31,13 +31,38 @@ RES = {
 }
 
 
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def check_golden(name: str, text: str, directory=GOLDEN) -> None:
+    """``text`` must equal the golden file ``name``. ``make golden`` (which sets
+    EMBEDFLEET_UPDATE_GOLDEN=1 and runs only these tests) rewrites the files instead; in CI
+    that is refused, or a run could accept its own regression."""
+    path = directory / name
     if os.environ.get("EMBEDFLEET_UPDATE_GOLDEN"):
+        if _in_ci():
+            pytest.fail(
+                "EMBEDFLEET_UPDATE_GOLDEN is set with CI=true: golden files are never "
+                "regenerated in CI; run `make golden` on a workstation and commit the diff"
+            )
         path.write_text(text)
     assert text == path.read_text(), (
-        f"{name} differs from its golden file (EMBEDFLEET_UPDATE_GOLDEN=1 to accept)"
+        f"{name} differs from its golden file: if the change is intended, run `make golden` "
+        "and review the diff of tests/golden/"
     )
+
+
+def test_golden_update_is_refused_in_ci(tmp_path, monkeypatch):
+    (tmp_path / "x.sbatch").write_text("kept\n")
+    monkeypatch.setenv("EMBEDFLEET_UPDATE_GOLDEN", "1")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="never regenerated in CI"):
+        check_golden("x.sbatch", "changed\n", tmp_path)
+    assert (tmp_path / "x.sbatch").read_text() == "kept\n"
+    monkeypatch.delenv("CI")
+    check_golden("x.sbatch", "changed\n", tmp_path)  # outside CI, the update is the point
+    assert (tmp_path / "x.sbatch").read_text() == "changed\n"
 
 
 def test_array_script_golden():
