@@ -15,7 +15,7 @@ from lib.core.errors import DatasetError
 from lib.core.storage import is_url
 from lib.data.datasets import RowSource, open_source
 from lib.data.params import TextMode
-from lib.data.text import check_columns, required_columns
+from lib.data.text import TextDecoding, check_columns, column_texts, required_columns
 
 
 def cache_dir(cfg: DictConfig) -> Path:
@@ -97,6 +97,12 @@ def check_dataset(source: RowSource, cfg: DictConfig) -> int:
             f"{source.description}: has {source.num_rows} rows but dataset.expected_rows="
             f"{d.expected_rows}; the dataset changed or the config is for another version"
         )
+    if TextMode(d.text_mode) == TextMode.field:
+        # The first row, read now: a text column of ints (or of bytes that do not decode)
+        # is refused before anything is written; later rows are checked by their task.
+        first = source.read(0, 1, [d.text_field])
+        dec = TextDecoding(d.encoding, d.encoding_errors, bool(d.cast_text), source.description)
+        column_texts(first, d.text_field, dec, text=True)
     if d.unique_ids:
         check_unique_ids(source, cfg, n)
     return n

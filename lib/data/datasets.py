@@ -65,7 +65,7 @@ def suffix_format(path: str) -> DatasetFormat | None:
     return _SUFFIX_FORMATS.get(Path(path.split("?")[0]).suffix.lower())
 
 
-def _is_dir(path: str) -> bool:
+def is_dir(path: str) -> bool:
     if _is_url(path):
         fs, p = fsspec.core.url_to_fs(path)
         return bool(fs.isdir(p))
@@ -262,7 +262,7 @@ def _read_csv(
         raise DatasetError(f"{path}: not valid CSV ({exc})") from exc
 
 
-def _hf_source(
+def hf_source(
     path: str, split: str, subset: str | None = None, cache_dir: Path | None = None
 ) -> TableSource:
     import datasets
@@ -315,7 +315,7 @@ def resolve_format(path: str, fmt: DatasetFormat) -> DatasetFormat:
         return DatasetFormat.hf if "/" in path and not path.startswith((".", "/")) else fmt
     if is_hf_saved_dir(path):
         return DatasetFormat.hf
-    if _is_dir(path):
+    if is_dir(path):
         return DatasetFormat.auto
     raise DatasetError(
         f"cannot tell the format of {path!r} from its name; set dataset.format to one of "
@@ -363,14 +363,14 @@ def open_source(
             )
         return ParquetSource(str(builtin_corpus_path(name, cache_dir or Path(".cache"))))
     if fmt == DatasetFormat.hf:
-        return _hf_source(path, split, subset, cache_dir)
+        return hf_source(path, split, subset, cache_dir)
     if not _exists(path):
         raise DatasetError(
             f"dataset file {path} does not exist; set dataset.path to a parquet/jsonl/csv file, "
             "a directory of them, an fsspec URL, or a Hugging Face dataset name with "
             "dataset.format=hf"
         )
-    if _is_dir(path):
+    if is_dir(path):
         files = dataset_files(path, requested)
         sources = [_open_file(f, suffix_format(f) or fmt, encoding, encoding_errors) for f in files]
         return MultiSource(path, sources)

@@ -28,10 +28,9 @@ import fsspec
 from omegaconf import DictConfig
 
 from lib.data.datasets import (
-    _hf_source,
-    _is_dir,
-    _is_url,
     dataset_files,
+    hf_source,
+    is_dir,
     is_hf_saved_dir,
     resolve_format,
 )
@@ -59,7 +58,7 @@ def _hash_edges(fh, size: int) -> tuple[str, str]:
 
 def file_fingerprint(path: str) -> dict[str, Any]:
     """Size and content stamp of one data file (local path or fsspec URL)."""
-    if not _is_url(path):
+    if "://" not in path:  # file:// too goes through fsspec, as open_source reads it
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
             sha, scope = _hash_edges(fh, size)
@@ -84,7 +83,7 @@ def _memo_key(cfg: DictConfig) -> tuple | None:
     from lib.data.columns import cache_dir
 
     path = str(cfg.dataset.path)
-    if _is_url(path) or not os.path.isfile(path):
+    if "://" in path or not os.path.isfile(path):
         return None
     st = os.stat(path)
     d = cfg.dataset
@@ -116,10 +115,10 @@ def _fingerprint(cfg: DictConfig) -> Fingerprint:
         return {path: {"python": platform.python_version(), **file_fingerprint(str(local))}}
     if fmt == DatasetFormat.hf:
         if is_hf_saved_dir(path) or not os.path.isdir(path):
-            source = _hf_source(path, d.split, d.subset, cache_dir(cfg))
+            source = hf_source(path, d.split, d.subset, cache_dir(cfg))
             return {source.description: {"datasets_fingerprint": source.fingerprint}}
         files = dataset_files(path)
-    elif _is_dir(path):
+    elif is_dir(path):
         files = dataset_files(path, DatasetFormat(d.format))
     else:
         files = [path]

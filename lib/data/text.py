@@ -117,7 +117,8 @@ def column_texts(table: pa.Table, column: str, dec: TextDecoding, *, text: bool)
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
         return _decode(col.to_pylist(), column, dec)
     values = col.to_pylist()
-    if not text or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):
+    stringy = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    if not text or stringy or pa.types.is_null(t):
         return values
     if pa.types.is_dictionary(t) and pa.types.is_string(t.value_type):
         return values

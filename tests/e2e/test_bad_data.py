@@ -67,6 +67,15 @@ def test_non_utf8_jsonl_is_refused_at_launch_naming_offset_and_line(tmp_path):
     assert not list((tmp_path / "out").glob("*/plan.json"))
 
 
+def test_a_text_column_of_ints_is_refused_at_launch_unless_cast_text(tmp_path):
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"text": [3, 1, 4, 1]}), path)
+    out = _failed(run_launch(*BASE, f"dataset.path={path}", f"run.root={tmp_path}"))
+    assert f"{path}: text column 'text' has type int64, not text (row 0: 3)" in out
+    assert "dataset.cast_text=true" in out
+    assert not list(tmp_path.glob("*/plan.json"))
+
+
 # ------------------------------------------------- empty texts, all-dropped shards, duplicates
 
 
