@@ -1,4 +1,8 @@
-"""``launch.py status|wait|logs|retry|cancel|verify RUN_DIR``: watch and steer a run."""
+"""``launch.py status|wait|logs|retry|cancel|verify RUN_DIR``: watch and steer a run.
+
+Exit codes: 0 done; 1 a task failed, or the command failed (its message on stderr); 2 bad
+arguments (argparse); ``status`` exits 3 while tasks are still running or pending and
+none failed, ``wait`` 1 when it stops waiting without every stage complete."""
 
 from __future__ import annotations
 
@@ -7,16 +11,16 @@ import sys
 import time
 
 from cli.run import resolve_run
-from cli.status import collect_status, render_status
+from cli.status import collect_status, exit_code, render_status
 from cli.verify import cmd_verify
 from launchers import get_launcher
 from launchers.base import FAILED, PENDING, RUNNING
 from lib.config.compose import load_run_config
+from lib.config.redact import environ_secret_values, mask
 from lib.core.errors import EmbedfleetError
 from lib.core.locks import run_lock
 from lib.core.paths import RunPaths
-from lib.plan.spec import Plan
-from lib.config.redact import environ_secret_values, mask
+from lib.plan.spec import DISTRIBUTED, Plan
 
 
 def _load(paths: RunPaths):
@@ -31,8 +35,9 @@ def _statuses(paths: RunPaths):
 
 def cmd_status(args: argparse.Namespace) -> int:
     paths = resolve_run(args.run)
-    print(render_status(paths, _statuses(paths)))
-    return 0
+    statuses = _statuses(paths)
+    print(render_status(paths, statuses))
+    return exit_code(statuses)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -56,6 +61,17 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     paths = resolve_run(args.run)
     spec = Plan.load(paths).stage(args.stage)
+    if not 0 <= args.task < spec.num_tasks:
+        raise EmbedfleetError(
+            f"{args.stage} has {spec.num_tasks} task(s), numbered 0 to {spec.num_tasks - 1}: "
+            f"there is no task {args.task}"
+        )
+    ranks = spec.world_size if spec.kind == DISTRIBUTED else 1
+    if not 0 <= args.rank < ranks:
+        raise EmbedfleetError(
+            f"{args.stage} runs {ranks} rank(s) per task, numbered 0 to {ranks - 1}: there is "
+            f"no rank {args.rank}"
+        )
     name = spec.log(args.task, args.rank)
     try:
         text = paths.storage.read_text(name)
@@ -94,36 +110,107 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+RUN_HELP = "the run dir launch.py printed (a path or a URL), or run.name=NAME"
+EXIT_HELP = "exit codes: 0 done; 1 a task failed or the command failed; 2 bad arguments"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launch.py", description="Watch and steer a run.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("status", help="per stage: tasks done/running/failed/pending")
-    s.add_argument("run", help="run dir (printed by launch.py), a path or a URL")
-    s.set_defaults(fn=cmd_status)
-    s = sub.add_parser("wait", help="block until the run completes or a task fails")
-    s.add_argument("run")
-    s.add_argument("--timeout", type=float, default=None, help="seconds (default: none)")
-    s.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
-    s.set_defaults(fn=cmd_wait)
-    s = sub.add_parser("logs", help="print a task's log")
-    s.add_argument("run")
-    s.add_argument("stage")
-    s.add_argument("task", type=int)
-    s.add_argument("--rank", type=int, default=0)
-    s.add_argument("--tail", type=int, default=0, help="only the last N lines")
-    s.set_defaults(fn=cmd_logs)
-    s = sub.add_parser("retry", help="rerun (resubmit) only tasks without a valid marker")
-    s.add_argument("run")
-    s.add_argument("--dry-run", action="store_true")
-    s.set_defaults(fn=cmd_retry)
-    s = sub.add_parser("cancel", help="stop every running task / job of the run")
-    s.add_argument("run")
-    s.set_defaults(fn=cmd_cancel)
-    s = sub.add_parser(
-        "verify",
-        help="re-hash every output of every marker; invalidate the ones that do not match",
+    p = argparse.ArgumentParser(
+        prog="python launch.py",
+        description="Watch and steer a run. Start one with python launch.py +experiment=NAME.",
+        epilog=f"{EXIT_HELP}. python launch.py COMMAND --help: one command's options.",
     )
-    s.add_argument("run")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name: str, summary: str, description: str, epilog: str = EXIT_HELP):
+        return sub.add_parser(name, help=summary, description=description, epilog=epilog)
+
+    s = add(
+        "status",
+        "per stage: tasks done/running/failed/pending",
+        "Per stage: how many tasks are done (a valid completion marker), running, failed and "
+        "pending, then each failed task with its reason and log.",
+        "exit codes: 0 every stage complete; 1 a task failed (or the command failed); "
+        "3 tasks still running or pending, none failed",
+    )
+    s.add_argument("run", help=RUN_HELP)
+    s.set_defaults(fn=cmd_status)
+    s = add(
+        "wait",
+        "block until the run completes or a task fails",
+        "Poll the run's status until every stage is complete (exit 0), a task failed and "
+        "nothing runs any more, nothing is running or pending, or --timeout passed (exit 1).",
+    )
+    s.add_argument("run", help=RUN_HELP)
+    s.add_argument("--timeout", type=_seconds, default=None, help="seconds (default: none)")
+    s.add_argument(
+        "--interval", type=_seconds, default=10.0, help="seconds between polls (default: 10)"
+    )
+    s.set_defaults(fn=cmd_wait)
+    s = add(
+        "logs",
+        "print a task's log",
+        "Print the log of task TASK of stage STAGE (a stage name of the run's plan: embed, "
+        "merge, kmeans_level1, ...), also while the task runs.",
+    )
+    s.add_argument("run", help=RUN_HELP)
+    s.add_argument("stage", help="a stage of the run's plan, e.g. embed, merge, kmeans_level1")
+    s.add_argument("task", type=int, help="task index, 0 to the stage's task count - 1")
+    s.add_argument(
+        "--rank", type=_count, default=0, help="rank of a distributed stage's task (default: 0)"
+    )
+    s.add_argument(
+        "--tail", type=_count, default=0, help="only the last N lines (default: 0, all of it)"
+    )
+    s.set_defaults(fn=cmd_logs)
+    s = add(
+        "retry",
+        "rerun (resubmit) only tasks without a valid marker",
+        "Relaunch the run from its run.yaml and plan.json: only tasks without a valid "
+        "completion marker run again (secrets are read from the environment again).",
+    )
+    s.add_argument("run", help=RUN_HELP)
+    s.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    s.set_defaults(fn=cmd_retry)
+    s = add(
+        "cancel",
+        "stop every running task / job of the run",
+        "Stop every running task (local processes) or job (SLURM, submitit) of the run.",
+    )
+    s.add_argument("run", help=RUN_HELP)
+    s.set_defaults(fn=cmd_cancel)
+    s = add(
+        "verify",
+        "re-hash every output of every marker; invalidate the ones that do not match",
+        "Re-hash every output named by every completion marker of the plan; a marker whose "
+        "outputs do not match is invalidated (moved aside with the reason), so the next "
+        "launch redoes that task.",
+        "exit codes: 0 every output matches; 1 a marker was invalidated (or the command "
+        "failed); 2 bad arguments",
+    )
+    s.add_argument("run", help=RUN_HELP)
     s.set_defaults(fn=cmd_verify)
     return p
 

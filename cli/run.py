@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cli.summary import print_summary
+from cli.upstream import check_upstream_complete, upstream_stages
 from launchers import get_launcher
 from lib.config.compose import compose, explain_config_error
 from lib.config.fields import to_plain
@@ -189,6 +190,9 @@ def launch_run(
         paths = RunPaths(run_dir)
         if not dry_run:
             paths.storage.check_writable()
+        requested = [str(s) for s in cfg.stages]
+        added = upstream_stages(cfg)  # planned as the first stage's inputs, must be complete
+        cfg.stages = [*added, *requested]
         rows = dataset_row_count(cfg, dry_run)
         if "embed" in cfg.stages:
             from lib.compute.models import resolve_model_path
@@ -218,6 +222,7 @@ def launch_run(
             changes = _config_changes(paths, cfg, plan, spec)
             detail = ("\nchanged since that run:\n  " + "\n  ".join(changes)) if changes else ""
             raise ConfigMismatchError(f"{exc}{detail}") from None
+        check_upstream_complete(paths, plan, added, requested)
         plan.extra["config_digest"] = config_digest([s.config_hash for s in plan.stages])
         launcher = get_launcher(cfg)
         # One launcher per run dir, from before run.yaml is written until the launcher

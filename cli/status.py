@@ -3,6 +3,10 @@
 Completion markers decide "done" (read through ``RunPaths``, one listing per stage); the
 launcher's ``scheduler_view`` (its attempt records, or one batched query of its scheduler)
 tells running from failed from pending.
+
+``launch.py status`` exits with ``exit_code``: 0 when every stage is complete, 1 when a
+task failed (or the command itself failed, with a message), 3 when tasks are still
+running or pending and none failed.
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ def collect_status(paths: RunPaths, plan: Plan, view: SchedulerView) -> list[Sta
                 st.details[task] = detail
         out.append(st)
     return out
+
+
+EXIT_COMPLETE, EXIT_FAILED, EXIT_UNFINISHED = 0, 1, 3
+
+
+def exit_code(statuses: list[StageStatus]) -> int:
+    """What ``status`` exits with (see the module doc): a failure wins over unfinished."""
+    if any(st.having(FAILED) for st in statuses):
+        return EXIT_FAILED
+    return EXIT_COMPLETE if all(st.complete for st in statuses) else EXIT_UNFINISHED
 
 
 def render_status(paths: RunPaths, statuses: list[StageStatus]) -> str:

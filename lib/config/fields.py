@@ -92,7 +92,7 @@ def out_of_range(cls: type, values: Mapping[str, Any] | Any, prefix: str = "") -
     the dataclass ``cls``, nested sections included) outside its field's ``Bounds``:
     ``embed.batch_size must be >= 1, got 0``. Values that are not numbers (an unresolved
     interpolation) are left to the type check."""
-    if not isinstance(values, Mapping):
+    if isinstance(values, DictConfig) or not isinstance(values, Mapping):
         values = OmegaConf.to_container(
             values if isinstance(values, DictConfig) else OmegaConf.structured(values),
             resolve=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cli.commands import run_subcommand
 from cli.run import save_run_config
 from cli.status import collect_status, render_status
@@ -57,7 +59,7 @@ def test_status_wait_and_logs_commands(tmp_path, capsys):
     log = paths.storage.local_file(paths.log("merge", 0))
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("line 1\nline 2\nmerge refused, nothing written\n")
-    assert run_subcommand(["status", paths.root]) == 0
+    assert run_subcommand(["status", paths.root]) == 1  # a failed task: scripts see it
     out = capsys.readouterr().out
     assert "merge                   1      0        0       1        0" in out
     assert "task 0: exit code 2" in out
@@ -73,3 +75,44 @@ def test_status_wait_and_logs_commands(tmp_path, capsys):
 def test_a_dir_that_is_no_run_says_so(tmp_path, capsys):
     assert run_subcommand(["status", str(tmp_path)]) == 1
     assert "is not a run dir (no run.yaml)" in capsys.readouterr().err
+
+
+def test_status_exit_codes_say_done_failed_or_unfinished(tmp_path, capsys):
+    paths = _run(tmp_path)
+    _done(paths, EMBED, 0)
+    assert run_subcommand(["status", paths.root]) == 3  # pending tasks, none failed
+    for t in range(1, 4):
+        _done(paths, EMBED, t)
+    _done(paths, MERGE, 0)
+    assert run_subcommand(["status", paths.root]) == 0
+    assert "all stages complete" in capsys.readouterr().out
+
+
+def test_logs_refuses_tasks_ranks_and_tails_that_do_not_exist(tmp_path, capsys):
+    paths = _run(tmp_path)
+    assert run_subcommand(["logs", paths.root, "embed", "7"]) == 1
+    assert "embed has 4 task(s), numbered 0 to 3: there is no task 7" in capsys.readouterr().err
+    assert run_subcommand(["logs", paths.root, "embed", "-1"]) == 1
+    assert "there is no task -1" in capsys.readouterr().err
+    assert run_subcommand(["logs", paths.root, "merge", "0", "--rank", "1"]) == 1
+    assert "merge runs 1 rank(s) per task" in capsys.readouterr().err
+    assert run_subcommand(["logs", paths.root, "nope", "0"]) == 1
+    assert "no stage 'nope' in this run's plan; stages: embed, merge" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        run_subcommand(["logs", paths.root, "embed", "0", "--tail", "-5"])
+    assert exit_.value.code == 2
+    assert "argument --tail: must be >= 0, got -5" in capsys.readouterr().err
+
+
+def test_subcommand_help_says_what_it_does_and_its_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_subcommand(["status", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "done (a valid completion marker), running, failed and pending" in text
+    assert "3 tasks still running or pending, none failed" in text
+    with pytest.raises(SystemExit):
+        run_subcommand(["logs", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "task index, 0 to the stage's task count - 1" in text
+    assert "only the last N lines" in text

@@ -78,3 +78,74 @@ def test_run_yaml_redacts_secrets(tmp_path):
     assert "/home/me/.wandb-key" in text  # a path to a secret is not the secret
     loaded = load_run_config(RunPaths(tmp_path))
     assert loaded.cluster.env.HF_TOKEN == REDACTED
+
+
+# -- the launch check (lib/config/validate.py) ----------------------------------------
+
+
+def test_every_default_and_experiment_passes_the_launch_check():
+    from omegaconf import OmegaConf
+
+    from lib.config.fields import out_of_range
+    from lib.config.schema import EmbedfleetConfig
+    from lib.config.validate import config_problems
+
+    assert out_of_range(EmbedfleetConfig, OmegaConf.structured(EmbedfleetConfig)) == []
+    for experiment in ("quickstart", "curation", "full_v2", "wikipedia"):
+        assert config_problems(compose([f"+experiment={experiment}"])) == [], experiment
+
+
+def test_ranges_are_declared_on_the_fields_and_checked_per_element():
+    from dataclasses import dataclass, field
+
+    from lib.config.fields import bounded, out_of_range, unhashed
+
+    @dataclass
+    class Inner:
+        share: float = bounded(0.5, gt=0, le=1)
+
+    @dataclass
+    class Params:
+        count: int = bounded(1, ge=1)
+        optional: int | None = unhashed(None, ge=0)  # None: "auto", always valid
+        sizes: list[int] = bounded(ge=1, default_factory=lambda: [1, 2])
+        flag: bool = True
+        inner: Inner = field(default_factory=Inner)
+
+    assert out_of_range(Params, Params()) == []
+    values = {"count": 0, "optional": -1, "sizes": [3, 0], "flag": False, "inner": {"share": 0}}
+    assert out_of_range(Params, values, "p.") == [
+        "p.count must be >= 1, got 0",
+        "p.optional must be >= 0, got -1",
+        "p.sizes[1] must be >= 1, got 0",
+        "p.inner.share must be > 0 and <= 1, got 0",
+    ]
+    assert out_of_range(Params, {"count": "${oc.env:N}"}) == []  # left to the type check
+
+
+def test_the_launch_check_refuses_unknown_keys_with_or_without_plus():
+    with pytest.raises(
+        ConfigError, match=r"unknown key embed\.bach_size .*valid keys under embed: .*batch_size"
+    ):
+        compose(["+experiment=quickstart", "+embed.bach_size=3"])
+    with pytest.raises(ConfigError, match=r"unknown key kmeans\.levls"):
+        compose(["+experiment=quickstart", "+kmeans.levls=3"])
+    cfg = compose(["+experiment=quickstart", "+cluster.env.ANY_NAME=1"])  # a dict node
+    assert cfg.cluster.env.ANY_NAME == "1"
+    msg = prevalidate(["+experiment=quickstart", "+merge.keep_frist=3"])
+    assert "unknown key merge.keep_frist" in msg and "keep_first" in msg
+
+
+def test_run_names_and_urls():
+    from lib.config.validate import run_name_problem, url_problem
+
+    for ok in ("x", "group/x", "quickstart-stdlib_docstrings", "a.b"):
+        assert run_name_problem(ok, "outputs") is None, ok
+    for bad in ("", "..", "../x", "a/../b", "/abs", ".", "a//b", "a/"):
+        assert "is refused" in run_name_problem(bad, "outputs"), bad
+    assert url_problem("run.root", "/local/path") is None
+    assert url_problem("run.root", "memory://bucket/runs") is None
+    assert url_problem("dataset.path", "simplecache::memory://x.parquet") is None
+    msg = url_problem("run.root", "nope://u:secretpw@h/x")
+    assert "no fsspec file system serves nope://" in msg and "memory" in msg
+    assert "secretpw" not in msg and "nope://u:***REDACTED***@h/x" in msg
