@@ -4,12 +4,19 @@ We reuse the token ids of the length filter, build length-sorted batches under a
 budget (little padding, larger batches for short rows), and call the model's own module
 chain (``SentenceTransformer.forward``) so its pooling, dense layers and normalization
 apply exactly as configured in its ``modules.json``. Plain transformers checkpoints need
-``model.pooling`` set. ``torch.inference_mode``; bf16 on GPU, fp32 on CPU; on CUDA
-out-of-memory the batch is halved and retried, and the log says so.
+``model.pooling`` set. ``torch.inference_mode``; weights loaded in the compute dtype
+(bf16 on GPU, fp32 on CPU), pooling and normalization in fp32.
+
+On CUDA out-of-memory (``torch.OutOfMemoryError``, or a cuBLAS/cuDNN allocation failure
+raised as ``RuntimeError``) the token budget becomes half the failed batch's padded size,
+the rows still to embed are re-batched under it, and the log says so once per halving; the
+budget stays lowered for the task's later parts. The retry happens after the handler has
+been left, so the failed forward's tensors (held by the traceback) can be freed first.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,7 +69,11 @@ def length_sorted_batches(
 def pool(
     token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling
 ) -> torch.Tensor:
-    """Pool (B, T, D) token states into (B, D) with ``mode`` (mean / cls / last token)."""
+    """Pool (B, T, D) token states into (B, D) float32 with ``mode`` (mean / cls / last).
+
+    In float32 whatever the model's dtype: a bf16 sum over hundreds of tokens keeps only
+    ~3 significant digits."""
+    token_embeddings = token_embeddings.float()
     mask = attention_mask.to(token_embeddings.dtype).unsqueeze(-1)
     if mode == Pooling.mean:
         return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -106,8 +117,12 @@ class HFEmbedder:
             if is_st:
                 from sentence_transformers import SentenceTransformer
 
+                # Loaded in the compute dtype: no fp32 copy of the weights first.
                 model = SentenceTransformer(
-                    str(path), device=str(device), trust_remote_code=model_cfg.trust_remote_code
+                    str(path),
+                    device=str(device),
+                    trust_remote_code=model_cfg.trust_remote_code,
+                    model_kwargs={"dtype": dtype},
                 )
                 tokenizer = model.tokenizer
                 getter = (
@@ -127,7 +142,7 @@ class HFEmbedder:
                     str(path), trust_remote_code=model_cfg.trust_remote_code
                 )
                 model = AutoModel.from_pretrained(
-                    str(path), trust_remote_code=model_cfg.trust_remote_code
+                    str(path), trust_remote_code=model_cfg.trust_remote_code, dtype=dtype
                 ).to(device)
                 dim = int(model.config.hidden_size)
         except ModelError:
@@ -136,6 +151,7 @@ class HFEmbedder:
             raise ModelError(f"model {path} could not be loaded with transformers: {exc}") from exc
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token  # decoder-only models ship without one
+        # The Transformer module was loaded in ``dtype``; later modules (Dense) follow here.
         model = model.to(dtype).eval()
         dims = model_cfg.dimensions
         if dims is not None and not 0 < dims <= dim:
@@ -159,7 +175,7 @@ class HFEmbedder:
         batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         features = {k: v.to(self.device) for k, v in batch.items()}
         if self.is_sentence_transformer:
-            out = self.model.forward(features)
+            out = self._st_forward(features)
             if self.pooling == Pooling.auto:
                 emb = out["sentence_embedding"]
             else:
@@ -174,6 +190,19 @@ class HFEmbedder:
             emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         return emb
 
+    def _st_forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's module chain, with its Pooling (and what follows) fed float32 token
+        states; a module with weights after it (Dense) gets its input in its own dtype."""
+        for module in self.model:
+            if type(module).__name__ == "Pooling" and "token_embeddings" in features:
+                features["token_embeddings"] = features["token_embeddings"].float()
+            elif "sentence_embedding" in features:
+                weight = next(module.parameters(), None)
+                if weight is not None:
+                    features["sentence_embedding"] = features["sentence_embedding"].to(weight.dtype)
+            features = module(features)
+        return features
+
     def _st_normalizes(self) -> bool:
         if not self.is_sentence_transformer:
             return False
@@ -183,34 +212,90 @@ class HFEmbedder:
             type(m).__name__ == "Normalize" for m in self.model
         )
 
-    def _embed_batch(self, ids: list[list[int]]) -> torch.Tensor:
-        try:
-            return self._forward(ids)
-        except torch.OutOfMemoryError:
-            if len(ids) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(ids) // 2
-            self.max_tokens = max(1, self.max_tokens // 2)
-            log.warning(
-                "CUDA out of memory on a batch of %d rows (longest %d tokens): halving the "
-                "batch and retrying; token budget is now %d",
-                len(ids),
-                max(len(x) for x in ids),
-                self.max_tokens,
-            )
-            return torch.cat([self._embed_batch(ids[:half]), self._embed_batch(ids[half:])])
-
     def embed(
         self, token_ids: list[list[int]], on_batch: Callable[[int], None] | None = None
     ) -> np.ndarray:
-        """Embeddings (n, dim) float32 of ``token_ids``, in input order."""
+        """Embeddings (n, dim) float32 of ``token_ids``, in input order.
+
+        Raises ``ModelError`` when a single row does not fit in GPU memory."""
         out = np.empty((len(token_ids), self.dim), dtype=np.float32)
         lengths = [len(t) for t in token_ids]
+        todo = list(range(len(token_ids)))
         with torch.inference_mode():
-            for idx in length_sorted_batches(lengths, self.batch_size, self.max_tokens):
-                emb = self._embed_batch([token_ids[i] for i in idx])
-                out[idx] = emb.cpu().numpy()
-                if on_batch:
-                    on_batch(len(idx))
+            while todo:
+                done, failed = self._embed_rows(todo, token_ids, lengths, out, on_batch)
+                if failed is None:
+                    break
+                # Outside the handler: the failed forward's tensors are unreachable now.
+                free_device_memory(self.device)
+                self._lower_budget(failed, lengths)
+                finished = set(done)
+                todo = [i for i in todo if i not in finished]
         return out
+
+    def _embed_rows(
+        self,
+        todo: list[int],
+        token_ids: list[list[int]],
+        lengths: list[int],
+        out: np.ndarray,
+        on_batch: Callable[[int], None] | None,
+    ) -> tuple[list[int], list[int] | None]:
+        """Embed rows ``todo`` into ``out`` under the current budget. Returns the rows done
+        and those of the batch that ran out of memory (None when all are done)."""
+        done: list[int] = []
+        for idx in length_sorted_batches(
+            [lengths[i] for i in todo], self.batch_size, self.max_tokens
+        ):
+            rows = [todo[j] for j in idx]
+            try:
+                emb = self._forward([token_ids[i] for i in rows])
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                return done, rows
+            out[rows] = emb.cpu().numpy()
+            done.extend(rows)
+            if on_batch:
+                on_batch(len(rows))
+        return done, None
+
+    def _lower_budget(self, rows: list[int], lengths: list[int]) -> None:
+        """Half the failed batch's padded tokens become the budget (logged once)."""
+        longest = max(lengths[i] for i in rows)
+        if len(rows) == 1:
+            raise ModelError(
+                f"{self.device} ran out of memory on a single row of {longest} tokens: lower "
+                "model.max_length (longer rows are dropped and recorded), use a smaller "
+                "model.dtype, or free the GPU of other processes"
+            )
+        padded = len(rows) * longest
+        self.max_tokens = max(1, min(self.max_tokens, padded // 2))
+        log.warning(
+            "out of memory on %s with a batch of %d rows x %d tokens (%d padded): token "
+            "budget is now %d (embed.max_tokens_per_batch); re-batching the rows still to do",
+            self.device,
+            len(rows),
+            longest,
+            padded,
+            self.max_tokens,
+        )
+
+
+# cuBLAS/cuDNN report a failed allocation as a plain RuntimeError.
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says a device allocation failed (torch, cuBLAS or cuDNN)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MESSAGES)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return what the last (failed) forward pass held to the device's allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
