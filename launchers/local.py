@@ -1,7 +1,8 @@
 """Run a plan's tasks as processes on this machine.
 
 Stages run in plan order; a stage's pending tasks run ``cluster.parallelism`` at a time
-(``cluster.num_gpus`` > 0: one per GPU with CUDA_VISIBLE_DEVICES set). A distributed stage
+(``cluster.num_gpus`` > 0: one per GPU, or per ``embed.vllm.tensor_parallel_size`` GPUs, with
+CUDA_VISIBLE_DEVICES set; ``lib.compute.devices.local_device_env``). A distributed stage
 starts ``world_size`` processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. A task
 writes its output straight into its log file, so it keeps its log if the launcher dies;
 the launcher tails the file and echoes it to the console with a ``[stage task]`` prefix
@@ -46,12 +47,14 @@ from launchers.base import (
     read_attempt,
     write_attempt,
 )
+from lib.compute.devices import describe_local_gpus, local_device_env, stage_uses_gpus
 from lib.config.redact import env_file_values, task_env
 from lib.core.locks import process_alive, process_start
 from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
 from lib.core.sharding import compress_indices
+from lib.embed.params import gpus_per_task
 from lib.plan.spec import DISTRIBUTED, Plan, StageSpec, completed_tasks
 from lib.runtime.cores import ENV_CPU_CORES, usable_cores
 from lib.runtime.identity import TaskIdentity, identity_env
@@ -181,7 +184,15 @@ class LocalLauncher(Launcher):
         super().__init__(cfg)
         c = cfg.cluster
         self.num_gpus = int(c.num_gpus)
-        self.parallelism = self.num_gpus if self.num_gpus > 0 else max(1, int(c.parallelism))
+        # GPUs of one sharded task (vLLM tensor parallel) and whether ranks may share one.
+        embed = cfg.get("embed")
+        self.gpus_per_task = gpus_per_task(embed) if self.num_gpus > 0 and embed else 1
+        self.share_gpus = bool(c.get("share_gpus", False))
+        self.parallelism = (
+            max(1, self.num_gpus // self.gpus_per_task)
+            if self.num_gpus > 0
+            else max(1, int(c.parallelism))
+        )
         # Filled by launch (task_env): a retry's secrets come from the environment then.
         self.extra_env: dict[str, str] = {}
         self.echo = echo
@@ -202,9 +213,7 @@ class LocalLauncher(Launcher):
         # Share the cores between concurrent tasks instead of oversubscribing them.
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
             env.setdefault(key, str(threads))
-        if self.num_gpus > 0:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        elif identity.world_size == 1 and ENV_CPU_CORES not in env:
+        if self.num_gpus == 0 and identity.world_size == 1 and ENV_CPU_CORES not in env:
             # Concurrent tasks get disjoint cores: backends that pin threads (vLLM's CPU
             # build) bind to these instead of all piling onto the same ones.
             cores = usable_cores()
@@ -238,8 +247,21 @@ class LocalLauncher(Launcher):
         for rank in range(world):
             identity = TaskIdentity(paths.root, spec.name, task, spec.num_tasks, rank, world)
             env = self._env(identity, threads, slot)
+            # Each process its own GPUs (CUDA_VISIBLE_DEVICES) and a rank its LOCAL_RANK.
+            gpus = self.num_gpus if stage_uses_gpus(self.cfg, spec.group) else 0
+            env.update(
+                local_device_env(
+                    gpus,
+                    slot=slot,
+                    rank=rank,
+                    world=world,
+                    per_task=self.gpus_per_task,
+                    share=self.share_gpus,
+                    parent_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                )
+            )
             if world > 1:  # RANK/WORLD_SIZE come with the identity; the rendezvous here
-                env.update(LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             logf = paths.storage.local_file(spec.log(task, rank))
             logf.parent.mkdir(parents=True, exist_ok=True)
             with open(logf, "ab") as fh:
@@ -461,6 +483,18 @@ class LocalLauncher(Launcher):
                 **tenv.plain,
                 **tenv.secret,
             }
+        gpus = describe_local_gpus(  # refuses a layout that cannot work, before any task
+            self.num_gpus,
+            self.gpus_per_task,
+            {
+                s.name: s.world_size
+                for s in plan.stages
+                if s.kind == DISTRIBUTED and stage_uses_gpus(self.cfg, s.group)
+            },
+            share=self.share_gpus,
+        )
+        if gpus:
+            self._say(gpus)
         for spec in plan.stages:
             if self._signals:
                 raise _Interrupted(0)

@@ -43,29 +43,45 @@ def pick_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def init_kwargs(de: DistEnv, device: torch.device, timeout_s: float) -> dict[str, object]:
+    """``init_process_group``'s arguments for this rank. On CUDA the group is bound to the
+    rank's device (``device_id``), so NCCL never guesses it (a ``barrier()`` on an unbound
+    group picks the device from the global rank: the wrong one, or an invalid ordinal)."""
+    kwargs: dict[str, object] = dict(
+        backend=pick_backend(device),
+        init_method=f"tcp://{de.master_addr}:{de.master_port}",
+        rank=de.rank,
+        world_size=de.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    return kwargs
+
+
 @contextlib.contextmanager
 def process_group(
     device: torch.device | None = None, timeout_s: float = 1800.0
 ) -> Iterator[DistEnv]:
-    """Initialise torch.distributed for world size > 1 and tear it down afterwards."""
+    """Initialise torch.distributed for world size > 1 and tear it down afterwards.
+
+    ``device``: this rank's device, already resolved (``lib.compute.devices``); on CUDA it
+    is made current before the group exists and the group is bound to it."""
     de = resolve_dist_env()
     device = device or torch.device("cpu")
     if de.world_size > 1 and not dist.is_initialized():
         log.info(
-            "rank %d of %d: rendezvous at tcp://%s:%d (%s)",
+            "rank %d of %d: rendezvous at tcp://%s:%d (%s%s)",
             de.rank,
             de.world_size,
             de.master_addr,
             de.master_port,
             pick_backend(device),
+            f" on {device}" if device.type == "cuda" else "",
         )
-        dist.init_process_group(
-            backend=pick_backend(device),
-            init_method=f"tcp://{de.master_addr}:{de.master_port}",
-            rank=de.rank,
-            world_size=de.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(**init_kwargs(de, device, timeout_s))
         try:
             yield de
         finally:

@@ -95,6 +95,9 @@ class ClusterConfig:
     parallelism: int = bounded(2, ge=1)  # local: tasks run at once
     # local: >0 runs one task per GPU with CUDA_VISIBLE_DEVICES set
     num_gpus: int = bounded(0, ge=0)
+    # More ranks of a distributed stage than GPUs: false refuses (each rank gets its own
+    # GPU), true wraps them round, several ranks per GPU (each must fit in its share).
+    share_gpus: bool = False
     # Interpreter for task commands on the cluster; null: the one running launch.py.
     python: str | None = None
     # Where tasks put memory-mapped scratch files (k-means, metrics) and, for a run dir on

@@ -46,11 +46,15 @@ class ModelParams:
 
 @dataclass
 class VllmParams:
-    # On the CPU build: fraction of host RAM.
-    gpu_memory_utilization: float = bounded(0.2, gt=0, le=1)
+    # Fraction of GPU memory for weights + KV cache (on the CPU build: of host RAM).
+    # null: per device, vLLM's own 0.9 on CUDA, 0.2 on the CPU build (room beside other work).
+    gpu_memory_utilization: float | None = bounded(None, gt=0, le=1)
     max_num_seqs: int = bounded(256, ge=1)
     max_num_batched_tokens: int | None = bounded(None, ge=1)
-    enforce_eager: bool = True
+    # null: per device, CUDA graphs on CUDA (false), eager on the CPU build (true).
+    enforce_eager: bool | None = None
+    # GPUs per engine; the local launcher gives each embed task this many (cluster.num_gpus
+    # must be a multiple to use them all).
     tensor_parallel_size: int = bounded(1, ge=1)
     # CPU build: KV cache GiB (overrides the fraction)
     cpu_kvcache_space_gb: int | None = bounded(None, ge=1)
@@ -58,6 +62,13 @@ class VllmParams:
     # own cores (the local launcher's share, or the process's affinity under SLURM).
     cpu_threads_bind: str | None = None
     chunk_rows: int = bounded(4096, ge=1)  # rows handed to one encode() call (progress granularity)
+
+
+def gpus_per_task(embed_cfg) -> int:
+    """GPUs one embed task holds: vLLM's tensor parallel size, else one."""
+    if str(embed_cfg.backend) == Backend.vllm:
+        return int(embed_cfg.vllm.tensor_parallel_size)
+    return 1
 
 
 @dataclass

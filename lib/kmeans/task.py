@@ -10,7 +10,7 @@ import logging
 import torch
 
 from lib.compute.comm import Comm
-from lib.compute.devices import resolve_device
+from lib.compute.devices import local_world_size, resolve_device
 from lib.compute.distributed import process_group
 from lib.core.errors import DatasetError
 from lib.core.paths import level_of
@@ -38,7 +38,14 @@ def stop_between_steps(comm: Comm):
 def run(ctx: TaskContext) -> None:
     level = level_of(ctx.spec.name)
     params = kmeans_params(ctx.cfg)
-    device = resolve_device(params.device, local_rank=ctx.env.local_rank(), key="kmeans.device")
+    # Before the process group: NCCL binds the group to this rank's device.
+    device = resolve_device(
+        params.device,
+        local_rank=ctx.env.local_rank(),
+        local_world=local_world_size(ctx.env.env),
+        share=bool(ctx.cfg.cluster.get("share_gpus", False)),
+        key="kmeans.device",
+    )
     try:
         embeddings = embeddings_source(ctx.cfg, ctx.paths) if level == 1 else None
         merged = None

