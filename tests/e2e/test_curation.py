@@ -33,6 +33,7 @@ CORPUS = [
     "embed.torch_threads=1",
     "model.max_length=96",
     "merge.by_source=false",
+    "embed.device=cpu",  # pinned: the bit-exact resume checks hold on the CPU (fp32)
 ]
 HIERARCHY = [
     "kmeans.n_clusters=[12,4]",
@@ -40,6 +41,7 @@ HIERARCHY = [
     "kmeans.sample_size=[5,2]",
     "kmeans.n_iters=20",
     "curate.target_size=40",
+    "kmeans.device=cpu",  # CUDA does not give bit-identical assignments run to run
 ]
 STEP_FILES = ("centroids.npy", "assignment.npy", "members_offsets.npy", "members.npy")
 
@@ -196,6 +198,7 @@ SYNTHETIC = [
     "kmeans.sample_size=[40,3]",
     "kmeans.n_iters=30",
     "curate.target_size=500",
+    "kmeans.device=cpu",
 ]
 
 
