@@ -4,12 +4,19 @@ W&B runs online when an API key is available (``WANDB_API_KEY`` or the file name
 ``tracking.api_key_file``) and offline otherwise (``wandb sync <dir>/wandb/offline-run-*``
 uploads later). The key is handed to wandb through this process's environment only; it is
 never written into configs, run dirs or logs.
+
+Everything wandb writes stays under ``<dir>/wandb`` (``WANDB_DIR``, and the cache, data,
+config and artifact dirs it would otherwise put in ``~/.cache``, ``~/.local/share``,
+``~/.config`` and ``./artifacts``), unless the user set those variables; it is quiet
+(``WANDB_SILENT``, ``silent``/``console="off"`` settings: our own log lines say where the
+run is), and each W&B run finishes the previous one (``reinit="finish_previous"``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,27 @@ class NullTracker:
 
     def finish(self) -> None:
         pass
+
+
+def wandb_environment(root: Path) -> dict[str, str]:
+    """The variables that keep wandb's files under ``root`` (its ``dir``) and quiet."""
+    base = root / "wandb"
+    return {
+        "WANDB_DIR": str(root),
+        "WANDB_CACHE_DIR": str(base / ".cache"),
+        "WANDB_DATA_DIR": str(base / ".data"),
+        "WANDB_CONFIG_DIR": str(base / ".config"),
+        "WANDB_ARTIFACT_DIR": str(base / ".artifacts"),
+        "WANDB_SILENT": "true",
+    }
+
+
+def _set_environ(values: Mapping[str, str]) -> dict[str, str | None]:
+    """Set the variables the user did not set; return what to restore."""
+    before = {k: os.environ.get(k) for k in values if k not in os.environ}
+    for k in before:
+        os.environ[k] = values[k]
+    return before
 
 
 class WandbTracker:
@@ -54,6 +82,8 @@ class WandbTracker:
         run_dir = Path(str(tcfg.dir)) if tcfg.dir else out_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("W&B run in %s mode under %s", mode, run_dir / "wandb")
+        # wandb-core, the service wandb starts, inherits these; restored by finish.
+        self._restore = _set_environ(wandb_environment(run_dir))
         self.run = wandb.init(
             project=str(tcfg.project),
             entity=str(tcfg.entity) if tcfg.entity else None,
@@ -62,7 +92,8 @@ class WandbTracker:
             mode=mode,
             config=config,
             tags=[str(t) for t in tcfg.tags],
-            reinit=True,
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
         )
         self.mode = mode
 
@@ -95,7 +126,14 @@ class WandbTracker:
         self.run.summary.update(numbers)
 
     def finish(self) -> None:
-        self.run.finish()
+        try:
+            self.run.finish()
+        finally:
+            for k, v in self._restore.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def make_tracker(tcfg: Any, out_dir: Path, name: str, config: dict) -> NullTracker | WandbTracker:
