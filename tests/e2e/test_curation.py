@@ -255,16 +255,14 @@ def test_kill_mid_level_then_relaunch_equals_uninterrupted(synthetic, shared_roo
 
 # -- bad input ----------------------------------------------------------------------------
 def _plan_error(*overrides: str) -> str:
-    cfg = compose(["+experiment=curation", *HIERARCHY, *overrides])
+    """The error of composing (the launch check) or planning ``overrides``."""
     with pytest.raises(EmbedfleetError) as info:
-        build_plan(cfg, 120)
+        build_plan(compose(["+experiment=curation", *HIERARCHY, *overrides]), 120)
     return str(info.value)
 
 
 def test_bad_settings_fail_at_launch(tmp_path):
-    assert "kmeans.sample_size[0] (level 1) must be >= 1, got 0" in _plan_error(
-        "kmeans.sample_size=[0,2]"
-    )
+    assert "kmeans.sample_size[0] must be >= 1, got 0" in _plan_error("kmeans.sample_size=[0,2]")
     assert "kmeans.n_clusters has 2 entries [12, 4] but n_levels=3" in _plan_error(
         "kmeans.n_levels=3"
     )
