@@ -128,22 +128,25 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def redacted_keys(obj: Any, prefix: str = "") -> list[str]:
-    """The dotted keys of a plain config tree whose value ``redact`` changes."""
-    out: list[str] = []
+def redacted_keys(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, redacted value) of each value of a plain config tree ``redact`` changes."""
+    out: list[tuple[str, str]] = []
     if isinstance(obj, dict):
         for k, v in obj.items():
             key = f"{prefix}{k}"
-            if _secret_value(k, v) or (isinstance(v, str) and redact_url(v) != v):
-                out.append(key)
+            if _secret_value(k, v):
+                out.append((key, REDACTED))
+            elif isinstance(v, str) and redact_url(v) != v:
+                out.append((key, redact_url(v)))
             else:
                 out += redacted_keys(v, key + ".")
     elif isinstance(obj, list):
+        base = prefix.rstrip(".")
         for i, v in enumerate(obj):
             if isinstance(v, str) and redact_url(v) != v:
-                out.append(f"{prefix.rstrip('.')}[{i}]")
+                out.append((f"{base}[{i}]", redact_url(v)))
             else:
-                out += redacted_keys(v, f"{prefix.rstrip('.')}[{i}].")
+                out += redacted_keys(v, f"{base}[{i}].")
     return out
 
 
@@ -167,10 +170,10 @@ def check_no_secret_outside_env(plain: Mapping[str, Any]) -> None:
 
     Raises ``ConfigError`` naming the keys and the fix.
     """
-    keys = [k for k in redacted_keys(plain) if not k.startswith("cluster.env.")]
-    if keys:
+    found = [f"{k}={v}" for k, v in redacted_keys(plain) if not k.startswith("cluster.env.")]
+    if found:
         raise ConfigError(
-            f"{', '.join(keys)}: a secret (a password in a URL, or a secret-looking key) in "
+            f"{', '.join(found)}: a secret (a password in a URL, or a secret-looking key) in "
             "the config would be saved redacted in run.yaml, from which the tasks read their "
             "config; give it through the environment instead (fsspec and its file systems "
             "read credentials from environment variables and their own config files): "

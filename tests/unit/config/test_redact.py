@@ -85,7 +85,10 @@ def test_a_secret_outside_cluster_env_is_refused_at_launch():
         compose(["+experiment=quickstart", "dataset.path=ftp://me:hunter2@host/d.parquet"]),
         resolve=False,
     )
-    with pytest.raises(ConfigError, match=r"dataset\.path: .*cluster\.pass_env"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset\.path=ftp://me:\*\*\*REDACTED\*\*\*@host/d.parquet: .*cluster\.pass_env",
+    ):
         check_no_secret_outside_env(plain)
     check_no_secret_outside_env({"cluster": {"env": {"HF_TOKEN": "x"}}})
 
