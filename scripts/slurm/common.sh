@@ -74,7 +74,9 @@ stop_ours() {  # stop_ours NAME: TERM the recorded pid of NAME, then KILL that p
   echo "[slurm] killed $1 (pid $pid)"
 }
 
-lock_cluster() {  # one up.sh/down.sh at a time per cluster (pytest-xdist workers start it together)
+# One up.sh/down.sh at a time per cluster (pytest-xdist workers start it together). The
+# lock is fd 9: every daemon is started with 9>&-, or it would hold the lock for its life.
+lock_cluster() {
   mkdir -p -m 0755 "$SLURM_DIR"
   # Daemons run as root from files in here: nobody else may plant or change them.
   if [ "$(stat -c %u "$SLURM_DIR")" != 0 ] || [ -n "$(find "$SLURM_DIR" -maxdepth 0 -perm /022)" ]; then
@@ -82,5 +84,8 @@ lock_cluster() {  # one up.sh/down.sh at a time per cluster (pytest-xdist worker
     exit 1
   fi
   exec 9>>"$SLURM_DIR/.lock"
-  flock 9
+  flock -w 300 9 || {
+    echo "[slurm] ERROR: $SLURM_DIR/.lock held for 5 min (another up.sh/down.sh?): holders: $(fuser "$SLURM_DIR/.lock" 2>&1)" >&2
+    exit 1
+  }
 }

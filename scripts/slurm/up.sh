@@ -51,12 +51,18 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   die "timed out after ${limit}s waiting for $what"
 }
 
-foreign_daemons() {  # the SLURM daemons running here that this cluster did not start
-  local name pid ours out=""
+started_by_us() {  # started_by_us PID: it runs with this cluster's SLURM_CONF
+  tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$SLURM_CONF"
+}
+
+foreign_daemons() {  # the live SLURM daemons here that this cluster did not start
+  local name pid out=""
   for name in slurmctld slurmd slurmdbd; do
-    ours=$(our_pid "$name" || true)
     for pid in $(pgrep -x "$name" || true); do
-      [ "$pid" = "$ours" ] || out+="$name (pid $pid) "
+      # Zombies (a daemonizing parent not yet reaped) and our own processes, including
+      # ones between fork and writing their pid file, are not another SLURM.
+      alive "$pid" "$name" || continue
+      started_by_us "$pid" || out+="$name (pid $pid) "
     done
   done
   echo "${out% }"
@@ -124,7 +130,7 @@ start_munge() {
     say "starting munged"
     runuser -u munge -- /usr/sbin/munged --key-file="$MUNGE_KEY" --socket="$MUNGE_SOCKET" \
       --pid-file="$(pid_file munged)" --log-file="$MUNGE_DIR/log/munged.log" \
-      --seed-file="$MUNGE_DIR/lib/munged.seed" || die "munged failed to start"
+      --seed-file="$MUNGE_DIR/lib/munged.seed" 9>&- || die "munged failed to start"
   fi
   wait_for 10 "munge" munge_ok
 }
@@ -142,7 +148,7 @@ start_mariadb() {
        --socket="$DB_SOCKET" --pid-file="$(pid_file mariadbd)" \
        --port="$DB_PORT" --bind-address=127.0.0.1 --log-error="$DB_RUN/mariadb.log" \
        --innodb-buffer-pool-size=256M --innodb-lock-wait-timeout=900 \
-       </dev/null >>"$DB_RUN/mariadb.out" 2>&1 &)
+       </dev/null >>"$DB_RUN/mariadb.out" 2>&1 9>&- &)
     wait_for 60 "MariaDB" mysqladmin_ ping
     wait_for 10 "MariaDB's pid file" running mariadbd
   fi
@@ -194,7 +200,7 @@ CONF
   if ! running slurmdbd; then
     check_port slurmdbd "$DBD_PORT"
     say "starting slurmdbd"
-    /usr/sbin/slurmdbd || die "slurmdbd failed to start"
+    /usr/sbin/slurmdbd 9>&- || die "slurmdbd failed to start"
   fi
   wait_for 30 "slurmdbd" sacctmgr -n show cluster
   if ! sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; then
@@ -266,12 +272,12 @@ start_slurm() {
   if ! running slurmctld; then
     check_port slurmctld "$CTLD_PORT"
     say "starting slurmctld"
-    /usr/sbin/slurmctld -f "$SLURM_CONF" || die "slurmctld failed to start"
+    /usr/sbin/slurmctld -f "$SLURM_CONF" 9>&- || die "slurmctld failed to start"
   fi
   if ! running slurmd; then
     check_port slurmd "$SLURMD_PORT"
     say "starting slurmd"
-    /usr/sbin/slurmd -f "$SLURM_CONF" || die "slurmd failed to start"
+    /usr/sbin/slurmd -f "$SLURM_CONF" 9>&- || die "slurmd failed to start"
   fi
   wait_for 30 "slurmctld" scontrol ping
   wait_for 30 "node $HOST to register" sh -c "sinfo -h -n $HOST -o %T | grep -Eq 'idle|mixed|alloc'"
