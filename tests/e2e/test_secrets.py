@@ -122,6 +122,11 @@ def test_slurm_dry_run_refuses_a_secret_literal_and_forwards_secrets_by_name(sha
     assert "cluster.env.WANDB_API_KEY looks like a secret" in literal.stderr
     assert "cluster.pass_env=[WANDB_API_KEY]" in literal.stderr
     assert "cluster.env_file=FILE" in literal.stderr
+    # submitit pickles its tasks' arguments into the run dir: the same refusal.
+    args = [a for a in common if a != "cluster=slurm"]
+    via_submitit = _launch(*args, "cluster=submitit", f"+cluster.env.WANDB_API_KEY={secret}")
+    assert via_submitit.returncode == 1, via_submitit.stdout
+    assert "cluster=submitit would write it" in via_submitit.stderr
 
     key_file = tmp_path / "wandb_api_key.sh"  # outside the run root, as ~/.wandb_api_key.sh
     key_file.write_text(f"export WANDB_API_KEY={secret}\n")
@@ -137,7 +142,7 @@ def test_slurm_dry_run_refuses_a_secret_literal_and_forwards_secrets_by_name(sha
     assert out.count("#SBATCH --export=ALL,WANDB_API_KEY\n") == 2  # embed and merge
     assert out.count(f"\nsource {key_file}\n") == 2
     assert out.count(': "${WANDB_API_KEY:?is not set') == 2
-    assert _leaks([secret], shared_root / name, literal, forwarded) == []
+    assert _leaks([secret], shared_root / name, literal, via_submitit, forwarded) == []
     assert secret not in out and not (shared_root / name / "run.yaml").exists()
 
 
