@@ -165,3 +165,19 @@ def test_task_log_lines_mask_secrets(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "sk-live-98765" not in err and ":pw@" not in err
     assert f"ValueError: boom {REDACTED}" in err and f"postgres://u:{REDACTED}@h" in err
+
+
+def test_env_file_is_sourced_for_launchers_without_a_shell(tmp_path):
+    from lib.config.redact import env_file_values
+
+    f = tmp_path / "keys.sh"
+    f.write_text('export EF_TEST_API_KEY="k 123"\nEF_TEST_PLAIN=1\n')
+    assert env_file_values(str(f)) == {"EF_TEST_API_KEY": "k 123", "EF_TEST_PLAIN": "1"}
+    env = task_env(_cluster(env_file=str(f)), literal_secrets=False, launcher="slurm", environ={})
+    assert env.env_file == str(f) and env.secret == {} and env.plain == {}
+    with pytest.raises(ConfigError, match="cluster.env_file=.*missing.sh is not a file"):
+        task_env(_cluster(env_file=str(tmp_path / "missing.sh")), literal_secrets=True,
+                 launcher="local", environ={})  # fmt: skip
+    (tmp_path / "bad.sh").write_text("exit_with_error_here_nonexistent_cmd_zz\n")
+    with pytest.raises(ConfigError, match="sourcing it failed"):
+        env_file_values(str(tmp_path / "bad.sh"))
