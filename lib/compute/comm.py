@@ -3,7 +3,8 @@
 ``Comm.current()`` is the process group set up by ``lib.compute.distributed.process_group``
 (world size 1 when there is none); ``Comm.solo()`` is a problem one rank solves alone
 inside a distributed job. With world size 1 every collective is a no-op. Small CPU-side
-values (flags, counts, row ids) are staged onto the GPU when the backend is NCCL.
+values (flags, counts, row ids) are staged onto the GPU when the backend is NCCL; CUDA
+tensors through host memory when it is gloo (ranks that share a GPU, which NCCL refuses).
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ class Comm:
         return self.rank == 0
 
     def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor on a device the backend can reduce: NCCL needs CUDA tensors, and some
-        of our collectives carry small CPU-side values (flags, counts, row ids)."""
-        if tensor.device.type == "cpu" and _backend() == "nccl":
+        """The tensor on a device the backend can reduce: NCCL needs CUDA tensors (some of
+        our collectives carry small CPU-side values: flags, counts, row ids), and gloo is
+        given host tensors whatever their device."""
+        backend = _backend()
+        if tensor.device.type == "cpu" and backend == "nccl":
             return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        if tensor.device.type == "cuda" and backend == "gloo":
+            return tensor.cpu()
         return tensor
 
     def _all_reduce(self, tensor: torch.Tensor, reduce) -> torch.Tensor:

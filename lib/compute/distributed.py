@@ -43,45 +43,52 @@ def pick_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_kwargs(de: DistEnv, device: torch.device, timeout_s: float) -> dict[str, object]:
-    """``init_process_group``'s arguments for this rank. On CUDA the group is bound to the
-    rank's device (``device_id``), so NCCL never guesses it (a ``barrier()`` on an unbound
-    group picks the device from the global rank: the wrong one, or an invalid ordinal)."""
+def init_kwargs(
+    de: DistEnv, device: torch.device, timeout_s: float, *, shared_gpu: bool = False
+) -> dict[str, object]:
+    """``init_process_group``'s arguments for this rank. On CUDA the NCCL group is bound to
+    the rank's device (``device_id``), so NCCL never guesses it (a ``barrier()`` on an
+    unbound group picks the device from the global rank: the wrong one, or an invalid
+    ordinal). ``shared_gpu``: ranks may share a GPU, which NCCL refuses ("duplicate GPU"),
+    so they use gloo (``Comm`` stages CUDA tensors through host memory)."""
+    backend = "gloo" if shared_gpu else pick_backend(device)
     kwargs: dict[str, object] = dict(
-        backend=pick_backend(device),
+        backend=backend,
         init_method=f"tcp://{de.master_addr}:{de.master_port}",
         rank=de.rank,
         world_size=de.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    if device.type == "cuda":
+    if backend == "nccl":
         kwargs["device_id"] = device
     return kwargs
 
 
 @contextlib.contextmanager
 def process_group(
-    device: torch.device | None = None, timeout_s: float = 1800.0
+    device: torch.device | None = None, timeout_s: float = 1800.0, *, shared_gpu: bool = False
 ) -> Iterator[DistEnv]:
     """Initialise torch.distributed for world size > 1 and tear it down afterwards.
 
     ``device``: this rank's device, already resolved (``lib.compute.devices``); on CUDA it
-    is made current before the group exists and the group is bound to it."""
+    is made current before the group exists and the NCCL group is bound to it.
+    ``shared_gpu``: ranks may share a GPU (``cluster.share_gpus``): gloo, not NCCL."""
     de = resolve_dist_env()
     device = device or torch.device("cpu")
     if de.world_size > 1 and not dist.is_initialized():
+        kwargs = init_kwargs(de, device, timeout_s, shared_gpu=shared_gpu)
         log.info(
             "rank %d of %d: rendezvous at tcp://%s:%d (%s%s)",
             de.rank,
             de.world_size,
             de.master_addr,
             de.master_port,
-            pick_backend(device),
+            kwargs["backend"],
             f" on {device}" if device.type == "cuda" else "",
         )
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(**init_kwargs(de, device, timeout_s))
+        dist.init_process_group(**kwargs)
         try:
             yield de
         finally:

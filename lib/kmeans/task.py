@@ -39,11 +39,12 @@ def run(ctx: TaskContext) -> None:
     level = level_of(ctx.spec.name)
     params = kmeans_params(ctx.cfg)
     # Before the process group: NCCL binds the group to this rank's device.
+    share = bool(ctx.cfg.cluster.get("share_gpus", False))
     device = resolve_device(
         params.device,
         local_rank=ctx.env.local_rank(),
         local_world=local_world_size(ctx.env.env),
-        share=bool(ctx.cfg.cluster.get("share_gpus", False)),
+        share=share,
         key="kmeans.device",
     )
     try:
@@ -51,7 +52,7 @@ def run(ctx: TaskContext) -> None:
         merged = None
         if level == 1 and not ctx.cfg.kmeans.embeddings_path:
             merged = ctx.paths.merge_embeddings(str(ctx.cfg.merge.formats[0]))
-        with process_group(device):
+        with process_group(device, shared_gpu=share and device.type == "cuda"):
             comm = Comm.current()
             prepare_level(ctx.paths, level, merged, comm)
             result = run_level(

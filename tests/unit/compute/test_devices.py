@@ -115,3 +115,6 @@ def test_the_nccl_group_is_bound_to_the_ranks_device():
     assert cuda["timeout"] == datetime.timedelta(seconds=60)
     cpu = init_kwargs(de, torch.device("cpu"), 60.0)
     assert cpu["backend"] == "gloo" and "device_id" not in cpu
+    # Ranks that may share a GPU: NCCL refuses two ranks on one device, gloo does not.
+    shared = init_kwargs(de, torch.device("cuda", 0), 60.0, shared_gpu=True)
+    assert shared["backend"] == "gloo" and "device_id" not in shared
