@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.datasets import make_blobs
 
@@ -182,15 +181,7 @@ def test_bad_parameters_are_config_errors():
         solve(PointSet(x), 2, KmeansParams(dtype="int8"))
 
 
-def test_cuda_code_path_is_selected_only_with_a_gpu():
-    if torch.cuda.is_available():  # pragma: no cover - exercised on GPU machines
-        x = overlapping_blobs(n=2000).astype(np.float32)
-        cpu = solve(PointSet(x), 10, KmeansParams(n_iters=10, seed=1))
-        gpu = solve(PointSet(x), 10, KmeansParams(n_iters=10, seed=1), device="cuda")
-        assert gpu.inertia == pytest.approx(cpu.inertia, rel=1e-4)
-    else:
-        with pytest.raises((RuntimeError, AssertionError)):
-            torch.empty(1, device="cuda")
+# The CUDA path: tests/gpu/test_kmeans_cuda.py (pytest -m gpu on a GPU machine).
 
 
 # -- distributed: world size 2 == world size 1 ---------------------------------------------
