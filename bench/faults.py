@@ -308,9 +308,24 @@ def _kill(pid: int) -> bool:
         return False
 
 
-def execute(point: KillPoint, run: Path, stages: list[dict], ref_s: float, log: Path) -> None:
-    """Relaunch ``run``, kill at ``point``'s moment, wait as the point says."""
+def _running_from(run: Path, stages: list[dict], first: int, launcher: int):
+    """(stage, task, attempt) of a task ``launcher`` runs in ``stages[first:]``, or None."""
+    for st in stages[first:]:
+        for t in range(st["num_tasks"]):
+            rec = _live_attempt(run, st, t, launcher)
+            if rec:
+                return st, t, rec
+    return None
+
+
+def execute(
+    point: KillPoint, run: Path, stages: list[dict], spans: dict[tuple[str, int], float], log: Path
+) -> None:
+    """Relaunch ``run``, kill at ``point``'s moment, wait as the point says. A target that
+    gets done before this launcher runs it (an orphan it adopted, or that finished just
+    before) passes the point on to the next task this launcher runs."""
     by_name = {s["name"]: s for s in stages}
+    order = [s["name"] for s in stages]
     stage = by_name[point.stage]
     if has_marker(run, stage, point.task):  # done by now: aim at an unfinished task
         todo = [(s, t) for s in stages for t in range(s["num_tasks"]) if not has_marker(run, s, t)]
@@ -326,13 +341,19 @@ def execute(point: KillPoint, run: Path, stages: list[dict], ref_s: float, log: 
         rec = _live_attempt(run, stage, point.task, proc.pid)
         if rec:
             break
+        if has_marker(run, stage, point.task):
+            found = _running_from(run, stages, order.index(stage["name"]), proc.pid)
+            if found:
+                stage, point.task, rec = found
+                point.stage = stage["name"]
+                break
         time.sleep(0.02)
     if rec is None:
         point.killed = "nothing (the launcher ended before the task ran)"
         proc.wait()
         point.launch_exit = proc.returncode
         return
-    moment = time.time() + point.fraction * ref_s
+    moment = time.time() + point.fraction * spans.get((point.stage, point.task), 5.0)
     while time.time() < moment and proc.poll() is None:
         time.sleep(0.02)
     victim = None
@@ -393,7 +414,7 @@ def run_campaign(root: Path, *, seed: int, kills: int, out: Path | None = None) 
     pending: list[KillPoint] = []  # killed, not yet checked at a quiet moment
     for point in points:
         offset = log.stat().st_size if log.exists() else 0
-        execute(point, run, stages, spans.get((point.stage, point.task), 5.0), log)
+        execute(point, run, stages, spans, log)
         for p in pending:
             p.adopted = adoptions(log, offset)
         if point.target == "launcher" and point.killed.startswith("launcher"):

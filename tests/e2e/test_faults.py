@@ -31,17 +31,25 @@ def campaign(tmp_path_factory) -> dict:
     return result
 
 
+# The interruption tests stop during embed: embed and merge are what they rerun and compare.
+EMBED = ["stages=[embed,merge]"]
+
+
 @pytest.fixture(scope="module")
 def reference(campaign) -> dict[str, str]:
-    return final_outputs(campaign["root"] / "reference")
+    """The uninterrupted run's embed and merge outputs."""
+    outputs = final_outputs(campaign["root"] / "reference")
+    return {k: v for k, v in outputs.items() if k.startswith(("embed/", "merge/"))}
 
 
 def _launch(run: Path, *extra: str):
-    return run_launch(*CONFIG, *extra, f"run.root={run.parent}", f"run.name={run.name}")
+    args = [*CONFIG, *EMBED, *extra]
+    return run_launch(*args, f"run.root={run.parent}", f"run.name={run.name}")
 
 
 def _start(run: Path, *extra: str):
-    return start_launch(*CONFIG, *extra, f"run.root={run.parent}", f"run.name={run.name}")
+    args = [*CONFIG, *EMBED, *extra]
+    return start_launch(*args, f"run.root={run.parent}", f"run.name={run.name}")
 
 
 def _attempts(run: Path, stage_dir: str) -> list[dict]:
@@ -109,7 +117,7 @@ def test_ctrl_c_stops_every_task_at_once_and_a_rerun_resumes(campaign, reference
         assert "preemption" not in log and "outside SLURM" not in log
     again = _launch(run)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert final_outputs(run) == reference
+    assert final_outputs(run) == reference and len(reference) > 5
 
 
 def test_a_second_launcher_of_the_run_dir_is_refused_and_changes_nothing(campaign):
@@ -170,4 +178,4 @@ def test_kill_9_of_the_launcher_then_a_relaunch_adopts_its_tasks(campaign, refer
     assert all(rec["returncode"] == 0 for rec in records)
     assert "taking over the lock of a launcher that ended without releasing it" in out
     assert run_processes(run) == []
-    assert final_outputs(run) == reference
+    assert final_outputs(run) == reference and len(reference) > 5
