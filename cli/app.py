@@ -137,6 +137,18 @@ def main(argv: list[str] | None = None) -> None:
         from cli.run import prevalidate
 
         overrides = [a for a in argv if not a.startswith("-")]
+        if flags:
+            from lib.config.redact import secret_overrides
+
+            if secret := secret_overrides(overrides):
+                names = ", ".join(secret)
+                _fail(
+                    f"error: {names} on the command line of a sweep (-m) would be written by "
+                    "Hydra into multirun.yaml, the run dir names and its log; give secrets "
+                    "through the environment: export NAME, then cluster.pass_env=[NAME] (or "
+                    "cluster.env_file=FILE)",
+                    argv,
+                )
         points = sweep_points(overrides) if flags else [overrides]
         # Every point's config first, then (the first point's, which all share) whether
         # the run dir can be written: that check creates it.

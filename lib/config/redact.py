@@ -150,6 +150,18 @@ def redacted_keys(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
+def secret_overrides(overrides: Iterable[str]) -> list[str]:
+    """The keys of Hydra command-line overrides (``+cluster.env.HF_TOKEN=...``) that carry
+    a secret: a secret-looking last key, or a URL with a password in the value."""
+    found = []
+    for arg in overrides:
+        key, eq, value = str(arg).partition("=")
+        key = key.lstrip("+~")
+        if eq and value and (is_secret_key(key.rsplit(".", 1)[-1]) or redact_url(value) != value):
+            found.append(key)
+    return found
+
+
 def is_redacted(value: Any) -> bool:
     return isinstance(value, str) and REDACTED in value
 

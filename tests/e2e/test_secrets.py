@@ -168,3 +168,16 @@ def test_wandb_keeps_its_files_under_the_run_dir_and_is_quiet(tmp_path):
     assert sorted(home.rglob("*")) == []
     assert [p for p in absent if p.exists()] == []
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_a_sweep_with_a_secret_on_its_command_line_is_refused(tmp_path):
+    """Hydra writes a sweep's overrides into multirun.yaml, the run dir names and its log."""
+    secret = f"hf_{secrets.token_hex(10)}"
+    proc = _launch(
+        "-m", "+experiment=quickstart", f"run.root={tmp_path}", "run.name=sw",
+        "dataset.limit=8,9", f"+cluster.env.HF_TOKEN={secret}", "--dry-run",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "cluster.env.HF_TOKEN on the command line of a sweep (-m)" in proc.stderr
+    assert "cluster.pass_env=[NAME]" in proc.stderr
+    assert _leaks([secret], tmp_path, proc) == [] and list(tmp_path.iterdir()) == []

@@ -181,3 +181,12 @@ def test_env_file_is_sourced_for_launchers_without_a_shell(tmp_path):
     (tmp_path / "bad.sh").write_text("exit_with_error_here_nonexistent_cmd_zz\n")
     with pytest.raises(ConfigError, match="sourcing it failed"):
         env_file_values(str(tmp_path / "bad.sh"))
+
+
+def test_secret_overrides_of_a_command_line():
+    from lib.config.redact import secret_overrides
+
+    assert secret_overrides(
+        ["+cluster.env.HF_TOKEN=x", "dataset.path=s3://a:b@c/d", "embed.max_tokens_per_batch=8",
+         "cluster.pass_env=[HF_TOKEN]", "~cluster.env.OPENAI_KEY", "kmeans.seed=0,1"]
+    ) == ["cluster.env.HF_TOKEN", "dataset.path"]  # fmt: skip
