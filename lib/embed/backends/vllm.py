@@ -10,7 +10,9 @@ Pooling is the model's own unless ``model.pooling`` overrides it: vLLM reads the
 sentence-transformers ``modules.json`` (mean pooling + normalize for all-MiniLM-L6-v2,
 last token + normalize for Qwen3-Embedding). Data parallelism is one engine per process:
 the local launcher runs one task per GPU with ``CUDA_VISIBLE_DEVICES`` set
-(``cluster.num_gpus``), SLURM one array task per GPU. vLLM starts worker processes with
+(``cluster.num_gpus``; ``tensor_parallel_size`` GPUs per task when that is > 1), SLURM one
+array task per GPU. ``gpu_memory_utilization`` and ``enforce_eager`` left null take the
+device's defaults (``engine_settings``). vLLM starts worker processes with
 ``spawn``, so every entry point that reaches this module is import-safe (``jobs/embed.py``
 runs under ``if __name__ == "__main__"``).
 """
