@@ -423,6 +423,11 @@ def run_campaign(root: Path, *, seed: int, kills: int, out: Path | None = None) 
         for p in [*pending, point]:
             check(p, run, reference)
         pending = []
+        if out is not None:  # so far, for a campaign cut short
+            progress = {"seed": seed, "kills": kills, "finished": False}
+            progress["points"] = [{**asdict(p), "ok": p.ok} for p in points]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(progress, indent=2))
     offset = log.stat().st_size if log.exists() else 0
     final = start(run, log)
     final_exit = final.wait(timeout=LAUNCH_TIMEOUT_S)
@@ -438,6 +443,7 @@ def run_campaign(root: Path, *, seed: int, kills: int, out: Path | None = None) 
     result = {
         "seed": seed,
         "kills": kills,
+        "finished": True,
         "command": shlex.join(launch_cmd(run)),
         "machine": machine(),
         "reference_seconds": round(ref_seconds, 1),
