@@ -24,6 +24,7 @@ the run dir's path and name replaced (they record both).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -65,7 +66,9 @@ BOOKKEEPING_DIRS = {"logs", "attempts", "completions", ".cache"}
 BOOKKEEPING_FILES = {"run.yaml", "plan.json", "launcher.lock", "launch.log"}
 VOLATILE_KEYS = {"seconds", "timings_s", "wall_seconds", "finished_at"}
 TMP_MARK = ".tmp-"
-LAUNCH_TIMEOUT_S = 600
+# A launch of the small pipeline takes ~45 s on a quiet 2-core VM; much more on a busy one.
+LAUNCH_TIMEOUT_S = 1800
+_STARTED: list[subprocess.Popen] = []  # every launcher started, stopped at the end
 
 
 def launch_cmd(run: Path, extra: list[str] = ()) -> list[str]:
@@ -88,7 +91,7 @@ def _env() -> dict[str, str]:
 def start(run: Path, log: Path, extra: list[str] = ()) -> subprocess.Popen:
     """Start the launcher of ``run`` (output to ``log``), in a session of its own."""
     with open(log, "ab") as fh:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             launch_cmd(run, extra),
             cwd=REPO,
             env=_env(),
@@ -97,6 +100,20 @@ def start(run: Path, log: Path, extra: list[str] = ()) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    _STARTED.append(proc)
+    return proc
+
+
+def stop_everything(*runs: Path) -> None:
+    """Kill what a campaign cut short (a timeout, an error) left: launchers and tasks."""
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for run in runs:
+        for pid in run_processes(run):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- what a run dir holds ------------------------------------------------------------------
@@ -394,6 +411,13 @@ def adoptions(log: Path, since: int) -> int:
 
 def run_campaign(root: Path, *, seed: int, kills: int, out: Path | None = None) -> dict:
     """Run the campaign under ``root``; return (and write to ``out``) its result."""
+    try:
+        return _campaign(root, seed=seed, kills=kills, out=out)
+    finally:
+        stop_everything(root / "reference", root / "faulted")
+
+
+def _campaign(root: Path, *, seed: int, kills: int, out: Path | None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     ref_run, run = root / "reference", root / "faulted"
     for d in (ref_run, run):
