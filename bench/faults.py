@@ -11,7 +11,9 @@ launcher: its tasks run on as orphans and the next launch must adopt them), a ta
 that stage and a moment (a random fraction of that task's reference duration after it
 starts). Each point relaunches the same command, waits for the task to run, kills at the
 moment, and waits for the launcher to exit (a killed launcher: not at all, the next
-launch starts at once). A final launch completes the run.
+launch starts at once). When the run has got past a point's target (a kill that landed
+late, an orphan that finished its stage), a last launch completes it and the campaign
+goes on in a new run dir seeded with the reference's stages before that target.
 
 Checked at each quiet moment (no process of the run alive) and at the end: no orphan
 process (none has the run dir in its environment), no marker without its data (every
@@ -28,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -120,13 +123,17 @@ def stop_everything(*runs: Path) -> None:
 
 
 def _normalized_json(data: bytes, run: Path) -> bytes:
+    # Any run dir of the campaign (a segment starts from copies of the reference's files).
+    under_root = re.compile(re.escape(str(run.parent)) + r"/[^/\"]+")
+    names = {run.name, "reference"}
+
     def clean(obj):
         if isinstance(obj, dict):
             return {k: clean(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
         if isinstance(obj, list):
             return [clean(v) for v in obj]
         if isinstance(obj, str):
-            return "RUN" if obj == run.name else obj.replace(str(run), "RUN")
+            return "RUN" if obj in names else under_root.sub("RUN", obj)
         return obj
 
     return json.dumps(clean(json.loads(data)), sort_keys=True).encode()
@@ -253,6 +260,7 @@ class KillPoint:
     fraction: float  # of the task's reference duration, after it starts
     rank: int = 0
     # what happened
+    run: str = ""  # the faulted run dir (a new one when a run got past the next target)
     killed: str = ""
     landed_in: str = ""
     launch_exit: int | None = None
@@ -344,11 +352,6 @@ def execute(
     by_name = {s["name"]: s for s in stages}
     order = [s["name"] for s in stages]
     stage = by_name[point.stage]
-    if has_marker(run, stage, point.task):  # done by now: aim at an unfinished task
-        todo = [(s, t) for s in stages for t in range(s["num_tasks"]) if not has_marker(run, s, t)]
-        if todo:
-            stage, point.task = todo[0]
-            point.stage = stage["name"]
     with open(log, "ab") as fh:
         fh.write(f"\n##### kill point {point.index}: {asdict(point)}\n".encode())
     proc = start(run, log)
@@ -417,11 +420,60 @@ def run_campaign(root: Path, *, seed: int, kills: int, out: Path | None = None) 
         stop_everything(root / "reference", root / "faulted")
 
 
+def seed_run(ref_run: Path, run: Path, stages: list[dict], first: str) -> None:
+    """A fresh run dir holding the reference's finished stages before ``first`` (outputs
+    and markers; not attempts or logs), so that a segment starts where its kills are."""
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    for st in stages:
+        if st["name"] == first:
+            break
+        shutil.copytree(
+            ref_run / st["stage_dir"],
+            run / st["stage_dir"],
+            ignore=shutil.ignore_patterns("attempts", "logs"),
+            dirs_exist_ok=True,
+        )
+
+
+def finish_segment(
+    run: Path, log: Path, pending: list[KillPoint], reference: dict[str, str]
+) -> dict:
+    """Launch ``run`` to completion, check the points still pending and the run dir."""
+    offset = log.stat().st_size if log.exists() else 0
+    final = start(run, log)
+    final_exit = final.wait(timeout=LAUNCH_TIMEOUT_S)
+    for p in pending:
+        p.adopted = adoptions(log, offset)
+        check(p, run, reference)
+    wait_quiet(run)
+    outputs = final_outputs(run)
+    differing = sorted(
+        k for k in set(reference) | set(outputs) if reference.get(k) != outputs.get(k)
+    )
+    broken, _ = marker_problems(run, None)
+    segment = {
+        "run": run.name,
+        "final_exit": final_exit,
+        "outputs_differing": differing,
+        "stale_temporaries": stale_temporaries(run),
+        "orphans": run_processes(run),
+        "markers_without_data": broken,
+    }
+    segment["passed"] = (
+        final_exit == 0
+        and not any(segment[k] for k in ("outputs_differing", "stale_temporaries", "orphans"))
+        and not broken
+    )
+    return segment
+
+
 def _campaign(root: Path, *, seed: int, kills: int, out: Path | None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
-    ref_run, run = root / "reference", root / "faulted"
-    for d in (ref_run, run):
-        shutil.rmtree(d, ignore_errors=True)
+    ref_run = root / "reference"
+    for d in root.iterdir():
+        if d.is_dir() and (d == ref_run or d.name.startswith("faulted")):
+            shutil.rmtree(d, ignore_errors=True)
     t0 = time.time()
     ref_log = root / "reference.log"
     ref_log.unlink(missing_ok=True)
@@ -431,12 +483,23 @@ def _campaign(root: Path, *, seed: int, kills: int, out: Path | None) -> dict:
     reference = final_outputs(ref_run)
     ref_seconds = time.time() - t0
     stages = read_plan(ref_run)
+    by_name = {st["name"]: st for st in stages}
     spans = durations(ref_run)
     points = plan_kills(stages, kills, seed)
     log = root / "faulted.log"
     log.unlink(missing_ok=True)
+    segments: list[dict] = []
+    run: Path | None = None
     pending: list[KillPoint] = []  # killed, not yet checked at a quiet moment
     for point in points:
+        if run is None or has_marker(run, by_name[point.stage], point.task):
+            # The run is past this point's target: finish it, go on in a new run dir.
+            if run is not None:
+                segments.append(finish_segment(run, log, pending, reference))
+                pending = []
+            run = root / f"faulted-{len(segments)}"
+            seed_run(ref_run, run, stages, point.stage)
+        point.run = run.name
         offset = log.stat().st_size if log.exists() else 0
         execute(point, run, stages, spans, log)
         for p in pending:
@@ -452,43 +515,31 @@ def _campaign(root: Path, *, seed: int, kills: int, out: Path | None) -> dict:
             progress["points"] = [{**asdict(p), "ok": p.ok} for p in points]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(progress, indent=2))
-    offset = log.stat().st_size if log.exists() else 0
-    final = start(run, log)
-    final_exit = final.wait(timeout=LAUNCH_TIMEOUT_S)
-    for p in pending:
-        p.adopted = adoptions(log, offset)
-        check(p, run, reference)
-    wait_quiet(run)
-    outputs = final_outputs(run)
-    differing = sorted(
-        k for k in set(reference) | set(outputs) if reference.get(k) != outputs.get(k)
-    )
-    broken, _ = marker_problems(run, None)
+    assert run is not None
+    segments.append(finish_segment(run, log, pending, reference))
     result = {
         "seed": seed,
         "kills": kills,
         "finished": True,
-        "command": shlex.join(launch_cmd(run)),
+        "command": shlex.join(launch_cmd(Path("RUN_ROOT/RUN_NAME"))),
         "machine": machine(),
         "reference_seconds": round(ref_seconds, 1),
         "campaign_seconds": round(time.time() - t0, 1),
-        "final_exit": final_exit,
         "outputs_compared": len(reference),
-        "outputs_differing": differing,
-        "stale_temporaries": stale_temporaries(run),
-        "orphans": run_processes(run),
-        "markers_without_data": broken,
+        "segments": segments,
+        "final_exit": max(abs(sg["final_exit"]) for sg in segments),
+        "outputs_differing": [
+            f"{sg['run']}/{k}" for sg in segments for k in sg["outputs_differing"]
+        ],
+        "stale_temporaries": [
+            f"{sg['run']}/{k}" for sg in segments for k in sg["stale_temporaries"]
+        ],
+        "orphans": [pid for sg in segments for pid in sg["orphans"]],
+        "markers_without_data": [m for sg in segments for m in sg["markers_without_data"]],
         "points": [{**asdict(p), "landed": p.landed, "ok": p.ok} for p in points],
     }
     result["identical_points"] = sum(p.ok for p in points)
-    result["passed"] = (
-        final_exit == 0
-        and not differing
-        and not result["stale_temporaries"]
-        and not result["orphans"]
-        and not broken
-        and result["identical_points"] == kills
-    )
+    result["passed"] = all(sg["passed"] for sg in segments) and result["identical_points"] == kills
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -497,7 +548,7 @@ def _campaign(root: Path, *, seed: int, kills: int, out: Path | None) -> dict:
 
 def table(result: dict) -> str:
     rows = [
-        f"{'#':>2}  {'aimed at':<18} {'killed':<28} {'landed in':<18} {'exit':>4} "
+        f"{'#':>2}  {'run':<10} {'aimed at':<26} {'killed':<30} {'landed in':<18} {'exit':>4} "
         f"{'adopt':>5}  verdict"
     ]
     for p in result["points"]:
@@ -514,12 +565,14 @@ def table(result: dict) -> str:
         verdict = "identical" if p["ok"] else ("; ".join(bad) or "not checked")
         exit_code = "" if p["launch_exit"] is None else str(p["launch_exit"])
         rows.append(
-            f"{p['index']:>2}  {aimed:<18} {p['killed'][:28]:<28} {p['landed_in'][:18]:<18} "
-            f"{exit_code:>4} {p['adopted']:>5}  {verdict}"
+            f"{p['index']:>2}  {p['run']:<10} {aimed:<26} {p['killed'][:30]:<30} "
+            f"{p['landed_in'][:18]:<18} {exit_code:>4} {p['adopted']:>5}  {verdict}"
         )
     rows.append(
-        f"\n{result['identical_points']} of {result['kills']} kill points identical; final "
-        f"run exit {result['final_exit']}; {result['outputs_compared']} outputs compared, "
+        f"\n{result['identical_points']} of {result['kills']} kill points identical; "
+        f"{len(result['segments'])} faulted run dir(s), each completed by a last launch "
+        f"(worst exit {result['final_exit']}); {result['outputs_compared']} outputs compared "
+        "in each, "
         f"{len(result['outputs_differing'])} differ; stale temporaries: "
         f"{len(result['stale_temporaries'])}; orphans: {len(result['orphans'])}; markers "
         f"without data: {len(result['markers_without_data'])} -> "
