@@ -492,7 +492,12 @@ def _campaign(root: Path, *, seed: int, kills: int, out: Path | None) -> dict:
     run: Path | None = None
     pending: list[KillPoint] = []  # killed, not yet checked at a quiet moment
     for point in points:
-        if run is None or has_marker(run, by_name[point.stage], point.task):
+        target = by_name[point.stage]
+        if run is not None and has_marker(run, target, point.task):
+            # That task is done: another unfinished task of the stage, if there is one.
+            left = [t for t in range(target["num_tasks"]) if not has_marker(run, target, t)]
+            point.task = left[0] if left else point.task
+        if run is None or has_marker(run, target, point.task):
             # The run is past this point's target: finish it, go on in a new run dir.
             if run is not None:
                 segments.append(finish_segment(run, log, pending, reference))
