@@ -107,6 +107,8 @@ def test_distributed_script_golden():
         rank_log="/runs/q/kmeans/level1/logs/task_00000.rank%t.log",
         workdir="/src/embedfleet",
         resources={"time": "12:00:00", "mem": "64G"},
+        forward=["WANDB_API_KEY", "HF_TOKEN"],
+        env_file="/home/me/.wandb_api_key.sh",
     )
     check_golden("distributed.sbatch", text)
 
@@ -132,8 +134,6 @@ def test_hostile_values_stay_one_word_on_one_line():
     assert out.stdout == hostile
     assert "\n" not in job_name("ef", hostile)
 
-        forward=["WANDB_API_KEY", "HF_TOKEN"],
-        env_file="/home/me/.wandb_api_key.sh",
 
 def test_misspelt_resource_key_fails_at_config_time():
     from cli.run import prevalidate
@@ -196,7 +196,11 @@ def _array(**kw):
 
 @pytest.mark.parametrize(
     "env",
-    [{"WANDB_API_KEY": "0123abcd"}, {"DATABASE_URL": "postgres://u:pw0123@h/db"}, {"MY_TOKEN": "t"}],
+    [
+        {"WANDB_API_KEY": "0123abcd"},
+        {"DATABASE_URL": "postgres://u:pw0123@h/db"},
+        {"MY_TOKEN": "t"},
+    ],
 )
 def test_a_secret_is_never_rendered_into_a_script(env):
     (name,) = env
