@@ -9,11 +9,12 @@ Then one faulted run dir, killed again and again: kill point i names a stage (th
 are spread evenly over the plan's stages, in plan order), a target (a task, or the
 launcher: its tasks run on as orphans and the next launch must adopt them), a task of
 that stage and a moment (a random fraction of that task's reference duration after it
-starts). Each point relaunches the same command, waits for the task to run, kills at the
-moment, and waits for the launcher to exit (a killed launcher: not at all, the next
-launch starts at once). When the run has got past a point's target (a kill that landed
-late, an orphan that finished its stage), a last launch completes it and the campaign
-goes on in a new run dir seeded with the reference's stages before that target.
+starts, or the moment it ends if that is sooner). Each point relaunches the same command,
+waits for the task to run, kills at the moment, and waits for the launcher to exit (a
+killed launcher: not at all, the next launch starts at once). When the run has got past
+a point's target (a kill that landed late, an orphan that finished its stage), a last
+launch completes it and the campaign goes on in a new run dir seeded with the
+reference's stages before that target.
 
 Checked at each quiet moment (no process of the run alive) and at the end: no orphan
 process (none has the run dir in its environment), no marker without its data (every
@@ -374,7 +375,13 @@ def execute(
         point.launch_exit = proc.returncode
         return
     moment = time.time() + point.fraction * spans.get((point.stage, point.task), 5.0)
+    # The moment comes from the reference's durations; on a machine busier or quieter
+    # than during the reference the target may end first. Then the launcher is killed at
+    # once (a kill between two tasks is a fault moment too), rather than missing the point
+    # when the launcher exits before the moment (the last stage).
     while time.time() < moment and proc.poll() is None:
+        if _live_attempt(run, stage, point.task, proc.pid) is None:
+            break
         time.sleep(0.02)
     victim = None
     if point.target == "task":

@@ -9,6 +9,7 @@ tensors through host memory when it is gloo (ranks that share a GPU, which NCCL 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,22 @@ class Comm:
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Maximum over ranks, in place."""
         return self._all_reduce(tensor, D.all_reduce_max_)
+
+    def check_on_root(self, check: Callable[[], None], error: type[Exception]) -> None:
+        """Run ``check`` on rank 0 only; if it raises ``error``, every rank raises it (rank
+        0 with its message, the others pointing at rank 0's log), so ranks fail together
+        instead of the others waiting in the next collective."""
+        message = ""
+        if self.is_root:
+            try:
+                check()
+            except error as exc:
+                message = str(exc) or type(exc).__name__
+        failed = self.max_(torch.tensor([1 if message else 0], dtype=torch.int64))
+        if int(failed.item()):
+            raise error(
+                message or "rank 0 found a problem (see rank 0's log); rerun the same command"
+            )
 
     def all_gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world == 1:

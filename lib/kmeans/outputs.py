@@ -95,23 +95,15 @@ def prepare_level(paths: RunPaths, level: int, merged: str | None, comm: Comm) -
     against its marker: the merged embeddings ``merged`` (a name in the run dir; None for
     ``kmeans.embeddings_path``) for level 1, level L-1 for level L. A file that no longer
     matches invalidates that marker; every rank then raises ``InvalidMarkerError``."""
-    message = ""
-    if comm.is_root:
+
+    def check() -> None:
         paths.storage.clean_temporaries(f"{paths.kmeans_level(level)}/")
-        try:
-            if level > 1:
-                require_intact(paths.storage, paths.marker(paths.kmeans_level(level - 1), 0))
-            elif merged is not None:
-                require_intact(paths.storage, paths.marker(MERGE_DIR, 0), only=[merged])
-        except InvalidMarkerError as exc:
-            message = str(exc)
-    failed = comm.max_(torch.tensor([1 if message else 0], dtype=torch.int64))
-    if int(failed.item()):
-        raise InvalidMarkerError(
-            message
-            or "rank 0 found an input that no longer matches its marker (see rank 0's "
-            "log); rerun the same command"
-        )
+        if level > 1:
+            require_intact(paths.storage, paths.marker(paths.kmeans_level(level - 1), 0))
+        elif merged is not None:
+            require_intact(paths.storage, paths.marker(MERGE_DIR, 0), only=[merged])
+
+    comm.check_on_root(check, InvalidMarkerError)
 
 
 def gather_to_root(comm: Comm, local: np.ndarray) -> np.ndarray | None:

@@ -103,23 +103,15 @@ def verify_inputs(inputs: ClusteringInputs, levels: list[int], comm: Comm | None
     levels 1..max and the merged embeddings and metadata. Rank 0 checks; a file that no
     longer matches invalidates its marker, and every rank raises ``InvalidMarkerError``."""
     comm = comm or Comm.current()
-    message = ""
-    if comm.is_root:
+
+    def check() -> None:
         storage = inputs.run.storage
-        try:
-            for level in range(1, max(levels) + 1):
-                require_intact(storage, RunPaths.marker(RunPaths.kmeans_level(level), 0))
-            if read := _merge_outputs_read(inputs):
-                require_intact(storage, RunPaths.marker(MERGE_DIR, 0), only=read)
-        except InvalidMarkerError as exc:
-            message = str(exc)
-    failed = comm.max_(torch.tensor([1 if message else 0], dtype=torch.int64))
-    if int(failed.item()):
-        raise InvalidMarkerError(
-            message
-            or "rank 0 found an input that no longer matches its "
-            "marker (see rank 0's log); rerun the same command"
-        )
+        for level in range(1, max(levels) + 1):
+            require_intact(storage, RunPaths.marker(RunPaths.kmeans_level(level), 0))
+        if read := _merge_outputs_read(inputs):
+            require_intact(storage, RunPaths.marker(MERGE_DIR, 0), only=read)
+
+    comm.check_on_root(check, InvalidMarkerError)
 
 
 def flatten_levels(
