@@ -197,7 +197,7 @@ def _long_run_args(root: Path, name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def long_reference(shared_root) -> Path:
-    _ok(run_launch(*_long_run_args(shared_root, "long-ref")))
+    _ok(run_launch(*_long_run_args(shared_root, "long-ref"), timeout=1500))
     return shared_root / "long-ref"
 
 
@@ -205,6 +205,8 @@ def _parts_done(run: Path) -> int:
     return len(list((run / "embed" / "parts").glob("shard_00000/part_*.json")))
 
 
+# A busy VM embeds these 1,500 rows at a few rows/s: the reference alone can pass 600 s.
+@pytest.mark.timeout(1800)
 def test_scontrol_requeue_resumes_from_finished_parts(slurm_cluster, shared_root, long_reference):
     run = shared_root / "requeued"
     _ok(run_launch(*_long_run_args(shared_root, "requeued"), "cluster=slurm"))
@@ -221,12 +223,13 @@ def test_scontrol_requeue_resumes_from_finished_parts(slurm_cluster, shared_root
     assert np.array_equal(merged(run), merged(long_reference))
 
 
+@pytest.mark.timeout(2400)
 def test_time_limit_signal_stops_requeues_and_resumes(slurm_cluster, shared_root):
     # SLURM checks time limits every ~30 s: with a 2-minute limit and a 60 s warning the
     # signal comes 30-60 s in, after the task has started and installed its handler. 1,500
     # rows on one thread take longer than that on this machine, so the task must come back.
     rows = ["dataset.limit=1500"]
-    _ok(run_launch(*_long_run_args(shared_root, "timelimit-ref"), *rows))
+    _ok(run_launch(*_long_run_args(shared_root, "timelimit-ref"), *rows, timeout=1500))
     run = shared_root / "timelimit"
     args = [
         *_long_run_args(shared_root, "timelimit"),
