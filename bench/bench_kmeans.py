@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -423,7 +424,7 @@ def main() -> None:
             "device": args.device,
             "init": args.init,
             "init_seconds": init["seconds"],
-            "command": " ".join(sys.argv),
+            "command": shlex.join(sys.argv),
         },
         "results": rows,
     }

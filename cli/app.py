@@ -15,6 +15,7 @@ serves) is refused before Hydra creates the run dir, every sweep point included.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         for point in [*checked[1:], checked[0]]:
             error = prevalidate(point) if point is checked[0] else _compose_error(point)
             if error:
-                where = f" (sweep point {' '.join(point)})" if len(points) > 1 else ""
+                where = f" (sweep point {shlex.join(point)})" if len(points) > 1 else ""
                 _fail(error + where, argv)
     sys.argv = [sys.argv[0], *argv]
     _hydra_app(dry_run, force_replan)
