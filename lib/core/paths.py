@@ -11,6 +11,7 @@ A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
     <stage dir>/logs/task_XXXXX[.rankR].log  task logs
     embed/shards/shard_XXXXX.{safetensors,parquet,dropped.parquet}
     embed/parts/shard_XXXXX/part_YYYYY.*     finished parts of an unfinished shard
+    sync/<source>/...                        files synced from a remote source (subdirs kept)
     merge/embeddings.{safetensors,npy} metadata.parquet dropped_rows.parquet
           quality_report.json by_source/<source>/ by_source/index.json
     kmeans/level{L}/step{s}|split/           centroids, assignment, members, ... (+ markers)
@@ -39,6 +40,7 @@ LAUNCHER_LOCK = "launcher.lock"
 
 EMBED_DIR = "embed"
 MERGE_DIR = "merge"
+SYNC_DIR = "sync"
 KMEANS_DIR = "kmeans"
 CURATED_DIR = f"{KMEANS_DIR}/curated"
 METRICS_DIR = "metrics"
@@ -46,6 +48,7 @@ SLURM_DIR = "slurm"
 SUBMITIT_DIR = "submitit"
 
 EMBED_STAGE, MERGE_STAGE, CURATE_STAGE = "embed", "merge", "curate"
+SYNC_STAGE = "sync"
 KMEANS_LEVEL_PREFIX = "kmeans_level"
 METRICS_LEVEL_PREFIX = "metrics_level"
 MERGE_EMBEDDINGS = {"safetensors": "embeddings.safetensors", "npy": "embeddings.npy"}
@@ -223,6 +226,12 @@ class RunPaths:
     @staticmethod
     def embed_part_marker(task: int, part: int) -> str:
         return f"{RunPaths.embed_parts(task)}/{RunPaths.part_name(part)}.json"
+
+    # -- sync -------------------------------------------------------------------------------
+    @staticmethod
+    def sync_source(source: str) -> str:
+        """Where the files of remote source ``source`` land: ``sync/<source>``."""
+        return f"{SYNC_DIR}/{source}"
 
     # -- merge ------------------------------------------------------------------------------
     @staticmethod
