@@ -18,10 +18,12 @@ A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
     kmeans/level{L}/final.json               the level's summary
     kmeans/curated/                          the curated subset
     metrics/level{L}/                        metrics.json, per_cluster.parquet, examples.json
+    index/index.faiss ids.parquet params.json  the faiss index, its id map, search settings
     slurm/<stage>-NNN.sbatch slurm/submissions.json submitit/<stage>/
 
 Stage dirs: ``embed``, ``merge``, ``kmeans/level{L}`` (stage ``kmeans_level{L}``),
-``kmeans/curated`` (stage ``curate``), ``metrics/level{L}`` (stage ``metrics_level{L}``).
+``kmeans/curated`` (stage ``curate``), ``metrics/level{L}`` (stage ``metrics_level{L}``),
+``index``.
 Names are relative POSIX strings; ``RunPaths.storage`` reads and writes them.
 """
 
@@ -44,10 +46,12 @@ SYNC_DIR = "sync"
 KMEANS_DIR = "kmeans"
 CURATED_DIR = f"{KMEANS_DIR}/curated"
 METRICS_DIR = "metrics"
+INDEX_DIR = "index"
 SLURM_DIR = "slurm"
 SUBMITIT_DIR = "submitit"
 
 EMBED_STAGE, MERGE_STAGE, CURATE_STAGE = "embed", "merge", "curate"
+INDEX_STAGE = "index"
 SYNC_STAGE = "sync"
 KMEANS_LEVEL_PREFIX = "kmeans_level"
 METRICS_LEVEL_PREFIX = "metrics_level"
@@ -286,6 +290,12 @@ class RunPaths:
     @staticmethod
     def metrics_file(level: int, name: str, root: str = METRICS_DIR) -> str:
         return f"{metrics_level_dir(level, root)}/{name}"
+
+    # -- index ------------------------------------------------------------------------------
+    index = INDEX_DIR
+    index_file = f"{INDEX_DIR}/index.faiss"
+    index_ids = f"{INDEX_DIR}/ids.parquet"
+    index_params = f"{INDEX_DIR}/params.json"
 
     # -- launchers --------------------------------------------------------------------------
     @staticmethod

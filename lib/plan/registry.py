@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "kmeans": "lib.kmeans",
     "curate": "lib.curate",
     "metrics": "lib.metrics",
+    "index": "lib.index",
 }
 
 
