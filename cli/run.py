@@ -81,6 +81,7 @@ _HASHED = {
     "kmeans.embeddings_path's path/shape/dtype, or level L-1's)",
     "curate": "curate.*, the number of k-means levels and the top level's hash",
     "metrics": "metrics.*, the level and its k-means level's hash",
+    "index": "index.* (less run-time settings) and the merge stage's hash",
 }
 
 

@@ -25,6 +25,8 @@ def reads(cfg: DictConfig, stage: str) -> str | None:
         return None if cfg.kmeans.embeddings_path else "merge"
     if stage in ("curate", "metrics"):
         return "kmeans"
+    if stage == "index":
+        return "merge"
     return None
 
 

@@ -16,6 +16,7 @@ from lib.config.fields import bounded
 from lib.curate.params import CurateParams
 from lib.data.params import DatasetParams
 from lib.embed.params import EmbedParams, ModelParams
+from lib.index.params import IndexParams
 from lib.kmeans.params import KmeansParams
 from lib.merge.params import MergeParams
 from lib.metrics.params import ClusteringParams, MetricsParams, TrackingParams
@@ -73,6 +74,7 @@ class StageResources:
     kmeans: SlurmResources = field(default_factory=SlurmResources)
     metrics: SlurmResources = field(default_factory=SlurmResources)
     curate: SlurmResources = field(default_factory=SlurmResources)
+    index: SlurmResources = field(default_factory=SlurmResources)
 
 
 @dataclass
@@ -129,5 +131,6 @@ class EmbedfleetConfig:
     metrics: MetricsParams = field(default_factory=MetricsParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     clustering: ClusteringParams = field(default_factory=ClusteringParams)
+    index: IndexParams = field(default_factory=IndexParams)
     stages: list[str] = field(default_factory=lambda: ["embed", "merge"])
     description: str = ""
