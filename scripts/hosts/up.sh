@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Start the test SSH hosts (real OpenSSH sshd, one per loopback address), idempotently,
+# and print the path of hosts.env, which tests read (hosts, port, users, key, known_hosts).
+#
+#   scripts/hosts/up.sh            start what is not running (installs openssh-server if
+#                                  /usr/sbin/sshd is missing and apt-get is there), print
+#                                  the env file's path
+#   scripts/hosts/up.sh --check    exit 0 when every host answers, 1 otherwise
+#   scripts/hosts/up.sh --env      print the env file's path only
+# Needs root (sshd switches to the test users). See common.sh for the layout.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=common.sh
+. "$HERE/common.sh"
+
+answers() {  # answers HOST: its sshd is ours, alive, and speaks SSH on its address
+  our_pid "$1" >/dev/null || return 1
+  timeout 5 bash -c "exec 3<>/dev/tcp/${HOST_ADDR[$1]}/$HOSTS_PORT && head -c 4 <&3" 2>/dev/null \
+    | grep -q '^SSH-'
+}
+
+check_all() {
+  local h
+  for h in "${HOST_NAMES[@]}"; do answers "$h" || return 1; done
+  [ -s "$ENV_FILE" ]
+}
+
+case "${1:-}" in
+  --env) echo "$ENV_FILE"; exit 0 ;;
+  --check) check_all; exit $? ;;
+  "") ;;
+  *) echo "usage: $0 [--check|--env]" >&2; exit 2 ;;
+esac
+
+if [ "$(id -u)" != 0 ]; then
+  echo "[hosts] ERROR: up.sh needs root (sshd logs in as the test users); run it with sudo" >&2
+  exit 1
+fi
+lock_hosts
+if check_all; then echo "$ENV_FILE"; exit 0; fi
+
+if [ ! -x "$SSHD" ]; then
+  command -v apt-get >/dev/null || { echo "[hosts] ERROR: $SSHD missing; install openssh-server" >&2; exit 1; }
+  echo "[hosts] installing openssh-server" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server >&2 \
+    || { DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server >&2; }
+fi
+mkdir -p -m 0755 /run/sshd
+mkdir -p -m 0700 "$CLIENT_DIR"
+mkdir -p -m 0755 "$AUTH_KEYS_DIR"
+mkdir -p -m 1777 "$DATA_DIR"
+chmod 1777 "$DATA_DIR"
+
+for user in "$TEST_USER" "$SFTP_USER"; do
+  if ! id "$user" >/dev/null 2>&1; then
+    useradd -m -s /bin/bash "$user"
+  fi
+  echo "$user:$TEST_PASSWORD" | chpasswd
+done
+[ -s "$CLIENT_KEY" ] || ssh-keygen -q -t ed25519 -N '' -C embedfleet-test -f "$CLIENT_KEY"
+for user in "$TEST_USER" "$SFTP_USER"; do
+  install -m 0644 "$CLIENT_KEY.pub" "$AUTH_KEYS_DIR/$user"
+done
+
+: >"$KNOWN_HOSTS.new"
+for h in "${HOST_NAMES[@]}"; do
+  d=$(host_dir "$h")
+  mkdir -p -m 0700 "$d"
+  [ -s "$d/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -C "$h" -f "$d/ssh_host_ed25519_key"
+  cat >"$d/sshd_config" <<CFG
+# The embedfleet test host $h (scripts/hosts/up.sh); not a system sshd.
+Port $HOSTS_PORT
+ListenAddress ${HOST_ADDR[$h]}
+HostKey $d/ssh_host_ed25519_key
+PidFile $d/sshd.pid
+AuthorizedKeysFile $AUTH_KEYS_DIR/%u
+# The state dir lives under /tmp (world-writable), which StrictModes refuses.
+StrictModes no
+PasswordAuthentication yes
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+UsePAM no
+PermitRootLogin no
+AllowUsers $TEST_USER $SFTP_USER
+Subsystem sftp internal-sftp
+MaxStartups 64:30:128
+MaxSessions 64
+LogLevel VERBOSE
+Match User $SFTP_USER
+    ForceCommand internal-sftp
+    AllowTcpForwarding no
+CFG
+  "$SSHD" -t -f "$d/sshd_config"
+  if ! our_pid "$h" >/dev/null; then
+    "$SSHD" -f "$d/sshd_config" -E "$d/sshd.log" 8>&-
+  fi
+  echo "[${HOST_ADDR[$h]}]:$HOSTS_PORT $(cut -d' ' -f1,2 "$d/ssh_host_ed25519_key.pub")" >>"$KNOWN_HOSTS.new"
+done
+mv "$KNOWN_HOSTS.new" "$KNOWN_HOSTS"
+chmod 0644 "$KNOWN_HOSTS"
+
+for _ in $(seq 100); do
+  ok=1
+  for h in "${HOST_NAMES[@]}"; do answers "$h" || ok=0; done
+  [ "$ok" = 1 ] && break
+  sleep 0.05
+done
+for h in "${HOST_NAMES[@]}"; do
+  answers "$h" || { echo "[hosts] ERROR: sshd of $h did not start; see $(host_dir "$h")/sshd.log:" >&2; tail -20 "$(host_dir "$h")/sshd.log" >&2 || true; exit 1; }
+done
+
+{
+  echo "EF_HOSTS_DIR=$HOSTS_DIR"
+  echo "EF_HOSTS_NAMES=${HOST_NAMES[*]}"
+  for h in "${HOST_NAMES[@]}"; do echo "EF_HOST_$h=${HOST_ADDR[$h]}"; done
+  echo "EF_HOSTS_PORT=$HOSTS_PORT"
+  echo "EF_HOSTS_USER=$TEST_USER"
+  echo "EF_HOSTS_SFTP_USER=$SFTP_USER"
+  echo "EF_HOSTS_PASSWORD=$TEST_PASSWORD"
+  echo "EF_HOSTS_KEY=$CLIENT_KEY"
+  echo "EF_HOSTS_KNOWN_HOSTS=$KNOWN_HOSTS"
+  echo "EF_HOSTS_DATA=$DATA_DIR"
+} >"$ENV_FILE.tmp"
+mv "$ENV_FILE.tmp" "$ENV_FILE"
+echo "[hosts] up: ${HOST_NAMES[*]} on port $HOSTS_PORT (env: $ENV_FILE)" >&2
+echo "$ENV_FILE"
