@@ -12,6 +12,7 @@ A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
     embed/shards/shard_XXXXX.{safetensors,parquet,dropped.parquet}
     embed/parts/shard_XXXXX/part_YYYYY.*     finished parts of an unfinished shard
     sync/<source>/...                        files synced from a remote source (subdirs kept)
+    sync/records/task_XXXXX.json sync/slots/ what each source's last sync saw; run slots
     merge/embeddings.{safetensors,npy} metadata.parquet dropped_rows.parquet
           quality_report.json by_source/<source>/ by_source/index.json
     kmeans/level{L}/step{s}|split/           centroids, assignment, members, ... (+ markers)
@@ -236,6 +237,18 @@ class RunPaths:
     def sync_source(source: str) -> str:
         """Where the files of remote source ``source`` land: ``sync/<source>``."""
         return f"{SYNC_DIR}/{source}"
+
+    @staticmethod
+    def sync_record(task: int) -> str:
+        """What the last sync of source ``task`` saw and verified, file by file, rewritten
+        as each file completes (a killed task's next attempt starts from it):
+        ``sync/records/task_XXXXX.json``."""
+        return f"{SYNC_DIR}/records/{task_name(task)}.json"
+
+    @staticmethod
+    def sync_slot(slot: int) -> str:
+        """A lock file a sync task holds while it runs (``sync.parallel_sources`` slots)."""
+        return f"{SYNC_DIR}/slots/slot_{slot:03d}.lock"
 
     # -- merge ------------------------------------------------------------------------------
     @staticmethod
