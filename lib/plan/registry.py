@@ -5,6 +5,7 @@ Each entry names a stage package, whose modules are imported only when a plan us
 
     <package>.plan.build(cfg, dataset_rows, prior) -> list[StageSpec]  # prior: planned so far
     <package>.summary.summary(paths, specs) -> list[str]   # end-of-run summary (optional)
+    <package>.plan.before_launch(paths, specs) -> list[str]  # before a launch runs it (optional)
 
 Adding a stage is a new package under ``lib/`` and one line here.
 """
@@ -23,6 +24,7 @@ from lib.plan.spec import Plan, StageSpec
 
 STAGES: dict[str, str] = {
     "embed": "lib.embed",
+    "sync": "lib.sync",
     "merge": "lib.merge",
     "kmeans": "lib.kmeans",
     "curate": "lib.curate",
@@ -62,4 +64,18 @@ def summary_lines(paths: RunPaths, plan: Plan) -> list[str]:
         module = stage_module(group, "summary") if group in STAGES else None
         if module is not None:
             lines += module.summary(paths, plan.group(group))
+    return lines
+
+
+def before_launch(paths: RunPaths, plan: Plan, requested: list[str]) -> list[str]:
+    """Run the ``before_launch`` hook of each stage group in ``requested`` that has one
+    (sync: look at the hosts again) before a launch that is not a dry run; returns the
+    lines to print."""
+    lines: list[str] = []
+    for group in dict.fromkeys(s.group for s in plan.stages):
+        if group not in requested or group not in STAGES:
+            continue
+        hook = getattr(stage_module(group), "before_launch", None)
+        if hook is not None:
+            lines += hook(paths, plan.group(group))
     return lines
