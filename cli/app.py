@@ -20,6 +20,8 @@ import sys
 import time
 
 SUBCOMMANDS = ("status", "wait", "logs", "retry", "cancel", "verify")
+# `python launch.py STAGE [KEY=VALUE ...]` runs that stage only: stages=[STAGE].
+STAGE_SHORTHANDS = ("sync",)
 HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 # Sweep points composed and checked before Hydra starts (and creates run dirs); the rest
@@ -27,6 +29,7 @@ MULTIRUN_FLAGS = {"-m", "--multirun"}
 PREVALIDATE_SWEEP_POINTS = 16
 USAGE = """usage:
   python launch.py +experiment=NAME [KEY=VALUE ...] [--dry-run] [--force-replan]
+  python launch.py sync sync=NAME [KEY=VALUE ...]        the sync stage only (stages=[sync])
   python launch.py -m +experiment=NAME KEY=a,b ...      one run per sweep point
   python launch.py status|wait|retry|cancel|verify RUN_DIR
   python launch.py logs RUN_DIR STAGE TASK [--rank R] [--tail N]
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         from cli.commands import run_subcommand
 
         sys.exit(run_subcommand(argv))
+    if argv[0] in STAGE_SHORTHANDS:
+        argv = [f"stages=[{argv[0]}]", *argv[1:]]
     if not argv[0].startswith(("-", "+", "~")) and "=" not in argv[0]:
         _fail(unknown_command(argv[0]), argv)
     dry_run = "--dry-run" in argv

@@ -28,7 +28,7 @@ from lib.core.hashing import config_digest
 from lib.core.locks import run_lock
 from lib.core.paths import RunPaths
 from lib.core.storage import is_url, join
-from lib.plan.registry import build_plan
+from lib.plan.registry import before_launch, build_plan
 from lib.plan.spec import Plan, StageSpec, completed_tasks
 
 
@@ -232,6 +232,8 @@ def launch_run(
             if not dry_run:
                 save_run_config(paths, cfg)
                 plan.save(paths)
+                for line in before_launch(paths, plan, requested):
+                    print(line)
             print(f"embedfleet: {cfg.description or cfg.run.name}")
             print(f"run dir: {run_dir}")
             result = launcher.launch(paths, plan, dry_run=dry_run)

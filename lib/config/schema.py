@@ -20,6 +20,7 @@ from lib.index.params import IndexParams
 from lib.kmeans.params import KmeansParams
 from lib.merge.params import MergeParams
 from lib.metrics.params import ClusteringParams, MetricsParams, TrackingParams
+from lib.sync.params import SyncParams
 
 SCHEMA_NAME = "embedfleet_schema"
 
@@ -70,6 +71,7 @@ class StageResources:
 
     default: SlurmResources = field(default_factory=SlurmResources)
     embed: SlurmResources = field(default_factory=SlurmResources)
+    sync: SlurmResources = field(default_factory=SlurmResources)
     merge: SlurmResources = field(default_factory=SlurmResources)
     kmeans: SlurmResources = field(default_factory=SlurmResources)
     metrics: SlurmResources = field(default_factory=SlurmResources)
@@ -124,6 +126,7 @@ class EmbedfleetConfig:
     dataset: DatasetParams = field(default_factory=DatasetParams)
     model: ModelParams = field(default_factory=ModelParams)
     embed: EmbedParams = field(default_factory=EmbedParams)
+    sync: SyncParams = field(default_factory=SyncParams)
     merge: MergeParams = field(default_factory=MergeParams)
     kmeans: KmeansParams = field(default_factory=KmeansParams)
     curate: CurateParams = field(default_factory=CurateParams)

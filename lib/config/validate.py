@@ -6,6 +6,8 @@ refuses, each with the key and the rule:
 
 - a key the schema does not have, ``+`` or not (only ``dict`` nodes such as
   ``cluster.env`` take any key), listing the valid keys at that level;
+- a ``sync.sources`` entry with an unknown key, a missing one or a literal password
+  (``lib.sync.params.source_problems``);
 - a number outside its field's range (``bounded``/``unhashed`` metadata of the params
   dataclasses, ``lib.config.fields.out_of_range``);
 - a ``run.name`` that would put the run dir outside ``run.root`` or on it;
@@ -28,6 +30,7 @@ from lib.config.fields import field_default, out_of_range
 from lib.config.redact import redact_url
 from lib.config.schema import EmbedfleetConfig
 from lib.core.errors import ConfigError
+from lib.sync.params import source_problems
 
 # Keys whose value may be an fsspec URL, read or written through lib.core.storage.
 URL_KEYS = ("run.root", "dataset.path", "merge.legacy_dir")
@@ -122,6 +125,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     plain.pop("hydra", None)
     problems = unknown_keys(plain)
     problems += out_of_range(EmbedfleetConfig, plain)
+    problems += source_problems(plain.get("sync"))
     name = run_name_problem(OmegaConf.select(cfg, "run.name"), OmegaConf.select(cfg, "run.root"))
     if name:
         problems.append(name)

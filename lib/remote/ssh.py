@@ -12,6 +12,7 @@ transfer stalls on window adjustments long before the network is busy.
 
 from __future__ import annotations
 
+import logging
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from lib.remote.known_hosts import (
     known_hosts_path,
     load_host_keys,
 )
+
+# paramiko logs every login and channel at INFO: noise in a task's log.
+logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 WINDOW_BYTES = 64 << 20
 MAX_PACKET_BYTES = 1 << 15  # paramiko's and OpenSSH's usual maximum packet payload

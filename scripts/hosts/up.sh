@@ -112,7 +112,7 @@ done
 
 {
   echo "EF_HOSTS_DIR=$HOSTS_DIR"
-  echo "EF_HOSTS_NAMES=${HOST_NAMES[*]}"
+  echo "EF_HOSTS_NAMES=\"${HOST_NAMES[*]}\""
   for h in "${HOST_NAMES[@]}"; do echo "EF_HOST_$h=${HOST_ADDR[$h]}"; done
   echo "EF_HOSTS_PORT=$HOSTS_PORT"
   echo "EF_HOSTS_USER=$TEST_USER"
