@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from lib.core.errors import ShardValidationError
-from lib.core.markers import reject_marker
 from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile, Storage
 from lib.formats.matrix_writer import MatrixWriter
 from lib.formats.parquet import read_table
-from lib.merge.inputs import ShardInput
+from lib.merge.inputs import ShardInput, mismatch_message
 from lib.merge.params import MergeFormat
 
 # Small enough that a block stays in cache while it is read, checked, hashed twice and
@@ -86,8 +85,12 @@ def _iter_blocks(
                     raise ShardValidationError(f"{problem}; rerun task {shard.task}")
                 raise ShardValidationError(
                     "merge refused, nothing written: "
-                    + reject_marker(
-                        shard.storage, shard.marker_name, shard.marker, {shard.embeddings: problem}
+                    + mismatch_message(
+                        shard.storage,
+                        shard.marker_name,
+                        shard.marker,
+                        {shard.embeddings: problem},
+                        shard.fix,
                     )
                 )
 
@@ -193,6 +196,7 @@ def merge_shards(
                 {
                     "task": shard.task,
                     "label": shard.label,
+                    **({"source": shard.source} if shard.source else {}),
                     "row_range": [shard.row_start, shard.row_stop],
                     "rows": shard.rows,
                     "rows_in_output": shard_written,

@@ -1,7 +1,8 @@
 """The merge stage's row tables and its per-source split.
 
 ``metadata.parquet`` (row i describes merged embeddings row i: ``row_index`` = original
-dataset row, ``id``, ``source``, metadata columns), ``dropped_rows.parquet`` (every row
+dataset row, ``id``, ``source``, metadata columns, and the columns of
+``merge.metadata_path`` joined by row index), ``dropped_rows.parquet`` (every row
 not embedded, by original index) and ``by_source/<source>/`` (embeddings and metadata of
 each source, with ``by_source/index.json``).
 """
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lib.core.errors import ShardValidationError
 from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile, Storage
 from lib.data.columns import duplicate_ids
@@ -23,34 +25,115 @@ from lib.formats.arrays import open_embeddings
 from lib.formats.matrix_writer import MatrixWriter
 from lib.formats.parquet import DROPPED_SCHEMA, publish_table, read_table
 from lib.merge.inputs import ShardInput
+from lib.merge.row_metadata import BATCH_ROWS, MetadataFile, RowCursor, join_columns
+
+
+def _shard_table(s: ShardInput) -> pa.Table:
+    """A shard's metadata rows: its parquet, or (legacy) row indices, ids, ``legacy``."""
+    if s.metadata is not None and s.storage is not None:
+        return read_table(s.storage, s.metadata)
+    idx = np.arange(s.row_start, s.row_stop, dtype=np.int64)
+    ids = s.ids if s.ids is not None else idx.astype(str)
+    return pa.table(
+        {"row_index": idx, "id": pa.array(ids, pa.string()), "source": ["legacy"] * len(idx)}
+    )
+
+
+def _write(
+    writer: pq.ParquetWriter | None, path: Path, table: pa.Table, extra: MetadataFile | None
+) -> pq.ParquetWriter:
+    if writer is None:
+        writer = pq.ParquetWriter(path, table.schema)
+    elif table.schema != writer.schema:
+        try:
+            table = table.cast(writer.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+            where = f"merge.metadata_path={extra.path}" if extra else "the shards' metadata"
+            raise ShardValidationError(
+                f"{where}: the columns change type between rows ({exc}); give each column "
+                "one type (a parquet file with a fixed schema)"
+            ) from exc
+    writer.write_table(table)
+    return writer
 
 
 def merge_metadata(
-    inputs: list[ShardInput], storage: Storage, name: str, keep_first: int | None
+    inputs: list[ShardInput],
+    storage: Storage,
+    name: str,
+    keep_first: int | None,
+    extra: MetadataFile | None = None,
+    chunk_rows: int = BATCH_ROWS,
 ) -> OutputFile:
-    """Concatenate shard metadata (row_index, id, source, ...) in order, streamed by shard."""
+    """Concatenate shard metadata (row_index, id, source, ...) in order, streamed by shard;
+    with ``extra`` (``merge.metadata_path``), each chunk of ``chunk_rows`` rows joined with
+    the file's rows of the same dataset row indices (``lib.merge.row_metadata``)."""
     ordered = sorted(inputs, key=lambda s: s.row_start)
-    writer = None
+    cursor = RowCursor(extra) if extra is not None else None
+    writer: pq.ParquetWriter | None = None
     left = keep_first
     with storage.publish(name) as staged:
-        for s in ordered:
-            if s.metadata is not None and s.storage is not None:
-                table = read_table(s.storage, s.metadata)
-            else:
-                idx = np.arange(s.row_start, s.row_stop, dtype=np.int64)
-                table = pa.table(
-                    {"row_index": idx, "id": idx.astype(str), "source": ["legacy"] * len(idx)}
-                )
-            if left is not None:
-                table = table.slice(0, left)
-                left -= table.num_rows
-            if writer is None:
-                writer = pq.ParquetWriter(staged.path, table.schema)
-            writer.write_table(table)
-        if writer is not None:
-            writer.close()
+        try:
+            table = None
+            for s in ordered:
+                table = _shard_table(s)
+                if left is not None:
+                    table = table.slice(0, left)
+                    left -= table.num_rows
+                if cursor is None:
+                    writer = _write(writer, staged.path, table, extra)
+                    continue
+                for i in range(0, table.num_rows, chunk_rows):
+                    part = table.slice(i, chunk_rows)
+                    rows = part.column("row_index").to_numpy()
+                    writer = _write(
+                        writer, staged.path, join_columns(part, cursor.take(rows)), extra
+                    )
+            if writer is None and table is not None:
+                writer = _write(writer, staged.path, table, extra)  # no row at all
+        finally:
+            if writer is not None:
+                writer.close()
     assert staged.output is not None
     return staged.output
+
+
+def needed_rows(inputs: list[ShardInput], keep_first: int | None) -> int:
+    """One past the dataset row index of the last merged row (after ``keep_first``): how
+    many rows a row-aligned metadata file must have. Reads at most one shard's row indices
+    (of the shard holding the last merged row, when it dropped rows)."""
+    left = keep_first if keep_first is not None else sum(s.rows for s in inputs)
+    last = 0
+    for s in sorted(inputs, key=lambda s: s.row_start):
+        if left <= 0:
+            break
+        k = min(left, s.rows)
+        if k == 0:
+            continue
+        left -= k
+        if s.rows == s.row_stop - s.row_start or s.metadata is None or s.storage is None:
+            last = s.row_start + k - 1
+        else:
+            idx = read_table(s.storage, s.metadata, ["row_index"]).column(0)
+            last = int(idx[k - 1].as_py())
+    return last + 1
+
+
+def check_metadata_rows(
+    extra: MetadataFile, inputs: list[ShardInput], keep_first: int | None
+) -> None:
+    """Refuse, before anything is written, a metadata file with fewer rows than the merge
+    needs (``ShardValidationError`` naming the file and both counts)."""
+    have, need = extra.count_rows(), needed_rows(inputs, keep_first)
+    if have < need:
+        total = sum(s.rows for s in inputs)
+        merged = total if keep_first is None else min(keep_first, total)
+        raise ShardValidationError(
+            f"merge.metadata_path={extra.path} has {have} rows, but the merged matrix has "
+            f"{merged} rows reaching dataset row {need - 1}: row i of the file describes "
+            f"dataset row i, so it needs at least {need} rows (use the file of the whole "
+            "dataset, or merge.keep_first to merge fewer rows); nothing written"
+        )
 
 
 def merge_dropped(inputs: list[ShardInput], storage: Storage, name: str) -> tuple[int, OutputFile]:

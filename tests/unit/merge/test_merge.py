@@ -17,6 +17,7 @@ from lib.formats.arrays import open_embeddings
 from lib.formats.parquet import DROPPED_SCHEMA
 from lib.merge.inputs import collect_embed_shards, collect_legacy_shards, validate_layout
 from lib.merge.params import MergeFormat
+from lib.merge.sources import legacy_dir_source
 from lib.merge.stream import merge_shards
 from lib.merge.tables import merge_metadata, split_by_source
 from lib.plan.spec import ARRAY, StageSpec
@@ -143,8 +144,14 @@ def test_gap_overlap_and_dimension(tmp_path, rng):
     with pytest.raises(ShardValidationError) as err:
         validate_layout(inputs, 32)
     msg = str(err.value)
-    assert "overlap: shard_00001.safetensors covers rows 8..18, but rows 8..10" in msg
-    assert "gap: rows 18..20" in msg
+    assert (
+        "overlap: shard_00001.safetensors (rows 8..18) and shard_00000.safetensors (rows 0..10) "
+        "both cover rows 8..10" in msg
+    )
+    assert (
+        "gap: rows 18..20 are in no shard: between shard_00001.safetensors (rows ..18) and "
+        "shard_00002.safetensors (rows 20..)" in msg
+    )
     assert "gap: rows 30..32" in msg
     assert "shard_00002.safetensors: dimension 6, the other shards have 8" in msg
 
@@ -216,14 +223,14 @@ def test_legacy_pickles_refused_by_default(tmp_path, rng):
     canary = tmp_path / "UNPICKLED"
     write_legacy_shards(tmp_path, rng, canary)
     with pytest.raises(ShardValidationError, match="runs whatever code.*allow_pickle=true"):
-        collect_legacy_shards(tmp_path, allow_pickle=False)
+        collect_legacy_shards([legacy_dir_source(str(tmp_path))], allow_pickle=False)
     assert not canary.exists()  # refused before any file was unpickled
 
 
 def test_legacy_pickles_with_allow_pickle(tmp_path, rng, caplog):
     canary = tmp_path / "UNPICKLED"
     data = write_legacy_shards(tmp_path, rng, canary)
-    inputs = collect_legacy_shards(tmp_path, allow_pickle=True)
+    inputs = collect_legacy_shards([legacy_dir_source(str(tmp_path))], allow_pickle=True)
     assert "unpickling runs code" in caplog.text
     assert canary.exists()  # the canary works: a load leaves it, so its absence means no load
     validate_layout(inputs, None)
