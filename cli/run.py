@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cli.summary import print_summary
-from cli.upstream import check_upstream_complete, upstream_stages
+from cli.upstream import check_merge_inputs, check_upstream_complete, upstream_stages
 from launchers import get_launcher
 from lib.config.compose import compose, explain_config_error
 from lib.config.fields import to_plain
@@ -57,7 +57,11 @@ def _absolutize(cfg: DictConfig) -> None:
     mp = cfg.model.path
     if mp and not mp.startswith("pkg:") and Path(mp).expanduser().exists():
         cfg.model.path = str(Path(mp).expanduser().absolute())
-    for section, key in (("merge", "legacy_dir"), ("kmeans", "embeddings_path")):
+    for section, key in (
+        ("merge", "legacy_dir"),
+        ("merge", "metadata_path"),
+        ("kmeans", "embeddings_path"),
+    ):
         value = cfg[section][key]
         if value and not is_url(str(value)):
             cfg[section][key] = str(Path(value).expanduser().absolute())
@@ -76,7 +80,7 @@ def _flatten(obj, prefix: str = "") -> dict[str, object]:
 # ``_config_changes``: a hash differs and neither run.yaml nor plan.json says why.
 _HASHED = {
     "embed": "dataset.*, model.*, embed.* (less run-time settings) and the dataset's row count",
-    "merge": "merge.* (less run-time settings) and the embed stage's hash",
+    "merge": "merge.* (less run-time settings) and the embed and sync stages' hashes",
     "kmeans": "the level's kmeans.* values and its input's hash (the merge stage's, "
     "kmeans.embeddings_path's path/shape/dtype, or level L-1's)",
     "curate": "curate.*, the number of k-means levels and the top level's hash",
@@ -224,6 +228,7 @@ def launch_run(
             detail = ("\nchanged since that run:\n  " + "\n  ".join(changes)) if changes else ""
             raise ConfigMismatchError(f"{exc}{detail}") from None
         check_upstream_complete(paths, plan, added, requested)
+        check_merge_inputs(cfg, paths, requested)
         plan.extra["config_digest"] = config_digest([s.config_hash for s in plan.stages])
         launcher = get_launcher(cfg)
         # One launcher per run dir, from before run.yaml is written until the launcher
