@@ -68,7 +68,17 @@ CONFIG = [
 # times and hosts), the config and plan (they hold the run dir).
 BOOKKEEPING_DIRS = {"logs", "attempts", "completions", ".cache"}
 BOOKKEEPING_FILES = {"run.yaml", "plan.json", "launcher.lock", "launch.log"}
-VOLATILE_KEYS = {"seconds", "timings_s", "wall_seconds", "finished_at"}
+VOLATILE_KEYS = {
+    "seconds",
+    "timings_s",
+    "wall_seconds",
+    "finished_at",
+    # a marker's resource usage (checkpoint markers such as embed parts are compared)
+    "peak_rss_bytes",
+    "peak_rss_children_bytes",
+    "peak_cuda_bytes",
+    "cpu_seconds",
+}
 TMP_MARK = ".tmp-"
 # A launch of the small pipeline takes ~45 s on a quiet 2-core VM; much more on a busy one.
 LAUNCH_TIMEOUT_S = 1800

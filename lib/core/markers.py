@@ -5,7 +5,10 @@ parts, a k-means level's steps): a marker is JSON published *after* every output
 create-only, at ``<stage dir>/completions/task_XXXXX.json`` (a checkpoint's at the place
 ``lib.core.paths`` names). It records the stage name, the task, the checkpoint (``part``:
 ``part_00003``, ``step2``; None for the task itself), the outputs with sizes and sha256,
-the row range, counts and the stage's config hash.
+the row range, counts and the stage's config hash, and what the writing process had used
+by then (peak RSS, its children's, peak CUDA memory, CPU seconds: ``lib.core.usage``,
+filled in by ``write_marker`` for every stage; markers written before these fields
+existed parse with them None).
 
 A marker is *valid* when it parses, its config hash is the stage's, and every output it
 names exists with the recorded size (and sha256, when asked). A marker with another config
@@ -38,6 +41,7 @@ from lib.core.errors import ConfigMismatchError, InvalidMarkerError
 from lib.core.hashing import CHUNK_BYTES
 from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile, Storage, json_bytes
+from lib.core.usage import current_usage
 
 
 @dataclass
@@ -54,6 +58,21 @@ class CompletionMarker:
     host: str = field(default_factory=socket.gethostname)
     finished_at: float = field(default_factory=time.time)
     wall_seconds: float | None = None
+    # The writing process's usage until the marker was written (write_marker fills them).
+    peak_rss_bytes: int | None = None
+    peak_rss_children_bytes: int | None = None
+    peak_cuda_bytes: int | None = None
+    cpu_seconds: float | None = None
+
+    def record_usage(self) -> None:
+        """Fill the usage fields from this process (``lib.core.usage``) unless set."""
+        if self.peak_rss_bytes is not None:
+            return
+        usage = current_usage()
+        self.peak_rss_bytes = usage.peak_rss_bytes
+        self.peak_rss_children_bytes = usage.peak_rss_children_bytes
+        self.peak_cuda_bytes = usage.peak_cuda_bytes
+        self.cpu_seconds = usage.cpu_seconds
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +99,9 @@ def read_marker(storage: Storage, name: str) -> CompletionMarker:
 
 def write_marker(storage: Storage, name: str, marker: CompletionMarker) -> bool:
     """Publish ``marker`` at ``name``, create-only. Returns False if a marker was already
-    there (another attempt of the same task finished first); nothing is overwritten."""
+    there (another attempt of the same task finished first); nothing is overwritten. The
+    marker records this process's peak memory and CPU time (``record_usage``)."""
+    marker.record_usage()
     return storage.create(name, json_bytes(marker.to_json()))
 
 
