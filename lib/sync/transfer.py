@@ -30,8 +30,7 @@ PART_SUFFIX = ".part"
 REQUEST_BYTES = 128 << 10
 # Reads in flight per file (REQUEST_BYTES each): enough to fill a fast link, bounded so a
 # slow disk cannot make the prefetch buffer the whole file in memory.
-MAX_REQUESTS = 128
-READ_BYTES = 4 << 20
+MAX_REQUESTS = 64
 
 
 @dataclass(frozen=True)
@@ -90,13 +89,15 @@ def download(
             part.unlink()
     pos = start
     try:
-        with sftp.open(remote_path, "rb", bufsize=READ_BYTES) as remote, open(part, "ab") as out:
+        # Reads of one request each: paramiko's buffered read() joins bytes objects, which
+        # costs O(n^2) copying for reads much larger than a request.
+        with sftp.open(remote_path, "rb", bufsize=request_bytes) as remote, open(part, "ab") as out:
             remote.MAX_REQUEST_SIZE = request_bytes
             if pos < size:
                 remote.seek(pos)
                 remote.prefetch(size, max_concurrent_requests=max_requests)
             while pos < size:
-                block = remote.read(min(READ_BYTES, size - pos))
+                block = remote.read(min(request_bytes, size - pos))
                 if not block:
                     raise RemoteError(
                         f"{remote_path} ended at byte {pos} of {size}: it shrank while being "
