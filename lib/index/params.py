@@ -25,7 +25,7 @@ class IndexMetric(StrEnum):
 @dataclass
 class IndexParams:
     """What the index stage builds. ``null`` settings are chosen from the data
-    (``lib.index.choice``): ``nlist`` ~ 4 sqrt(N), ``train_size`` 64 vectors per list,
+    (``lib.index.choice``): ``nlist`` ~ 4 sqrt(N), ``train_size`` 40 vectors per list,
     ``nprobe`` nlist/16 (at least 16), ``pq_m`` dim/8. ``nprobe`` and ``ef_search`` are saved
     with the index (``index/params.json``); ``launch.py search --nprobe/--ef-search`` may
     override them per query."""
@@ -34,7 +34,7 @@ class IndexParams:
     metric: IndexMetric = IndexMetric.auto
     flat_max_rows: int = bounded(100_000, ge=1)  # kind=auto: flat below this many vectors
     nlist: int | None = bounded(None, ge=1)  # IVF lists; null: ~4 sqrt(N)
-    train_size: int | None = bounded(None, ge=1)  # IVF/PQ training sample; null: 64 x nlist
+    train_size: int | None = bounded(None, ge=1)  # IVF/PQ training sample; null: 40 x nlist
     nprobe: int | None = bounded(None, ge=1)  # IVF lists searched; null: nlist/16, >= 16
     hnsw_m: int = bounded(32, ge=2)  # HNSW links per node
     ef_construction: int = bounded(40, ge=1)
