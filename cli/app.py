@@ -4,6 +4,7 @@
     python launch.py -m +experiment=NAME key=a,b
     python launch.py status|wait|retry|cancel|verify RUN_DIR
     python launch.py logs RUN_DIR STAGE TASK [--rank R] [--tail N]
+    python launch.py search RUN_DIR "some text" [-k 10] [--json] [--row N] [--file F]
 
 ``python launch.py --help`` lists the config groups; README.md tours the config. Without
 arguments it prints the usage and the experiments (exit 2) instead of starting a run; a
@@ -19,7 +20,7 @@ import shlex
 import sys
 import time
 
-SUBCOMMANDS = ("status", "wait", "logs", "retry", "cancel", "verify")
+SUBCOMMANDS = ("status", "wait", "logs", "retry", "cancel", "verify", "search")
 # `python launch.py STAGE [KEY=VALUE ...]` runs that stage only: stages=[STAGE].
 STAGE_SHORTHANDS = ("sync",)
 HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info"}
@@ -33,6 +34,7 @@ USAGE = """usage:
   python launch.py -m +experiment=NAME KEY=a,b ...      one run per sweep point
   python launch.py status|wait|retry|cancel|verify RUN_DIR
   python launch.py logs RUN_DIR STAGE TASK [--rank R] [--tail N]
+  python launch.py search RUN_DIR "some text" [-k 10] [--json] [--row N] [--file F]
   python launch.py --help                                config groups and options
   python launch.py COMMAND --help                        one command's options"""
 
@@ -179,6 +181,8 @@ def _hydra_app(dry_run: bool, force_replan: bool = False) -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         from cli.run import launch_run
         from lib.config.validate import validate_config
         from lib.core.errors import ConfigError
@@ -187,7 +191,13 @@ def _hydra_app(dry_run: bool, force_replan: bool = False) -> None:
             validate_config(cfg)  # sweep points past the prevalidated ones, Hydra flags
         except ConfigError as exc:
             _fail(f"config error: {exc}", sys.argv[1:])
-        code = launch_run(cfg, dry_run=dry_run, started=time.time(), force_replan=force_replan)
+        code = launch_run(
+            cfg,
+            dry_run=dry_run,
+            started=time.time(),
+            force_replan=force_replan,
+            overrides=list(HydraConfig.get().overrides.task),
+        )
         if code:
             sys.exit(code)
 

@@ -1,4 +1,5 @@
-"""``launch.py status|wait|logs|retry|cancel|verify RUN_DIR``: watch and steer a run.
+"""``launch.py status|wait|logs|retry|cancel|verify|search RUN_DIR``: watch and steer a run
+(``search``: ``cli.search``).
 
 Exit codes: 0 done; 1 a task failed, or the command failed (its message on stderr); 2 bad
 arguments (argparse); ``status`` exits 3 while tasks are still running or pending and
@@ -11,6 +12,7 @@ import sys
 import time
 
 from cli.run import resolve_run
+from cli.search import add_search_parser
 from cli.status import collect_status, exit_code, render_status
 from cli.verify import cmd_verify
 from launchers import get_launcher
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("run", help=RUN_HELP)
     s.set_defaults(fn=cmd_verify)
+    add_search_parser(add, RUN_HELP)
     return p
 
 

@@ -173,6 +173,14 @@ def dataset_row_count(cfg: DictConfig, dry_run: bool = False) -> int:
         return int(min(sizes))
 
 
+def recorded_overrides(overrides: list[str]) -> list[str]:
+    """The command-line overrides worth keeping in ``plan.json``: all but those carrying
+    a secret (``lib.config.redact.secret_overrides``), which are never written."""
+    from lib.config.redact import secret_overrides
+
+    return [o for o in overrides if not secret_overrides([o])]
+
+
 def save_run_config(paths: RunPaths | Path | str, cfg: DictConfig) -> None:
     """``run.yaml``: the resolved config with secret-looking values redacted."""
     paths = paths if isinstance(paths, RunPaths) else RunPaths(paths)
@@ -181,10 +189,17 @@ def save_run_config(paths: RunPaths | Path | str, cfg: DictConfig) -> None:
 
 
 def launch_run(
-    cfg: DictConfig, *, dry_run: bool, started: float, force_replan: bool = False
+    cfg: DictConfig,
+    *,
+    dry_run: bool,
+    started: float,
+    force_replan: bool = False,
+    overrides: list[str] | None = None,
 ) -> int:
     """Plan and launch ``cfg``. Returns a process exit code. ``force_replan``: accept a
-    changed input or config in an existing run dir and redo the stages it changes."""
+    changed input or config in an existing run dir and redo the stages it changes.
+    ``overrides``: the command line's, kept in ``plan.json`` (``extra.overrides``, those
+    carrying a secret left out) so a later command can say how to relaunch the run."""
     try:
         run_dir = str(cfg.run.dir)
         if not is_url(run_dir):
@@ -230,6 +245,8 @@ def launch_run(
         check_upstream_complete(paths, plan, added, requested)
         check_merge_inputs(cfg, paths, requested)
         plan.extra["config_digest"] = config_digest([s.config_hash for s in plan.stages])
+        if overrides is not None:
+            plan.extra["overrides"] = recorded_overrides(overrides)
         launcher = get_launcher(cfg)
         # One launcher per run dir, from before run.yaml is written until the launcher
         # returns (a scheduler's: once submitted); a dry run writes nothing.

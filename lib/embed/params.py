@@ -41,6 +41,10 @@ class ModelParams:
     # Matryoshka output size, for models that support it.
     dimensions: int | None = bounded(None, ge=1)
     document_prefix: str = ""  # prepended to every text (some models want "passage: ")
+    # Prepended to search queries (launch.py search); documents never see it. null: the
+    # model's own sentence-transformers "query" prompt (Qwen3-Embedding's "Instruct: ...
+    # \nQuery:"), else document_prefix. Not hashed: it changes no stored embedding.
+    query_prompt: str | None = unhashed(None)
     trust_remote_code: bool = False
 
 

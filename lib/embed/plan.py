@@ -13,7 +13,7 @@ from lib.core.errors import ConfigError, DatasetError
 from lib.core.hashing import config_digest
 from lib.core.paths import EMBED_DIR, EMBED_STAGE
 from lib.data.fingerprint import Fingerprint, dataset_fingerprint
-from lib.embed.params import EmbedParams
+from lib.embed.params import EmbedParams, ModelParams
 from lib.plan.spec import ARRAY, StageSpec
 
 
@@ -37,7 +37,7 @@ def build(cfg: DictConfig, rows: int, prior: dict[str, StageSpec]) -> list[Stage
     h = config_digest(
         "embed",
         to_plain(cfg.dataset),
-        to_plain(cfg.model),
+        hashed_values(ModelParams, cfg.model),  # less query_prompt: queries only
         hashed_values(EmbedParams, cfg.embed),
         rows,
         input_fingerprint(cfg),
