@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lib.remote.credentials import resolve_login
+from lib.remote.ssh import Host, connect
+from lib.sync.listing import RemoteListingError, list_matches
 from tests.conftest import kill_task_when, run_launch, start_launch
 from tests.hosts.conftest import source_override, write_files
 
@@ -103,7 +106,7 @@ def test_two_hosts_verified_rerun_skips_redownloads_changed_reports_vanished(ssh
     assert ssh_hosts.password not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
-def test_no_match_lists_what_is_there_and_missing_dir_names_it(ssh_hosts, tmp_path):
+def test_no_match_and_missing_remote_dir_list_what_is_there(ssh_hosts, tmp_path):
     d = ssh_hosts.data_dir("nomatch")
     write_files(d, {"shard_00000.safetensors": b"x", "sub/y.bin": b"y"})
     login = {"username": ssh_hosts.user, "key_file": ssh_hosts.key}
@@ -112,15 +115,20 @@ def test_no_match_lists_what_is_there_and_missing_dir_names_it(ssh_hosts, tmp_pa
     text = out.stdout + out.stderr
     assert f"no file under {d} matches ['*.pkl']" in text
     assert "shard_00000.safetensors, sub/" in text
-    out = _launch(tmp_path, "nd", [_source(ssh_hosts, "h1", "h1", d / "nope", ["*"], **login)])
-    assert (
-        out.returncode != 0 and f"remote_dir {d / 'nope'} does not exist" in out.stdout + out.stderr
-    )
+    # A missing remote_dir, asked directly (one launch is enough for the path through it).
+    host = Host(ssh_hosts.address("h1"), ssh_hosts.port, "src", ssh_hosts.known_hosts)
+    missing = f"remote_dir {d / 'nope'} does not exist"
+    with (
+        connect(host, resolve_login("src", **login)) as conn,
+        pytest.raises(RemoteListingError, match=missing) as err,
+    ):
+        list_matches(conn.sftp(), str(d / "nope"), ["*"], "sync source h1")
+    assert d.name in str(err.value)  # the parent's entries are listed
 
 
 def test_killed_download_resumes_from_its_part_with_the_right_sha256(ssh_hosts, tmp_path):
     d = ssh_hosts.data_dir("resume")
-    size = 96 << 20
+    size = 48 << 20
     with open(d / "big.bin", "wb") as fh:
         subprocess.run(["head", "-c", str(size), "/dev/urandom"], stdout=fh, check=True)
     (d / "big.bin").chmod(0o644)
@@ -138,7 +146,7 @@ def test_killed_download_resumes_from_its_part_with_the_right_sha256(ssh_hosts, 
         killed = kill_task_when(
             proc,
             run / "sync/attempts/task_00000.json",
-            lambda: part.exists() and part.stat().st_size > (8 << 20),
+            lambda: part.exists() and part.stat().st_size > (4 << 20),
             timeout=120,
         )
         proc.wait(timeout=120)
