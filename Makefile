@@ -31,7 +31,7 @@ export TOKENIZERS_PARALLELISM := true
 # reached with SLURM_CONF=`scripts/slurm/up.sh --conf`; nothing under /etc is touched.
 SLURM_TEST_ENV := SLURM_MAX_ARRAY_SIZE=1000 SLURM_NODE_CPUS=32
 
-.PHONY: install demo test check golden lint bench clean help slurm-up slurm-down slurm-status run status metrics
+.PHONY: install demo test check golden lint bench clean help slurm-up slurm-down slurm-status hosts-up hosts-down run status metrics
 
 help:
 	@echo "make demo     install, then run the quickstart (stdlib docstrings x all-MiniLM-L6-v2)"
@@ -45,6 +45,7 @@ help:
 	@echo "make metrics CLUSTERING=NAME [ARGS=...]   sbatch jobs/metrics.slurm NAME on SLURM"
 	@echo "make bench    run the benchmarks in bench/ (slow; results in BENCHMARKS.md)"
 	@echo "make slurm-up / slurm-down / slurm-status   the single-node test SLURM cluster (root)"
+	@echo "make hosts-up / hosts-down   the test SSH hosts (sshd on 127.0.0.2/.3, root)"
 
 install: $(STAMP)
 
@@ -62,7 +63,7 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(PY) launch.py +experiment=quickstart
 
-test: install slurm-up
+test: install slurm-up hosts-up
 	$(VENV)/bin/ruff check . && $(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
@@ -97,6 +98,14 @@ slurm-up:
 
 slurm-down:
 	scripts/slurm/down.sh
+
+# The test SSH hosts: real OpenSSH sshd on 127.0.0.2 and 127.0.0.3 (scripts/hosts/up.sh,
+# state under $EMBEDFLEET_HOSTS_DIR, default /tmp/embedfleet-hosts; needs root).
+hosts-up:
+	scripts/hosts/up.sh
+
+hosts-down:
+	scripts/hosts/down.sh
 
 slurm-status:
 	$(SLURM_TEST_ENV) scripts/slurm/up.sh --check && SLURM_CONF=$$(scripts/slurm/up.sh --conf) sinfo
