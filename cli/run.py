@@ -60,6 +60,7 @@ def _absolutize(cfg: DictConfig) -> None:
     for section, key in (
         ("merge", "legacy_dir"),
         ("merge", "metadata_path"),
+        ("sync", "dest"),
         ("kmeans", "embeddings_path"),
     ):
         value = cfg[section][key]
