@@ -1,7 +1,7 @@
 """Progress on long work: a tqdm bar on a terminal, periodic log lines otherwise.
 
 Under a launcher a task's output goes to a log file, where bars are noise; there it logs
-``done/total (rate/s)`` every ``every_seconds``, which ``launch.py logs`` and the local
+``done/total (rate/s)`` every ``every_seconds`` (bytes: MB, MB/s and the ETA), which ``launch.py logs`` and the local
 launcher's console echo show.
 """
 
@@ -39,7 +39,18 @@ class Progress:
             self.bar.update(n)
             return
         now = time.monotonic()
-        if now - self.last >= self.every:
+        if now - self.last >= self.every and self.unit == "B":
+            self.last = now
+            eta = (self.total - self.done) / self.rate if self.rate > 0 else float("inf")
+            self.log.info(
+                "%s: %.1f/%.1f MB (%.1f MB/s, ETA %s)",
+                self.what,
+                self.done / 1e6,
+                self.total / 1e6,
+                self.rate / 1e6,
+                f"{eta:.0f} s" if eta != float("inf") else "?",
+            )
+        elif now - self.last >= self.every:
             self.last = now
             units = self.unit if self.unit == "B" else f"{self.unit}s"
             self.log.info(
