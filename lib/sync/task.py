@@ -31,6 +31,7 @@ from lib.plan.spec import StageSpec
 from lib.remote.credentials import Login, resolve_login
 from lib.remote.errors import RemoteError
 from lib.remote.ssh import Connection, Host, connect
+from lib.runtime import stop
 from lib.runtime.context import TaskContext
 from lib.sync.listing import RemoteFile, list_matches
 from lib.sync.params import SyncParams, SyncSource, parse_sources
@@ -119,6 +120,9 @@ class _Fetcher:
         self.stop = threading.Event()
 
     def _on_bytes(self, n: int) -> None:
+        # A scheduler's stop warning (SLURM's --signal) stops every download where it is:
+        # each .part is kept and resumed when the task is requeued.
+        stop.check()
         with self.lock:
             self.progress.update(n)
 
@@ -135,8 +139,10 @@ class _Fetcher:
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
+        stopped = [e for e in self.errors if isinstance(e, stop.StopRequested)]
         if self.errors:
-            raise self.errors[0]
+            raise (stopped or self.errors)[0]
+        stop.check()
 
     def _worker(self, conn: Connection | None) -> None:
         own = conn is None
