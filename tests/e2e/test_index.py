@@ -13,7 +13,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -41,16 +40,6 @@ SLICE = [
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return proc
-
-
-def _search(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), "search", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -91,44 +80,60 @@ def run_dir(built) -> Path:
     return built[0]
 
 
-def _texts(run: Path, corpus_table) -> tuple[list[int], list[str]]:
-    rows = pq.read_table(run / "merge" / "metadata.parquet").column("row_index").to_pylist()
-    return rows, corpus_table.column("text").take(pa.array(rows)).to_pylist()
+def _texts(run: Path) -> tuple[list[int], list[str], list[str]]:
+    """Dataset rows, ids and texts of the indexed rows, read back as search reads them."""
+    from cli.search import row_texts
+    from lib.config.compose import load_run_config
+    from lib.core.paths import RunPaths
+
+    meta = pq.read_table(run / "merge" / "metadata.parquet")
+    rows = meta.column("row_index").to_pylist()
+    texts = row_texts(load_run_config(RunPaths(run)), rows)
+    return rows, meta.column("id").to_pylist(), [texts[r] for r in rows]
 
 
-def test_a_rows_own_text_comes_back_first(run_dir, corpus_table):
-    rows, texts = _texts(run_dir, corpus_table)
+def test_a_rows_own_text_comes_back_first(run_dir, capsys):
+    rows, ids, texts = _texts(run_dir)
     pick = next(i for i in range(len(rows) // 2, len(rows)) if texts.count(texts[i]) == 1)
-    proc = _ok(_search(str(run_dir), texts[pick], "-k", "3", "--json"))
-    result = json.loads(proc.stdout)
+    assert run_subcommand(["search", str(run_dir), texts[pick], "-k", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["index"] == {"kind": "flat", "metric": "ip", "vectors": len(rows)}
     (block,) = result["results"]
     first = block["hits"][0]
-    assert first["row_index"] == rows[pick] and first["rank"] == 1
+    assert first["row_index"] == rows[pick] and first["rank"] == 1 and first["id"] == ids[pick]
     assert first["score"] == pytest.approx(1.0, abs=1e-4)
-    assert first["id"] == corpus_table.column("id")[rows[pick]].as_py()
     assert first["text"] == texts[pick].strip().splitlines()[0].strip()[:100]
     assert len(block["hits"]) == 3
 
 
-def test_row_and_file_queries(run_dir, corpus_table, tmp_path, capsys):
-    rows, texts = _texts(run_dir, corpus_table)
+def test_row_and_file_queries(run_dir, tmp_path, capsys):
+    rows, ids, texts = _texts(run_dir)
     unique = [i for i, t in enumerate(texts) if texts.count(t) == 1]
     row = rows[unique[5]]
     assert run_subcommand(["search", str(run_dir), "--row", str(row), "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["results"][0]["hits"]
     assert hits[0]["row_index"] == row and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     # one-line texts no other row shares (the corpus repeats some docstrings verbatim)
-    single = [i for i, t in enumerate(texts) if "\n" not in t.strip() and texts.count(t) == 1][:3]
+    single = [i for i in unique if "\n" not in texts[i].strip()][:3]
     queries = tmp_path / "q.txt"
     queries.write_text("\n".join(texts[i] for i in single) + "\n\n")
     assert run_subcommand(["search", str(run_dir), "--file", str(queries), "-k", "2"]) == 0
-    out = capsys.readouterr().out
-    blocks = out.strip().split("\n\n")
+    blocks = capsys.readouterr().out.strip().split("\n\n")
     assert len(blocks) == len(single)
     for block, i in zip(blocks, single, strict=True):
         top = block.splitlines()[2].split()
-        assert top[0] == "1" and top[2] == corpus_table.column("id")[rows[i]].as_py()
+        assert top[0] == "1" and top[2] == ids[i]
+
+
+def test_launch_py_routes_search(run_dir):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "search", str(run_dir), "   "],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1 and "the query is empty" in proc.stderr
 
 
 def test_bad_inputs_get_clear_errors(run_dir, capsys):
