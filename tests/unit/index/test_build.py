@@ -139,3 +139,13 @@ def test_ivf_recall_at_10_against_flat_at_the_default_nprobe(tmp_path):
     _, approx = ivf.search(queries, 10)
     assert ivf_layout.nprobe == 22 and ivf_layout.nlist == 358
     assert recall_at_k(approx, exact) >= 0.95
+
+
+def test_hnsw_is_built_in_chunks_into_reserved_storage(tmp_path):
+    x = clustered_unit_vectors(500, 16, seed=4)
+    reader = MatrixReader(_matrix(tmp_path, x))
+    layout = choose_layout(IndexParams(kind="hnsw", hnsw_m=8, ef_search=32), 500, 16, "ip")
+    index = build_index(layout, reader, seed=0, chunk_rows=64)
+    assert index.ntotal == 500 and index.hnsw.efSearch == 32
+    _, found = index.search(x[[0, 250, 499]], 1)
+    assert found[:, 0].tolist() == [0, 250, 499]
