@@ -9,7 +9,7 @@ in a fresh process (``bench._util.child_peak_rss``: its peak RSS is its own):
   * ``streamed``: what the index stage runs (``lib.index``): ``open_embeddings`` +
     ``MatrixReader`` (pread, chunks of 65,536 rows), ``build_index`` with the stage's
     default settings for the kind (nlist ~4 sqrt(N), 40 training vectors a list, nprobe
-    nlist/16; HNSW M 32, efConstruction 40, efSearch 64), ``faiss.write_index``; then the
+    nlist/16; HNSW M 32, efConstruction 40, efSearch 128; the runs of 2026-12-03 used 64), ``faiss.write_index``; then the
     queries: batched (``--batch`` queries a call, p50/p99 of the calls' latency and
     queries/s) and one at a time (``--single`` queries: p50/p99 per query);
   * ``baseline``: ``index.add(np.load(path))`` (the IVF one trained on the same sample).
