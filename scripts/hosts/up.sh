@@ -7,7 +7,8 @@
 #                                  the env file's path
 #   scripts/hosts/up.sh --check    exit 0 when every host answers, 1 otherwise
 #   scripts/hosts/up.sh --env      print the env file's path only
-# Needs root (sshd switches to the test users). See common.sh for the layout.
+#   EMBEDFLEET_NS_HOSTS=32 scripts/hosts/up.sh   also namespace hosts n1..n32 (default 3)
+# Needs root (sshd switches to the test users; namespaces). See common.sh for the layout.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=common.sh
@@ -21,8 +22,33 @@ answers() {  # answers HOST: its sshd is ours, alive, and speaks SSH on its addr
 
 check_all() {
   local h
-  for h in "${HOST_NAMES[@]}"; do answers "$h" || return 1; done
-  [ -s "$ENV_FILE" ]
+  for h in "${HOST_NAMES[@]}" "${NS_HOST_NAMES[@]}"; do answers "$h" || return 1; done
+  [ -s "$ENV_FILE" ] && grep -qx "EF_NS_HOSTS_NAMES=\"${NS_HOST_NAMES[*]}\"" "$ENV_FILE"
+}
+
+ns_network() {  # ns_network HOST: its namespace, veth pair and address (idempotent)
+  local h=$1 ns veth
+  ns=$(ns_of "$h"); veth=$(veth_of "$h")
+  mkdir -p -m 0755 "$HOSTS_DIR/ns"
+  if ! ip link show "$NS_BRIDGE" >/dev/null 2>&1; then
+    ip link add "$NS_BRIDGE" type bridge
+    ip addr add "$NS_SUBNET.1/24" dev "$NS_BRIDGE"
+    : >"$HOSTS_DIR/ns/bridge"
+  fi
+  ip link set "$NS_BRIDGE" up
+  [ -e "/run/netns/$ns" ] || ip netns add "$ns"
+  : >"$HOSTS_DIR/ns/$h"  # recorded before anything else of it exists: down.sh removes it
+  if ! ip link show "$veth" >/dev/null 2>&1; then
+    ip -n "$ns" link del eth0 2>/dev/null || true
+    ip link add "$veth" type veth peer name "efp-$h"
+    ip link set "efp-$h" netns "$ns"
+    ip -n "$ns" link set "efp-$h" name eth0
+    ip -n "$ns" addr add "${HOST_ADDR[$h]}/24" dev eth0
+    ip link set "$veth" master "$NS_BRIDGE"
+  fi
+  ip -n "$ns" link set lo up
+  ip -n "$ns" link set eth0 up
+  ip link set "$veth" up  # also brings back a host cut off with `ip link set VETH down`
 }
 
 case "${1:-}" in
@@ -64,7 +90,8 @@ for user in "$TEST_USER" "$SFTP_USER"; do
 done
 
 : >"$KNOWN_HOSTS.new"
-for h in "${HOST_NAMES[@]}"; do
+for h in "${NS_HOST_NAMES[@]}"; do ns_network "$h"; done
+for h in "${HOST_NAMES[@]}" "${NS_HOST_NAMES[@]}"; do
   d=$(host_dir "$h")
   mkdir -p -m 0700 "$d"
   [ -s "$d/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -C "$h" -f "$d/ssh_host_ed25519_key"
@@ -93,7 +120,11 @@ Match User $SFTP_USER
 CFG
   "$SSHD" -t -f "$d/sshd_config"
   if ! our_pid "$h" >/dev/null; then
-    "$SSHD" -f "$d/sshd_config" -E "$d/sshd.log" 8>&-
+    if [[ "$h" == n* ]]; then
+      ip netns exec "$(ns_of "$h")" "$SSHD" -f "$d/sshd_config" -E "$d/sshd.log" 8>&-
+    else
+      "$SSHD" -f "$d/sshd_config" -E "$d/sshd.log" 8>&-
+    fi
   fi
   echo "[${HOST_ADDR[$h]}]:$HOSTS_PORT $(cut -d' ' -f1,2 "$d/ssh_host_ed25519_key.pub")" >>"$KNOWN_HOSTS.new"
 done
@@ -102,11 +133,11 @@ chmod 0644 "$KNOWN_HOSTS"
 
 for _ in $(seq 100); do
   ok=1
-  for h in "${HOST_NAMES[@]}"; do answers "$h" || ok=0; done
+  for h in "${HOST_NAMES[@]}" "${NS_HOST_NAMES[@]}"; do answers "$h" || ok=0; done
   [ "$ok" = 1 ] && break
   sleep 0.05
 done
-for h in "${HOST_NAMES[@]}"; do
+for h in "${HOST_NAMES[@]}" "${NS_HOST_NAMES[@]}"; do
   answers "$h" || { echo "[hosts] ERROR: sshd of $h did not start; see $(host_dir "$h")/sshd.log:" >&2; tail -20 "$(host_dir "$h")/sshd.log" >&2 || true; exit 1; }
 done
 
@@ -114,6 +145,12 @@ done
   echo "EF_HOSTS_DIR=$HOSTS_DIR"
   echo "EF_HOSTS_NAMES=\"${HOST_NAMES[*]}\""
   for h in "${HOST_NAMES[@]}"; do echo "EF_HOST_$h=${HOST_ADDR[$h]}"; done
+  echo "EF_NS_HOSTS_NAMES=\"${NS_HOST_NAMES[*]}\""
+  for h in "${NS_HOST_NAMES[@]}"; do
+    echo "EF_HOST_$h=${HOST_ADDR[$h]}"
+    echo "EF_NS_$h=$(ns_of "$h")"
+    echo "EF_VETH_$h=$(veth_of "$h")"
+  done
   echo "EF_HOSTS_PORT=$HOSTS_PORT"
   echo "EF_HOSTS_USER=$TEST_USER"
   echo "EF_HOSTS_SFTP_USER=$SFTP_USER"
@@ -123,5 +160,5 @@ done
   echo "EF_HOSTS_DATA=$DATA_DIR"
 } >"$ENV_FILE.tmp"
 mv "$ENV_FILE.tmp" "$ENV_FILE"
-echo "[hosts] up: ${HOST_NAMES[*]} on port $HOSTS_PORT (env: $ENV_FILE)" >&2
+echo "[hosts] up: ${HOST_NAMES[*]} ${NS_HOST_NAMES[*]} on port $HOSTS_PORT (env: $ENV_FILE)" >&2
 echo "$ENV_FILE"
