@@ -208,6 +208,11 @@ class RunPaths:
         return f"{EMBED_DIR}/shards"
 
     @staticmethod
+    def embed_sample() -> str:
+        """The dataset rows a sampled run embeds (``dataset.per_source``/``sources``)."""
+        return f"{EMBED_DIR}/sample.parquet"
+
+    @staticmethod
     def embed_shard(task: int) -> ShardFiles:
         return ShardFiles.at(f"{EMBED_DIR}/shards/shard_{task:05d}")
 
