@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from lib.config.fields import bounded
+from lib.config.multihost import HostEntry, MultihostConfig, TpuVmConfig
 from lib.curate.params import CurateParams
 from lib.data.params import DatasetParams
 from lib.embed.params import EmbedParams, ModelParams
@@ -20,6 +21,7 @@ from lib.index.params import IndexParams
 from lib.kmeans.params import KmeansParams
 from lib.merge.params import MergeParams
 from lib.metrics.params import ClusteringParams, MetricsParams, TrackingParams
+from lib.report.params import ReportParams
 from lib.sync.params import SyncParams
 
 SCHEMA_NAME = "embedfleet_schema"
@@ -29,6 +31,8 @@ class LauncherKind(StrEnum):
     local = "local"
     slurm = "slurm"
     submitit = "submitit"
+    hosts = "hosts"
+    tpu_vm = "tpu_vm"
 
 
 @dataclass
@@ -77,6 +81,7 @@ class StageResources:
     metrics: SlurmResources = field(default_factory=SlurmResources)
     curate: SlurmResources = field(default_factory=SlurmResources)
     index: SlurmResources = field(default_factory=SlurmResources)
+    report: SlurmResources = field(default_factory=SlurmResources)
 
 
 @dataclass
@@ -118,6 +123,10 @@ class ClusterConfig:
     # `export WANDB_API_KEY=...`): its path is in the scripts, its content nowhere.
     env_file: str | None = None
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    # cluster=hosts: the SSH machines; cluster=tpu_vm: the TPU; both: cluster.multihost.
+    hosts: list[HostEntry] = field(default_factory=list)
+    tpu_vm: TpuVmConfig = field(default_factory=TpuVmConfig)
+    multihost: MultihostConfig = field(default_factory=MultihostConfig)
 
 
 @dataclass
@@ -135,5 +144,6 @@ class EmbedfleetConfig:
     tracking: TrackingParams = field(default_factory=TrackingParams)
     clustering: ClusteringParams = field(default_factory=ClusteringParams)
     index: IndexParams = field(default_factory=IndexParams)
+    report: ReportParams = field(default_factory=ReportParams)
     stages: list[str] = field(default_factory=lambda: ["embed", "merge"])
     description: str = ""

@@ -20,11 +20,12 @@ A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
     kmeans/curated/                          the curated subset
     metrics/level{L}/                        metrics.json, per_cluster.parquet, examples.json
     index/index.faiss ids.parquet params.json  the faiss index, its id map, search settings
+    report/index.html                        the run's report page (self-contained HTML)
     slurm/<stage>-NNN.sbatch slurm/submissions.json submitit/<stage>/
 
 Stage dirs: ``embed``, ``merge``, ``kmeans/level{L}`` (stage ``kmeans_level{L}``),
 ``kmeans/curated`` (stage ``curate``), ``metrics/level{L}`` (stage ``metrics_level{L}``),
-``index``.
+``index``, ``report``.
 Names are relative POSIX strings; ``RunPaths.storage`` reads and writes them.
 """
 
@@ -48,11 +49,13 @@ KMEANS_DIR = "kmeans"
 CURATED_DIR = f"{KMEANS_DIR}/curated"
 METRICS_DIR = "metrics"
 INDEX_DIR = "index"
+REPORT_DIR = "report"
 SLURM_DIR = "slurm"
 SUBMITIT_DIR = "submitit"
 
 EMBED_STAGE, MERGE_STAGE, CURATE_STAGE = "embed", "merge", "curate"
 INDEX_STAGE = "index"
+REPORT_STAGE = "report"
 SYNC_STAGE = "sync"
 KMEANS_LEVEL_PREFIX = "kmeans_level"
 METRICS_LEVEL_PREFIX = "metrics_level"
@@ -187,6 +190,13 @@ class RunPaths:
         return f"{stage_dir}/attempts/{task_name(task)}{suffix}.lock"
 
     @staticmethod
+    def remote_proc(stage_dir: str, task: int, rank: int, attempt: int, kind: str) -> str:
+        """A remote task process's record (launchers.hosts): ``kind`` ``pid`` (its process
+        group, written by the process itself) or ``exit`` (its exit code, written as it
+        ends); one pair per attempt, so a retry never reads an earlier attempt's code."""
+        return f"{stage_dir}/attempts/{task_name(task)}.rank{rank}.a{attempt}.{kind}"
+
+    @staticmethod
     def logs(stage_dir: str) -> str:
         return f"{stage_dir}/logs"
 
@@ -314,6 +324,10 @@ class RunPaths:
     index_file = f"{INDEX_DIR}/index.faiss"
     index_ids = f"{INDEX_DIR}/ids.parquet"
     index_params = f"{INDEX_DIR}/params.json"
+
+    # -- report -----------------------------------------------------------------------------
+    report = REPORT_DIR
+    report_page = f"{REPORT_DIR}/index.html"
 
     # -- launchers --------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,79 @@
+"""The multi-host sections of ``cluster``: ``cluster.hosts`` (plain SSH machines),
+``cluster.tpu_vm`` (TPU VM workers reached through ``gcloud``) and ``cluster.multihost``
+(what both launchers share: remote workdir, setup lines, retries, polling, starts).
+
+Read by ``launchers.hosts``; defaults are documented in ``conf/cluster/hosts.yaml`` and
+``conf/cluster/tpu_vm.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lib.config.fields import bounded
+
+
+class CodeSync(StrEnum):
+    none = "none"  # the hosts see the same tree (a shared home, NFS): nothing is copied
+    archive = "archive"  # `git archive HEAD` unpacked under the remote workdir, per host
+
+
+@dataclass
+class HostEntry:
+    """One SSH machine. Unset values come from ``cluster.multihost``'s defaults."""
+
+    address: str = "???"
+    port: int = bounded(22, ge=1, le=65535)
+    name: str | None = None  # how messages and log prefixes name it; null: the address
+    user: str | None = None
+    key_file: str | None = None  # null with agent=false: ssh's own defaults
+    agent: bool = False
+    known_hosts: str | None = None  # null: cluster.multihost.known_hosts
+    slots: int = bounded(1, ge=1)  # tasks it runs at once (one rank each in a distributed stage)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. {CUDA_VISIBLE_DEVICES: "0"}
+
+
+@dataclass
+class TpuVmConfig:
+    """TPU VM workers: every remote call is `gcloud compute tpus tpu-vm ssh NAME --worker=i`."""
+
+    name: str | None = None  # the TPU (or, with several slices, each of ``names``)
+    names: list[str] = field(default_factory=list)
+    zone: str | None = None
+    project: str | None = None
+    # null: read with `gcloud compute tpus tpu-vm describe` (its networkEndpoints)
+    workers: int | None = bounded(None, ge=1)
+    internal_ip: bool = False
+    tunnel_through_iap: bool = False
+    user: str | None = None  # USER@NAME; null: gcloud's default
+    ssh_key_file: str | None = None
+    gcloud: str = "gcloud"
+    # Before a task starts on a worker: kill processes holding /dev/accel* or /dev/vfio/*
+    # and remove /tmp/libtpu_lockfile (what a killed earlier run leaves behind).
+    clear_accelerator_holders: bool = True
+
+
+@dataclass
+class MultihostConfig:
+    # Where tasks run on the hosts; null: this checkout's path (a shared file system).
+    workdir: str | None = None
+    # Shell lines run before every task (venv activation, module load): shell, as written.
+    setup: list[str] = field(default_factory=list)
+    code_sync: CodeSync = CodeSync.none
+    known_hosts: str = "~/.ssh/known_hosts"  # host keys are checked; an unknown key is refused
+    user: str | None = None
+    key_file: str | None = None
+    connect_timeout_s: int = bounded(10, ge=1)
+    # A task whose host fails (ssh 255, host gone, non-zero exit) runs again on another
+    # host, at most this many times; a host that fails twice leaves the pool.
+    max_task_retries: int = bounded(2, ge=0)
+    host_failures_to_drop: int = bounded(2, ge=1)
+    fail_fast: bool = False  # the first failure stops every task of the run
+    attach: bool = False  # stream every task's log, prefixed with host and task
+    poll_s: float = bounded(1.0, ge=0.05)
+    # Spacing between task starts and how many starts run at once (a dataset or model
+    # server can be overwhelmed by many hosts loading at the same moment).
+    start_stagger_s: float = bounded(0.0, ge=0.0)
+    max_concurrent_starts: int = bounded(32, ge=1)
+    command_timeout_s: int = bounded(120, ge=5)  # one remote command (start, probe, cancel)
