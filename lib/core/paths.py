@@ -20,6 +20,10 @@ A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
     kmeans/curated/                          the curated subset
     metrics/level{L}/                        metrics.json, per_cluster.parquet, examples.json
     index/index.faiss ids.parquet params.json  the faiss index, its id map, search settings
+    extract/task_XXXXX/shard_YYYYY.safetensors[.zst]  activation shards of one task
+    extract/task_XXXXX/shard_YYYYY.json      a finished shard's checkpoint marker
+    extract/task_XXXXX/metadata.json         the task's model, layers, samples, shards
+    extract/metadata.json                    totals over all tasks (stage extract_metadata)
     report/index.html                        the run's report page (self-contained HTML)
     slurm/<stage>-NNN.sbatch slurm/submissions.json submitit/<stage>/
 
@@ -49,12 +53,15 @@ KMEANS_DIR = "kmeans"
 CURATED_DIR = f"{KMEANS_DIR}/curated"
 METRICS_DIR = "metrics"
 INDEX_DIR = "index"
+EXTRACT_DIR = "extract"
+EXTRACT_MERGED_DIR = f"{EXTRACT_DIR}/merged"
 REPORT_DIR = "report"
 SLURM_DIR = "slurm"
 SUBMITIT_DIR = "submitit"
 
 EMBED_STAGE, MERGE_STAGE, CURATE_STAGE = "embed", "merge", "curate"
 INDEX_STAGE = "index"
+EXTRACT_STAGE, EXTRACT_METADATA_STAGE = "extract", "extract_metadata"
 REPORT_STAGE = "report"
 SYNC_STAGE = "sync"
 KMEANS_LEVEL_PREFIX = "kmeans_level"
@@ -328,6 +335,28 @@ class RunPaths:
     # -- report -----------------------------------------------------------------------------
     report = REPORT_DIR
     report_page = f"{REPORT_DIR}/index.html"
+
+    # -- extract ----------------------------------------------------------------------------
+    @staticmethod
+    def extract_task_dir(task: int) -> str:
+        return f"{EXTRACT_DIR}/{task_name(task)}"
+
+    @staticmethod
+    def extract_shard(task: int, shard: int, compressed: bool) -> str:
+        """``extract/task_XXXXX/shard_YYYYY.safetensors`` (``.zst`` when compressed)."""
+        suffix = ".safetensors.zst" if compressed else ".safetensors"
+        return f"{EXTRACT_DIR}/{task_name(task)}/shard_{shard:05d}{suffix}"
+
+    @staticmethod
+    def extract_shard_marker(task: int, shard: int) -> str:
+        """The checkpoint marker of a finished shard (written after it, create-only)."""
+        return f"{EXTRACT_DIR}/{task_name(task)}/shard_{shard:05d}.json"
+
+    @staticmethod
+    def extract_task_metadata(task: int) -> str:
+        return f"{EXTRACT_DIR}/{task_name(task)}/metadata.json"
+
+    extract_metadata = f"{EXTRACT_DIR}/metadata.json"
 
     # -- launchers --------------------------------------------------------------------------
     @staticmethod
