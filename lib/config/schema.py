@@ -17,6 +17,7 @@ from lib.config.multihost import HostEntry, MultihostConfig, TpuVmConfig
 from lib.curate.params import CurateParams
 from lib.data.params import DatasetParams
 from lib.embed.params import EmbedParams, ModelParams
+from lib.extract.params import ExtractParams
 from lib.index.params import IndexParams
 from lib.kmeans.params import KmeansParams
 from lib.merge.params import MergeParams
@@ -82,6 +83,7 @@ class StageResources:
     curate: SlurmResources = field(default_factory=SlurmResources)
     index: SlurmResources = field(default_factory=SlurmResources)
     report: SlurmResources = field(default_factory=SlurmResources)
+    extract: SlurmResources = field(default_factory=SlurmResources)
 
 
 @dataclass
@@ -145,5 +147,6 @@ class EmbedfleetConfig:
     clustering: ClusteringParams = field(default_factory=ClusteringParams)
     index: IndexParams = field(default_factory=IndexParams)
     report: ReportParams = field(default_factory=ReportParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
     stages: list[str] = field(default_factory=lambda: ["embed", "merge"])
     description: str = ""
