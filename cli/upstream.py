@@ -18,6 +18,7 @@ from lib.core.errors import UpstreamIncompleteError
 from lib.core.paths import RunPaths
 from lib.core.sharding import compress_indices
 from lib.plan.spec import Plan, completed_tasks
+from lib.sync.plan import feeds_merge
 
 if TYPE_CHECKING:
     from lib.merge.sources import SourceDir
@@ -27,7 +28,9 @@ def reads(cfg: DictConfig, stage: str) -> str | None:
     """The stage whose outputs ``stage`` reads under ``cfg``; None when it reads an input
     of its own (``merge.input=legacy``, ``kmeans.embeddings_path``) or nothing."""
     if stage == "merge":
-        return "embed" if str(cfg.merge.input) == "embed" else None
+        if str(cfg.merge.input) == "embed":
+            return "embed"
+        return "sync" if feeds_merge(cfg) else None
     if stage == "kmeans":
         return None if cfg.kmeans.embeddings_path else "merge"
     if stage in ("curate", "metrics"):

@@ -3,7 +3,7 @@ stage), and what a launch does before it runs (``before_launch``)."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lib.config.fields import to_params
 from lib.core.errors import ConfigError
@@ -12,6 +12,19 @@ from lib.core.markers import discard_marker
 from lib.core.paths import SYNC_DIR, SYNC_STAGE, RunPaths
 from lib.plan.spec import ARRAY, StageSpec
 from lib.sync.params import SyncParams, parse_sources
+
+
+def feeds_merge(cfg: DictConfig) -> bool:
+    """Whether the merge of ``cfg`` reads what this sync downloads: ``merge.input=legacy|
+    synced``, ``sync.sources`` names hosts, and no ``merge.legacy_dir`` points elsewhere.
+    Then ``stages=[merge]`` plans sync as its upstream (the merge hashes as under
+    ``stages=[sync,merge]``), and a sync that changes those files sets the merge aside."""
+    kind = str(OmegaConf.select(cfg, "merge.input", default="embed"))
+    if kind not in ("legacy", "synced"):
+        return False
+    if kind == "legacy" and OmegaConf.select(cfg, "merge.legacy_dir", default=None):
+        return False
+    return bool(OmegaConf.select(cfg, "sync.sources", default=None))
 
 
 def sync_params(cfg: DictConfig) -> SyncParams:

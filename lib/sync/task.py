@@ -23,8 +23,8 @@ from lib.config.fields import to_params
 from lib.config.redact import mask
 from lib.core.errors import ConfigError, EmbedfleetError
 from lib.core.hashing import sha256_file
-from lib.core.markers import CompletionMarker, write_marker
-from lib.core.paths import RunPaths
+from lib.core.markers import CompletionMarker, invalidate_marker, write_marker
+from lib.core.paths import MERGE_DIR, MERGE_STAGE, RunPaths
 from lib.core.progress import Progress
 from lib.core.storage import OutputFile
 from lib.plan.spec import StageSpec
@@ -35,6 +35,7 @@ from lib.runtime import stop
 from lib.runtime.context import TaskContext
 from lib.sync.listing import RemoteFile, list_matches
 from lib.sync.params import SyncParams, SyncSource, parse_sources
+from lib.sync.plan import feeds_merge
 from lib.sync.record import FileState, RecordWriter
 from lib.sync.slots import slot
 from lib.sync.transfer import download, part_path, publish
@@ -59,6 +60,7 @@ class Outcome:
     vanished: list[str] = field(default_factory=list)
     transferred: int = 0
     resumed: dict[str, int] = field(default_factory=dict)  # rel -> byte it resumed from
+    previous: dict[str, FileState] = field(default_factory=dict)  # the last sync's record
 
 
 def dest_dir(paths: RunPaths, params: SyncParams, source: SyncSource) -> Path:
@@ -260,6 +262,12 @@ def sync_source(
         for rel, st in sorted(outcome.files.items())
     ]
     methods = sorted({st.verification for st in outcome.files.values()})
+    changed = sorted(
+        rel
+        for rel in outcome.downloaded
+        if (before := outcome.previous.get(rel)) is None
+        or before.sha256 != outcome.files[rel].sha256
+    )
     marker = CompletionMarker(
         stage=spec.name,
         task=task,
@@ -292,6 +300,7 @@ def sync_source(
             },
             "vanished": outcome.vanished,
             "resumed": outcome.resumed,
+            "changed": changed,
         },
         wall_seconds=wall,
     )
@@ -336,7 +345,7 @@ def _sync(
         finally:
             sftp.close()
         writer = RecordWriter(paths.storage, paths.sync_record(task))
-        outcome = Outcome()
+        outcome = Outcome(previous=dict(writer.previous.files))
         todo = []
         for f in files:
             state = writer.record.files.get(f.rel)
@@ -380,4 +389,32 @@ def run(ctx: TaskContext) -> None:
     task = ctx.identity.task_index
     if task >= len(sources):
         raise ConfigError(f"sync task {task}: sync.sources has only {len(sources)} source(s)")
-    sync_source(sources[task], params, ctx.paths, ctx.spec, task)
+    marker = sync_source(sources[task], params, ctx.paths, ctx.spec, task)
+    changed = marker.extra.get("changed") or []
+    if changed and feeds_merge(ctx.cfg):
+        invalidate_downstream(ctx, sources[task].name, changed)
+
+
+def invalidate_downstream(ctx: TaskContext, source: str, changed: list[str]) -> None:
+    """Files the merge reads changed (a new file, or one downloaded again with other
+    content): set aside the merge's marker, and those of the planned stages that read the
+    merge, with the reason, so that the next launch (the local launcher: this one) redoes
+    them instead of trusting outputs made from the old files."""
+    names = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    reason = f"sync source {source} downloaded new or changed files the merge reads ({names})"
+    after: set[str] = {MERGE_STAGE}
+    stage_dirs = [(MERGE_DIR, 1)]
+    for spec in ctx.plan.stages:
+        if spec.name != MERGE_STAGE and after.intersection(spec.depends_on):
+            after.add(spec.name)
+            stage_dirs.append((spec.stage_dir, spec.num_tasks))
+    for stage_dir, num_tasks in stage_dirs:
+        for t in range(num_tasks):
+            if invalidate_marker(ctx.paths.storage, ctx.paths.marker(stage_dir, t), reason):
+                log.warning(
+                    "%s: its completion marker (%s task %d) was set aside, so it is redone: %s",
+                    stage_dir,
+                    stage_dir,
+                    t,
+                    reason,
+                )

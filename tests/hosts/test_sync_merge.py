@@ -5,6 +5,8 @@ naming the files on both sides."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from lib.formats.arrays import open_embeddings
@@ -48,12 +50,19 @@ def _sources(hosts, dirs):
 
 
 def test_sync_then_merge_of_two_hosts_legacy_shards_equals_the_local_merge(ssh_hosts, tmp_path):
+    """... then merge-only finds it complete, and a shard re-made on its host is synced
+    again and merged again."""
     data = np.random.default_rng(7).normal(size=(16 * ROWS_PER_SHARD, 8)).astype(np.float32)
     dirs = _hosts_with_shards(ssh_hosts, data)
-    synced = run_launch(
-        "+experiment=quickstart", "stages=[sync,merge]", *LEGACY, f"run.root={tmp_path}",
-        "run.name=seed", source_override(_sources(ssh_hosts, dirs)), timeout=300,
-    )  # fmt: skip
+    sources = source_override(_sources(ssh_hosts, dirs))
+
+    def seed_launch(stages):
+        return run_launch(
+            "+experiment=quickstart", stages, *LEGACY, f"run.root={tmp_path}", "run.name=seed",
+            sources, timeout=300,
+        )  # fmt: skip
+
+    synced = seed_launch("stages=[sync,merge]")
     assert synced.returncode == 0, synced.stdout + synced.stderr
     # The reference: the same 16 files merged where they are (a local legacy_dir).
     local = tmp_path / "originals"
@@ -69,6 +78,26 @@ def test_sync_then_merge_of_two_hosts_legacy_shards_equals_the_local_merge(ssh_h
     got = np.asarray(open_embeddings(tmp_path / "seed/merge/embeddings.safetensors"))
     want = np.asarray(open_embeddings(tmp_path / "ref/merge/embeddings.safetensors"))
     assert got.shape == (160, 8) and np.array_equal(got, want) and np.array_equal(got, data)
+    # The seed's --merge-only: stages=[merge] plans the sync as its (complete) upstream, so
+    # the merge hashes as under stages=[sync,merge] and is found complete, not a conflict.
+    again = seed_launch("stages=[merge]")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "merge: all 1 task(s) already complete" in again.stdout, again.stdout
+    # A shard re-made on its host (same size, later mtime): the re-sync downloads it, sets
+    # the merge's marker aside, and the merge is redone from the new file.
+    changed = dirs[1] / "embeddings" / "cluster1_gpu3.pkl"
+    start = (8 + 3) * ROWS_PER_SHARD
+    data[start : start + ROWS_PER_SHARD] += 1.0
+    write_pickle(changed, data[start : start + ROWS_PER_SHARD], start)
+    changed.chmod(0o644)
+    os.utime(changed, (changed.stat().st_atime, changed.stat().st_mtime + 60))
+    resync = seed_launch("stages=[sync,merge]")
+    text = resync.stdout + resync.stderr
+    assert resync.returncode == 0, text
+    assert "merge: running 1 task(s)" in resync.stdout, text
+    assert "downloaded new or changed files the merge reads (embeddings/cluster1_gpu3.pkl)" in text, text
+    regot = np.asarray(open_embeddings(tmp_path / "seed/merge/embeddings.safetensors"))
+    assert np.array_equal(regot, data) and not np.array_equal(regot, got)
 
 
 def test_a_gap_between_the_hosts_shards_names_both_files(ssh_hosts, tmp_path):
