@@ -154,15 +154,17 @@ def _marker_hash(paths: RunPaths, spec: StageSpec) -> str:
     return "?"
 
 
-def dataset_row_count(cfg: DictConfig, dry_run: bool = False) -> int:
-    """Rows to embed. A dry run may plan from ``dataset.expected_rows`` when the dataset
-    is not reachable from this machine (e.g. planning a cluster run on a laptop)."""
+def dataset_input(cfg: DictConfig, dry_run: bool = False):
+    """The embed stage's input (``lib.embed.inputs.EmbedInput``: rows to embed, sample,
+    files), None without an embed stage. A dry run may plan from
+    ``dataset.expected_rows`` when the dataset is not reachable from this machine (e.g.
+    planning a cluster run on a laptop)."""
     if "embed" not in cfg.stages:
-        return 0
-    from lib.data.columns import check_dataset, open_dataset
+        return None
+    from lib.embed.inputs import EmbedInput, embed_input
 
     try:
-        return check_dataset(open_dataset(cfg), cfg)
+        return embed_input(cfg)
     except DatasetError as exc:
         sizes = [v for v in (cfg.dataset.expected_rows, cfg.dataset.limit) if v is not None]
         if not dry_run or not sizes:
@@ -171,7 +173,7 @@ def dataset_row_count(cfg: DictConfig, dry_run: bool = False) -> int:
             f"warning: {exc}\nplanning for {min(sizes)} rows (dataset.expected_rows/limit)",
             file=sys.stderr,
         )
-        return int(min(sizes))
+        return EmbedInput(int(min(sizes)))
 
 
 def recorded_overrides(overrides: list[str]) -> list[str]:
@@ -214,7 +216,8 @@ def launch_run(
         requested = [str(s) for s in cfg.stages]
         added = upstream_stages(cfg)  # planned as the first stage's inputs, must be complete
         cfg.stages = [*added, *requested]
-        rows = dataset_row_count(cfg, dry_run)
+        embed_input = dataset_input(cfg, dry_run)
+        rows = embed_input.rows if embed_input is not None else 0
         if "embed" in cfg.stages:
             from lib.compute.models import resolve_model_path
             from lib.embed.checks import check_max_length
@@ -226,11 +229,25 @@ def launch_run(
                     raise
                 print(f"warning: {exc}", file=sys.stderr)
         plan = build_plan(cfg, rows)
+        grown = False
         if plan.group("embed"):
+            from lib.embed.append import appends, apply_append
             from lib.embed.checks import FINGERPRINT_KEY, check_input_unchanged
+            from lib.embed.plan import input_fingerprint
 
-            fingerprint = check_input_unchanged(cfg, paths, plan, force=force_replan)
+            if embed_input is not None:
+                embed_input.record(plan)
+            if appends(cfg, paths) and not force_replan:
+                grown = apply_append(cfg, paths, plan, rows)
+                fingerprint = input_fingerprint(cfg)
+            else:
+                fingerprint = check_input_unchanged(cfg, paths, plan, force=force_replan)
             plan.extra[FINGERPRINT_KEY] = fingerprint
+        if grown and not dry_run:
+            from cli.replan import discard_changed_stages
+
+            for line in discard_changed_stages(paths, plan):
+                print(line.replace("--force-replan", "embed.append (the dataset grew)"))
         if force_replan and not dry_run:
             from cli.replan import discard_changed_stages
 
@@ -254,6 +271,10 @@ def launch_run(
         with run_lock(paths.storage, paths.launcher_lock, enabled=not dry_run):
             if not dry_run:
                 save_run_config(paths, cfg)
+                if embed_input is not None and embed_input.sample is not None:
+                    from lib.embed.sample import write_sample
+
+                    write_sample(paths, embed_input.sample)
                 plan.save(paths)
                 for line in before_launch(paths, plan, requested):
                     print(line)

@@ -27,7 +27,9 @@ def cache_dir(cfg: DictConfig) -> Path:
     return Path(root) / ".cache"
 
 
-def open_dataset(cfg: DictConfig) -> RowSource:
+def open_dataset(cfg: DictConfig, files: dict | None = None) -> RowSource:
+    """The configured dataset; ``files``: the launch's record of a many-file dataset
+    (``MultiSource.record()``), so that only the files a read touches are opened."""
     d = cfg.dataset
     return open_source(
         d.path,
@@ -37,6 +39,7 @@ def open_dataset(cfg: DictConfig) -> RowSource:
         subset=d.subset,
         encoding=d.encoding,
         encoding_errors=d.encoding_errors,
+        files=files,
     )
 
 
@@ -62,7 +65,7 @@ def id_source_fields(cfg: DictConfig, columns: list[str]) -> tuple[str | None, s
 
 def needed_columns(cfg: DictConfig, columns: list[str]) -> list[str]:
     d = cfg.dataset
-    cols = required_columns(TextMode(d.text_mode), d.text_field, d.template, d.chat)
+    cols = list(required_columns(TextMode(d.text_mode), d.text_field, d.template, d.chat))
     for extra in (*id_source_fields(cfg, columns), *d.metadata_fields):
         if extra and extra not in cols:
             cols.append(extra)

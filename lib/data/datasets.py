@@ -1,7 +1,8 @@
 """Row sources: read contiguous row ranges of a dataset without loading all of it.
 
 ``open_source(cfg)`` returns a ``RowSource`` for parquet, jsonl or csv files (local paths
-or fsspec URLs), a directory of such files (one dataset, its files in sorted order),
+or fsspec URLs), a directory of such files or a glob matching them (one dataset, its
+files in sorted order; a task opens only the files its rows are in),
 Hugging Face ``datasets`` (a name in the local cache, or a ``save_to_disk`` directory),
 and the builtin quickstart corpus. ``read(start, stop)`` returns a pyarrow table of those
 rows; parquet reads only the row groups that overlap the range.
@@ -19,11 +20,13 @@ import codecs
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -48,6 +51,10 @@ class RowSource(Protocol):
     columns: list[str]
 
     def read(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table: ...
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """The rows at the sorted dataset indices ``rows``, in that order."""
+        ...
 
 
 # Files a directory dataset ignores: Spark/Hadoop markers, hidden and cache files.
@@ -106,6 +113,34 @@ def dataset_files(path: str, fmt: DatasetFormat = DatasetFormat.auto) -> list[st
     return [full for _, full in found]
 
 
+def is_glob(path: str) -> bool:
+    """A glob pattern (``*``, ``?``, ``[...]``) rather than one file or directory."""
+    body = path.split("://", 1)[-1]
+    return any(c in body for c in "*?[")
+
+
+def glob_files(pattern: str, fmt: DatasetFormat = DatasetFormat.auto) -> list[str]:
+    """The parquet/jsonl/csv files matching ``pattern`` (local or fsspec URL), sorted.
+    Raises ``DatasetError`` when none matches."""
+    fs, p = fsspec.core.url_to_fs(pattern)
+    found = sorted(
+        f
+        for f in fs.glob(p)
+        if fs.isfile(f)
+        and (kind := suffix_format(f)) is not None
+        and fmt in (DatasetFormat.auto, kind)
+    )
+    if not found:
+        raise DatasetError(
+            f"dataset.path={pattern} matches no parquet, jsonl or csv file; check the pattern "
+            "(it is matched by fsspec's glob: * within a folder, ** across folders)"
+        )
+    if _is_url(pattern):
+        protocol = pattern.split("://", 1)[0]
+        return [f"{protocol}://{f}" for f in found]
+    return found
+
+
 def _exists(path: str) -> bool:
     if _is_url(path):
         fs, p = fsspec.core.url_to_fs(path)
@@ -147,6 +182,20 @@ class ParquetSource:
         first = self._group_starts[groups[0]]
         return table.slice(start - first, stop - start)
 
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return self._file.schema_arrow.empty_table().select(columns or self.columns)
+        starts = np.asarray(self._group_starts, dtype=np.int64)
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        groups = np.unique(group_of)
+        # Only the row groups holding a wanted row are read.
+        table = self._file.read_row_groups([int(g) for g in groups], columns=columns)
+        sizes = np.array([self._file.metadata.row_group(int(g)).num_rows for g in groups])
+        offset_in_read = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        position = offset_in_read[np.searchsorted(groups, group_of)] + rows - starts[group_of]
+        return table.take(pa.array(position, pa.int64()))
+
 
 @dataclass
 class TableSource:
@@ -164,44 +213,104 @@ class TableSource:
         t = self.table.slice(start, stop - start)
         return t.select(columns) if columns else t
 
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        t = self.table.take(pa.array(np.asarray(rows, dtype=np.int64), pa.int64()))
+        return t.select(columns) if columns else t
+
 
 @dataclass
 class MultiSource:
-    """A directory of files read as one dataset: the files' rows one after another, in
-    ``dataset_files`` order. Every file must have the first file's columns."""
+    """Many files read as one dataset (a directory, a glob or a list): the files' rows one
+    after another, in the given order. Every file must have the first file's columns.
+
+    ``opener`` opens one file. Given ``counts`` (each file's rows, as recorded at launch)
+    and ``columns``, a file is opened only when a read touches its rows; ``opened`` lists
+    the files opened so far, in order."""
 
     description: str
-    sources: list[RowSource]
+    files: list[str]
+    opener: Callable[[str], RowSource]
+    counts: list[int] | None = None
+    known_columns: list[str] | None = None
+    opened: list[str] = field(default_factory=list, init=False)
+    _sources: dict[int, RowSource] = field(default_factory=dict, init=False, repr=False)
     _starts: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.columns = list(self.sources[0].columns)
-        for src in self.sources[1:]:
-            missing = [c for c in self.columns if c not in src.columns]
-            if missing:
+        if self.counts is None or self.known_columns is None:
+            for i in range(len(self.files)):
+                self._source(i)
+            counts = [self._sources[i].num_rows for i in range(len(self.files))]
+            self.columns = list(self._sources[0].columns)
+            for i in range(1, len(self.files)):
+                self._check_columns(i)
+        else:
+            if len(self.counts) != len(self.files):
                 raise DatasetError(
-                    f"dataset directory {self.description}: {src.description} lacks column(s) "
-                    f"{', '.join(map(repr, missing))} that {self.sources[0].description} has; "
-                    "every file of a directory dataset needs the same columns"
+                    f"{self.description}: {len(self.files)} file(s) but {len(self.counts)} "
+                    "row counts recorded at launch; the files changed: relaunch"
                 )
+            counts, self.columns = list(self.counts), list(self.known_columns)
         offset = 0
-        for src in self.sources:
+        for n in counts:
             self._starts.append(offset)
-            offset += src.num_rows
+            offset += n
+        self._counts = counts
         self.num_rows = offset
+
+    def _check_columns(self, i: int) -> None:
+        src = self._sources[i]
+        missing = [c for c in self.columns if c not in src.columns]
+        if missing:
+            raise DatasetError(
+                f"dataset {self.description}: {src.description} lacks column(s) "
+                f"{', '.join(map(repr, missing))} that {self.files[0]} has; "
+                "every file of a many-file dataset needs the same columns"
+            )
+
+    def _source(self, i: int) -> RowSource:
+        if i not in self._sources:
+            self._sources[i] = self.opener(self.files[i])
+            self.opened.append(self.files[i])
+            if self.counts is not None and self._sources[i].num_rows != self.counts[i]:
+                raise DatasetError(
+                    f"{self.files[i]}: has {self._sources[i].num_rows} rows, "
+                    f"{self.counts[i]} when this run was launched; the file changed: relaunch "
+                    "with a new run.name"
+                )
+        return self._sources[i]
+
+    def record(self) -> dict:
+        """Each file's rows and the columns, for ``plan.json`` (``open_source(files=...)``)."""
+        return {
+            "files": [[f, n] for f, n in zip(self.files, self._counts, strict=True)],
+            "columns": list(self.columns),
+        }
 
     def read(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         cols = columns or self.columns
         tables = []
         i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        while i < len(self.sources) and self._starts[i] < stop:
+        while i < len(self.files) and self._starts[i] < stop:
             s0 = self._starts[i]
-            a, b = max(start, s0) - s0, min(stop, s0 + self.sources[i].num_rows) - s0
+            a, b = max(start, s0) - s0, min(stop, s0 + self._counts[i]) - s0
             if b > a:
-                tables.append(self.sources[i].read(a, b, cols))
+                tables.append(self._source(i).read(a, b, cols))
             i += 1
         if not tables:
-            return self.sources[0].read(0, 0, cols)
+            return self._source(0).read(0, 0, cols)
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        cols = columns or self.columns
+        rows = np.asarray(rows, dtype=np.int64)
+        file_of = np.searchsorted(np.asarray(self._starts), rows, side="right") - 1
+        tables = []
+        for i in np.unique(file_of):
+            mine = rows[file_of == i] - self._starts[int(i)]
+            tables.append(self._source(int(i)).take(mine, cols))
+        if not tables:
+            return self._source(0).read(0, 0, cols)
         return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -308,6 +417,8 @@ def resolve_format(path: str, fmt: DatasetFormat) -> DatasetFormat:
         return fmt
     if path.startswith("builtin:"):
         return DatasetFormat.builtin
+    if is_glob(path):
+        return DatasetFormat.auto  # each matched file by its suffix
     if (kind := suffix_format(path)) is not None:
         return kind
     if not _is_url(path) and not os.path.exists(path):
@@ -341,8 +452,11 @@ def open_source(
     subset: str | None = None,
     encoding: str = "utf-8",
     encoding_errors: EncodingErrors = EncodingErrors.error,
+    files: dict | None = None,
 ) -> RowSource:
-    """Open a dataset for range reads. Raises ``DatasetError`` naming the path and the fix."""
+    """Open a dataset for range reads. ``files``: the launch's record of a many-file
+    dataset (``MultiSource.record()``), so a task opens only the files it reads. Raises
+    ``DatasetError`` naming the path and the fix."""
     try:
         codecs.lookup(encoding)
     except LookupError:
@@ -364,6 +478,8 @@ def open_source(
         return ParquetSource(str(builtin_corpus_path(name, cache_dir or Path(".cache"))))
     if fmt == DatasetFormat.hf:
         return hf_source(path, split, subset, cache_dir)
+    if is_glob(path):
+        return many_files(path, glob_files(path, requested), fmt, encoding, encoding_errors, files)
     if not _exists(path):
         raise DatasetError(
             f"dataset file {path} does not exist; set dataset.path to a parquet/jsonl/csv file, "
@@ -371,7 +487,27 @@ def open_source(
             "dataset.format=hf"
         )
     if is_dir(path):
-        files = dataset_files(path, requested)
-        sources = [_open_file(f, suffix_format(f) or fmt, encoding, encoding_errors) for f in files]
-        return MultiSource(path, sources)
+        return many_files(
+            path, dataset_files(path, requested), fmt, encoding, encoding_errors, files
+        )
     return _open_file(path, fmt, encoding, encoding_errors)
+
+
+def many_files(
+    description: str,
+    names: list[str],
+    fmt: DatasetFormat,
+    encoding: str,
+    encoding_errors: EncodingErrors,
+    recorded: dict | None = None,
+) -> MultiSource:
+    """``names`` read as one dataset. ``recorded`` (``MultiSource.record()`` of the launch,
+    for the same files): files are opened only when a read touches them."""
+
+    def opener(f: str) -> RowSource:
+        return _open_file(f, suffix_format(f) or fmt, encoding, encoding_errors)
+
+    if recorded and [f for f, _ in recorded["files"]] == names:
+        counts = [int(n) for _, n in recorded["files"]]
+        return MultiSource(description, names, opener, counts, list(recorded["columns"]))
+    return MultiSource(description, names, opener)

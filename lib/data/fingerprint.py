@@ -29,8 +29,10 @@ from omegaconf import DictConfig
 
 from lib.data.datasets import (
     dataset_files,
+    glob_files,
     hf_source,
     is_dir,
+    is_glob,
     is_hf_saved_dir,
     resolve_format,
 )
@@ -118,6 +120,8 @@ def _fingerprint(cfg: DictConfig) -> Fingerprint:
             source = hf_source(path, d.split, d.subset, cache_dir(cfg))
             return {source.description: {"datasets_fingerprint": source.fingerprint}}
         files = dataset_files(path)
+    elif is_glob(path):
+        files = glob_files(path, DatasetFormat(d.format))
     elif is_dir(path):
         files = dataset_files(path, DatasetFormat(d.format))
     else:

@@ -28,6 +28,11 @@ class NullText(StrEnum):
     drop = "drop"
 
 
+class Sampling(StrEnum):
+    first = "first"  # the first per_source rows of each source, in dataset order
+    random = "random"  # a seeded draw without replacement per source, kept in dataset order
+
+
 class EncodingErrors(StrEnum):
     error = "error"  # a byte sequence that does not decode fails the task, naming it
     replace = "replace"  # undecodable bytes become U+FFFD
@@ -82,3 +87,14 @@ class DatasetParams:
     limit: int | None = bounded(None, ge=1)  # use only the first N rows
     # Declared size of the dataset, checked at launch.
     expected_rows: int | None = bounded(None, ge=0)
+    # Pilot sampling (lib.data.sampling): N rows of every source (null: all rows), drawn
+    # ``first`` (dataset order) or ``random`` (seeded, without replacement); ``sources``
+    # keeps only the named sources. Rows keep their dataset index; the sample is recorded
+    # in embed/sample.parquet.
+    per_source: int | None = bounded(None, ge=1)
+    sampling: Sampling = Sampling.first
+    seed: int = 0
+    sources: list[str] = field(default_factory=list)
+    # Keep the embedded text in metadata.parquet: ``text`` (field/template modes), or
+    # user_prompt, think_text, response_text and num_turns (chat mode).
+    keep_text: bool = True

@@ -50,8 +50,24 @@ def split_think(content: str) -> tuple[str, str]:
     return "\n".join(t for t in thoughts if t), response
 
 
-def chat_text(messages: Any, cfg: ChatParams) -> str | None:
-    """Text of one conversation; ``None`` if it has no usable turns."""
+@dataclass(frozen=True)
+class ChatParts:
+    """A conversation split as it is embedded: the turns before the last assistant turn
+    (formatted by ``turn_template``), that turn's reasoning and its response, and the
+    number of messages in the conversation."""
+
+    user_prompt: str
+    think_text: str
+    response_text: str
+    num_turns: int
+
+    def text(self, cfg: ChatParams) -> str | None:
+        parts = [p for p in (self.user_prompt, self.think_text, self.response_text) if p]
+        return cfg.part_separator.join(parts) if parts else None
+
+
+def chat_parts(messages: Any, cfg: ChatParams) -> ChatParts | None:
+    """The parts of one conversation; ``None`` if it has no messages."""
     if messages is None:
         return None
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -73,8 +89,13 @@ def chat_text(messages: Any, cfg: ChatParams) -> str | None:
         cfg.turn_template.format(role=m.get(cfg.role_key, ""), content=m.get(cfg.content_key) or "")
         for m in turns
     )
-    parts = [p for p in (prompt, think, response) if p]
-    return cfg.part_separator.join(parts) if parts else None
+    return ChatParts(prompt, think, response, len(messages))
+
+
+def chat_text(messages: Any, cfg: ChatParams) -> str | None:
+    """Text of one conversation; ``None`` if it has no usable turns."""
+    parts = chat_parts(messages, cfg)
+    return None if parts is None else parts.text(cfg)
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,12 @@ class TextDecoding:
     cast: bool = False
     where: str = "the dataset"
     first_row: int = 0
+    # The dataset rows of the table's rows when they are not contiguous (a sample).
+    rows: tuple[int, ...] | None = None
+
+    def row(self, i: int) -> int:
+        """The dataset row of the table's row ``i``."""
+        return self.rows[i] if self.rows is not None else self.first_row + i
 
 
 def _decode(values: list[bytes | None], column: str, dec: TextDecoding) -> list[str | None]:
@@ -100,7 +127,7 @@ def _decode(values: list[bytes | None], column: str, dec: TextDecoding) -> list[
             out.append(v.decode(dec.encoding, errors))
         except UnicodeDecodeError as exc:
             raise DatasetError(
-                f"{dec.where}: row {dec.first_row + i}, column {column!r}: byte offset "
+                f"{dec.where}: row {dec.row(i)}, column {column!r}: byte offset "
                 f"{exc.start} of the value ({v[exc.start : exc.start + 4]!r}) is not valid "
                 f"{dec.encoding} ({exc.reason}). Set dataset.encoding to the file's encoding "
                 "(e.g. latin-1, cp1252), or dataset.encoding_errors=replace to embed "
@@ -124,7 +151,7 @@ def column_texts(table: pa.Table, column: str, dec: TextDecoding, *, text: bool)
         return values
     if not dec.cast:
         first = next((i for i, v in enumerate(values) if v is not None), None)
-        shown = f" (row {dec.first_row + first}: {values[first]!r})" if first is not None else ""
+        shown = f" (row {dec.row(first)}: {values[first]!r})" if first is not None else ""
         raise DatasetError(
             f"{dec.where}: text column {column!r} has type {t}, not text{shown}. Point "
             "dataset.text_field to a text column, or set dataset.cast_text=true to embed "
@@ -159,10 +186,22 @@ def build_texts(
             )
         return out
     out = []
+    for parts in build_chat_parts(table, chat, dec):
+        text = None if parts is None else parts.text(chat)
+        out.append(None if text is None else prefix + text)
+    return out
+
+
+def build_chat_parts(
+    table: pa.Table, chat: ChatParams, decoding: TextDecoding | None = None
+) -> list[ChatParts | None]:
+    """The ``ChatParts`` of every row (``None`` for a row without messages). Raises
+    ``DatasetError`` naming the row of a value that is not a list of messages."""
+    dec = decoding or TextDecoding()
+    out: list[ChatParts | None] = []
     for i, messages in enumerate(table.column(chat.messages_field).to_pylist()):
         try:
-            text = chat_text(messages, chat)
+            out.append(chat_parts(messages, chat))
         except (ValueError, KeyError) as exc:
-            raise DatasetError(f"{dec.where}: row {dec.first_row + i}: {exc}") from exc
-        out.append(None if text is None else prefix + text)
+            raise DatasetError(f"{dec.where}: row {dec.row(i)}: {exc}") from exc
     return out

@@ -90,4 +90,8 @@ class EmbedParams:
     # Rows per part: a shard is embedded part by part, each part published on its own, so
     # a preempted or timed-out task resumes from its last finished part.
     part_rows: int = bounded(8192, ge=1)
+    # A dataset that grew since this run embedded it: embed only the new rows, as new
+    # shards after the existing ones (lib.embed.append). Rows changed in place are not
+    # detected in this mode.
+    append: bool = unhashed(False)
     vllm: VllmParams = field(default_factory=VllmParams)

@@ -26,6 +26,37 @@ def input_fingerprint(cfg: DictConfig) -> Fingerprint:
         return {str(cfg.dataset.path): {"unavailable": str(exc)}}
 
 
+# dataset keys added after run dirs existed: left out of the hash at these values, so a
+# run dir planned before them keeps its hash.
+_NEWER_DATASET_DEFAULTS = {
+    "per_source": None,
+    "sampling": "first",
+    "seed": 0,
+    "sources": [],
+    "keep_text": True,
+}
+
+
+def embed_hash(cfg: DictConfig, rows: int, fingerprint: Fingerprint) -> str:
+    """The embed stage's config hash for ``rows`` rows of the input ``fingerprint``."""
+    dataset = to_plain(cfg.dataset)
+    if dataset.get("per_source") is None:
+        # sampling and seed mean nothing without per_source
+        dataset.pop("sampling", None)
+        dataset.pop("seed", None)
+    for key, default in _NEWER_DATASET_DEFAULTS.items():
+        if key in dataset and dataset[key] == default:
+            dataset.pop(key)
+    return config_digest(
+        "embed",
+        dataset,
+        hashed_values(ModelParams, cfg.model),  # less query_prompt: queries only
+        hashed_values(EmbedParams, cfg.embed),
+        rows,
+        fingerprint,
+    )
+
+
 def build(cfg: DictConfig, rows: int, prior: dict[str, StageSpec]) -> list[StageSpec]:
     n = int(cfg.embed.num_shards)
     if n < 1:
@@ -34,12 +65,5 @@ def build(cfg: DictConfig, rows: int, prior: dict[str, StageSpec]) -> list[Stage
         raise ConfigError(
             f"embed.num_shards={n} is more than the {rows} rows to embed; use at most {rows}"
         )
-    h = config_digest(
-        "embed",
-        to_plain(cfg.dataset),
-        hashed_values(ModelParams, cfg.model),  # less query_prompt: queries only
-        hashed_values(EmbedParams, cfg.embed),
-        rows,
-        input_fingerprint(cfg),
-    )
+    h = embed_hash(cfg, rows, input_fingerprint(cfg))
     return [StageSpec(EMBED_STAGE, "embed", "jobs.embed", EMBED_DIR, ARRAY, n, h)]

@@ -4,8 +4,9 @@ Outputs (``lib.core.paths``: ``embed/shards/shard_XXXXX.*``), published whole, t
 task's completion marker:
 
 - ``.safetensors``: tensor ``embeddings`` (kept rows, dim), in row order;
-- ``.parquet``: ``row_index`` (original dataset row), ``id``, ``source`` and the configured
-  metadata columns, one row per embedding;
+- ``.parquet``: ``row_index`` (original dataset row), ``id``, ``source``, the configured
+  metadata columns and (``dataset.keep_text``) the text: ``text``, or a chat's
+  ``user_prompt``, ``think_text``, ``response_text``, ``num_turns``; one row per embedding;
 - ``.dropped.parquet``: rows not embedded, with ``reason`` (``null_text``, ``empty``,
   ``too_long``) and ``token_count``.
 
@@ -38,7 +39,8 @@ from lib.core.storage import OutputFile, Storage
 from lib.data.columns import id_source_fields, needed_columns, open_dataset
 from lib.data.datasets import RowSource
 from lib.data.params import NullText, TextMode
-from lib.data.text import TextDecoding, build_texts, column_texts
+from lib.data.text import ChatParts, TextDecoding, build_chat_parts, build_texts, column_texts
+from lib.embed.sample import read_sample
 from lib.embed.token_filter import filter_by_length
 from lib.formats.matrix_writer import MatrixWriter
 from lib.formats.parquet import DROPPED_SCHEMA, publish_table, read_table
@@ -64,6 +66,20 @@ class ShardTask:
     num_tasks: int
     total_rows: int
     config_hash: str
+    # Each task's [start, stop) when the plan fixes them (a run grown by embed.append);
+    # None: contiguous_range(total_rows, task, num_tasks).
+    ranges: tuple[tuple[int, int], ...] | None = None
+    # The run embeds a sample (embed/sample.parquet): positions 0..total_rows map to
+    # the dataset rows it lists.
+    sampled: bool = False
+    # The launch's record of a many-file dataset (MultiSource.record()).
+    files: dict | None = None
+
+    def row_range(self) -> tuple[int, int]:
+        if self.ranges is not None:
+            a, b = self.ranges[self.task]
+            return int(a), int(b)
+        return contiguous_range(self.total_rows, self.task, self.num_tasks)
 
     @property
     def storage(self) -> Storage:
@@ -135,6 +151,23 @@ def _publish_shard_files(
     ]
 
 
+def text_columns(
+    texts: list[str | None], parts: list[ChatParts | None] | None, kept: list[int]
+) -> dict[str, pa.Array]:
+    """``dataset.keep_text``'s metadata columns for the ``kept`` rows: ``user_prompt``,
+    ``think_text``, ``response_text`` and ``num_turns`` of a chat (``parts``), else
+    ``text``, the row's text as embedded (before ``model.document_prefix``)."""
+    if parts is None:
+        return {"text": pa.array([texts[i] for i in kept], pa.string())}
+    rows = [parts[i] for i in kept]  # kept rows have text, hence parts
+    return {
+        "user_prompt": pa.array([p.user_prompt for p in rows], pa.string()),
+        "think_text": pa.array([p.think_text for p in rows], pa.string()),
+        "response_text": pa.array([p.response_text for p in rows], pa.string()),
+        "num_turns": pa.array([p.num_turns for p in rows], pa.int32()),
+    }
+
+
 def _embed_part(
     cfg: DictConfig,
     shard: ShardTask,
@@ -143,20 +176,42 @@ def _embed_part(
     row_range: tuple[int, int],
     lazy: _LazyEmbedder,
     progress: Progress,
+    sample: np.ndarray | None = None,
 ) -> CompletionMarker:
-    """Embed one part and publish its files, then its marker."""
+    """Embed one part (positions ``row_range``; of ``sample`` when the run embeds one)
+    and publish its files, then its marker."""
     d = cfg.dataset
     start, stop_ = row_range
-    table = source.read(start, stop_, needed_columns(cfg, source.columns))
-    row_index = np.arange(start, stop_, dtype=np.int64)
+    columns = needed_columns(cfg, source.columns)
+    if sample is None:
+        table = source.read(start, stop_, columns)
+        row_index = np.arange(start, stop_, dtype=np.int64)
+        dec = TextDecoding(
+            d.encoding, d.encoding_errors, bool(d.cast_text), source.description, start
+        )
+    else:  # positions start..stop of the sample: its dataset rows
+        row_index = sample[start:stop_]
+        table = source.take(row_index, columns)
+        dec = TextDecoding(
+            d.encoding,
+            d.encoding_errors,
+            bool(d.cast_text),
+            source.description,
+            int(row_index[0]) if len(row_index) else 0,
+            tuple(int(r) for r in row_index),
+        )
     id_field, source_field = id_source_fields(cfg, source.columns)
-    dec = TextDecoding(d.encoding, d.encoding_errors, bool(d.cast_text), source.description, start)
     ids = _string_column(table, id_field, [str(i) for i in row_index], dec)
     sources = _string_column(table, source_field, [d.name] * len(row_index), dec)
-    texts = build_texts(table, TextMode(d.text_mode), d.text_field, d.template, d.chat, "", dec)
+    mode = TextMode(d.text_mode)
+    parts = build_chat_parts(table, d.chat, dec) if mode == TextMode.chat else None
+    if parts is not None:
+        texts = [None if p is None else p.text(d.chat) for p in parts]
+    else:
+        texts = build_texts(table, mode, d.text_field, d.template, d.chat, "", dec)
     null_rows = [i for i, t in enumerate(texts) if t is None]
     if null_rows and NullText(d.on_null_text) == NullText.error:
-        shown = ", ".join(f"row {start + i} (id {ids[i]})" for i in null_rows[:10])
+        shown = ", ".join(f"row {int(row_index[i])} (id {ids[i]})" for i in null_rows[:10])
         more = f" and {len(null_rows) - 10} more" if len(null_rows) > 10 else ""
         raise DatasetError(
             f"{source.description}: {len(null_rows)} row(s) have no text: {shown}{more}. "
@@ -197,6 +252,9 @@ def _embed_part(
     }
     for name in d.metadata_fields:
         meta_cols[name] = table.column(name).take(pa.array(kept, pa.int64()))
+    if d.keep_text:
+        for name, values in text_columns(texts, parts, kept).items():
+            meta_cols.setdefault(name, values)  # a metadata_fields column of that name wins
     reasons = {i: ("null_text", None) for i in null_rows}
     reasons.update({i: ("empty", None) for i in empty_rows})
     reasons.update(
@@ -279,7 +337,7 @@ def _assemble(shard: ShardTask, parts: list[CompletionMarker], dtype: str) -> li
 
 
 def run_embed_shard(cfg: DictConfig, shard: ShardTask) -> ShardResult:
-    """Embed rows ``contiguous_range(total_rows, task, num_tasks)`` and publish the shard.
+    """Embed the task's rows (``ShardTask.row_range``) and publish the shard.
 
     Works part by part (``embed.part_rows``); finished parts survive a stop and are reused.
     Raises ``StopRequested`` at a part boundary when the scheduler asked us to stop,
@@ -287,11 +345,13 @@ def run_embed_shard(cfg: DictConfig, shard: ShardTask) -> ShardResult:
     """
     t0 = time.monotonic()
     storage, paths, task = shard.storage, shard.paths, shard.task
-    start, stop_ = contiguous_range(shard.total_rows, task, shard.num_tasks)
+    start, stop_ = shard.row_range()
     # Only this task's: sibling tasks may be publishing into embed/shards/ right now.
     storage.clean_temporaries(paths.embed_shard_prefix(task))
-    source = open_dataset(cfg)
-    if source.num_rows < stop_:
+    source = open_dataset(cfg, shard.files)
+    sample = read_sample(storage, paths, shard.total_rows) if shard.sampled else None
+    needed = stop_ if sample is None else int(sample[stop_ - 1]) + 1
+    if source.num_rows < needed:
         raise DatasetError(
             f"{source.description}: has {source.num_rows} rows but this run planned "
             f"{shard.total_rows}; the dataset changed since launch: relaunch with a new run.name"
@@ -332,7 +392,7 @@ def run_embed_shard(cfg: DictConfig, shard: ShardTask) -> ShardResult:
     for i, row_range in enumerate(ranges):
         if done[i] is not None:
             continue
-        done[i] = _embed_part(cfg, shard, source, i, row_range, lazy, progress)
+        done[i] = _embed_part(cfg, shard, source, i, row_range, lazy, progress, sample)
         tokens += done[i].counts["tokens"]
         stop.check()  # a safe point: this part is published
     progress.close()

@@ -309,17 +309,26 @@ def _examples(
     return out
 
 
+# The columns dataset.keep_text gives a chat run's metadata, shown as an example's text.
+CHAT_COLUMNS = ("user_prompt", "response_text")
+
+
 def read_texts(metadata: Path | None, column: str, rows: list[int]) -> dict[int, str | None]:
     """Text of the given rows of a metadata parquet, reading only the row groups holding
-    them. Without a ``column`` column (merge keeps ``id`` and ``source`` unless
-    ``dataset.metadata_fields`` adds more) the row is shown as ``source/id``. Rows past
+    them. ``text`` of a chat run (``dataset.keep_text``) is its ``user_prompt`` and
+    ``response_text``. Without a ``column`` column (``dataset.keep_text=false``, and no
+    ``dataset.metadata_fields`` of that name) the row is shown as ``source/id``. Rows past
     the end are an error (metadata of other embeddings)."""
     if metadata is None or not rows:
         return {}
     pf = pq.ParquetFile(metadata)
     names = pf.schema_arrow.names
+    sep = "/"
     if column in names:
         cols = [column]
+    elif column == "text" and all(c in names for c in CHAT_COLUMNS):
+        # A chat run's metadata (dataset.keep_text): its prompt and response.
+        cols, sep = list(CHAT_COLUMNS), "\n\n"
     else:
         cols = [c for c in ("source", "id") if c in names]
         log.warning(
@@ -348,7 +357,11 @@ def read_texts(metadata: Path | None, column: str, rows: list[int]) -> dict[int,
             table = pf.read_row_group(g, columns=cols)
             for r in here.tolist():
                 vals = [table.column(i)[r - start].as_py() for i in range(len(cols))]
-                text = None if all(v is None for v in vals) else "/".join(map(str, vals))
+                text = (
+                    None
+                    if all(v is None for v in vals)
+                    else sep.join(str(v) for v in vals if v is not None)
+                )
                 out[r] = None if text is None else text[:MAX_TEXT_CHARS]
         start = stop
     return out
