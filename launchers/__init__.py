@@ -1,4 +1,5 @@
-"""How tasks get run: one launcher per place (``local``, ``slurm/``, ``submitit``), all
+"""How tasks get run: one launcher per place (``local``, ``slurm/``, ``submitit``,
+``hosts/``: SSH hosts and TPU VM workers), all
 consuming the same plan and starting the same job entry points (DESIGN.md contract 1).
 
 ``base`` is the interface; this module holds the table of launchers by the name
@@ -18,6 +19,8 @@ LAUNCHERS: dict[str, str] = {
     "local": "launchers.local:LocalLauncher",
     "slurm": "launchers.slurm.launcher:SlurmLauncher",
     "submitit": "launchers.submitit:SubmititLauncher",
+    "hosts": "launchers.hosts.launcher:HostsLauncher",
+    "tpu_vm": "launchers.hosts.launcher:TpuVmLauncher",
 }
 
 

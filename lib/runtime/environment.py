@@ -203,11 +203,28 @@ class SubmititEnvironment(TaskEnvironment):
         return self._slurm.after_stop() if self._slurm is not None else super().after_stop()
 
 
+class HostsEnvironment(TaskEnvironment):
+    """Tasks started on SSH hosts or TPU VM workers (launchers.hosts): identity, rank,
+    world and the rendezvous (the first placement's host, a port chosen once per run) all
+    come in the ``EMBEDFLEET_*`` and torch.distributed variables the launcher sets."""
+
+    name = "hosts"
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.env.get('EMBEDFLEET_HOST') or socket.gethostname()}"
+
+
+class TpuVmEnvironment(HostsEnvironment):
+    name = "tpu_vm"
+
+
 # The environment of each launcher, by the name it sets in EMBEDFLEET_LAUNCHER.
 ENVIRONMENTS: dict[str, str] = {
     "local": "lib.runtime.environment:LocalEnvironment",
     "slurm": "lib.runtime.slurm:SlurmEnvironment",
     "submitit": "lib.runtime.environment:SubmititEnvironment",
+    "hosts": "lib.runtime.environment:HostsEnvironment",
+    "tpu_vm": "lib.runtime.environment:TpuVmEnvironment",
 }
 
 

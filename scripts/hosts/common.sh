@@ -19,7 +19,8 @@
 # Namespace hosts nI (the multi-host launcher's tests and bench): network namespace
 # efns-nI, a veth pair efv-nI (on the bridge efbr0, here) / eth0 (inside it), address
 # $NS_SUBNET.(10+I) on a /24 that only the bridge and the namespaces have, and an sshd
-# started with `ip netns exec` on it. `ip link set efv-nI down` cuts a host off (ssh then
+# started with `ip netns exec` on it; besides the two test users it takes root by key
+# (EF_NS_USER), so that tasks can run this machine's venv. `ip link set efv-nI down` cuts a host off (ssh then
 # fails with 255); up.sh brings it back.
 
 HOSTS_DIR=${EMBEDFLEET_HOSTS_DIR:-/tmp/embedfleet-hosts}

@@ -88,6 +88,9 @@ done
 for user in "$TEST_USER" "$SFTP_USER"; do
   install -m 0644 "$CLIENT_KEY.pub" "$AUTH_KEYS_DIR/$user"
 done
+# Namespace hosts also take root by key: the launcher's tasks run the checkout's venv,
+# whose interpreter lives under /root here (pyenv), which the test users cannot read.
+install -m 0644 "$CLIENT_KEY.pub" "$AUTH_KEYS_DIR/root"
 
 : >"$KNOWN_HOSTS.new"
 for h in "${NS_HOST_NAMES[@]}"; do ns_network "$h"; done
@@ -108,8 +111,8 @@ PasswordAuthentication yes
 KbdInteractiveAuthentication no
 PubkeyAuthentication yes
 UsePAM no
-PermitRootLogin no
-AllowUsers $TEST_USER $SFTP_USER
+PermitRootLogin $([[ "$h" == n* ]] && echo prohibit-password || echo no)
+AllowUsers $TEST_USER $SFTP_USER$([[ "$h" == n* ]] && echo " root")
 Subsystem sftp internal-sftp
 MaxStartups 64:30:128
 MaxSessions 64
@@ -153,6 +156,7 @@ done
   done
   echo "EF_HOSTS_PORT=$HOSTS_PORT"
   echo "EF_HOSTS_USER=$TEST_USER"
+  echo "EF_NS_USER=root"
   echo "EF_HOSTS_SFTP_USER=$SFTP_USER"
   echo "EF_HOSTS_PASSWORD=$TEST_PASSWORD"
   echo "EF_HOSTS_KEY=$CLIENT_KEY"

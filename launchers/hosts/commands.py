@@ -1,0 +1,230 @@
+"""Every command the multi-host launchers run, built by pure functions (golden-tested).
+
+Two layers:
+
+- the remote command: a POSIX ``sh`` command line run by the host's login shell:
+  ``start_command`` (a task detached in its own session under ``setsid nohup``, its pid
+  and exit code written to files), ``probe_command`` (the state of a host's tasks),
+  ``kill_command`` (their process groups). Every value in them (paths, arguments,
+  environment values) is quoted with ``shlex.quote``/``shlex.join``; the only text taken
+  as shell is ``setup`` lines, which are shell by intent.
+- the local argv that carries a remote command to a machine: ``ssh_argv`` (OpenSSH, host
+  keys checked against a known_hosts file, never added) or ``gcloud_ssh_argv`` (``gcloud
+  compute tpus tpu-vm ssh NAME --worker=i --command=...``, one process per worker, never
+  ``--worker=all``); ``gcloud_describe_argv`` reads a TPU's workers.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# What MaxText's multihost_runner clears before a TPU job: processes holding the
+# accelerator, and libtpu's lock file (left by a killed run, it blocks the next one).
+CLEAR_ACCELERATOR = (
+    'for d in /dev/accel* /dev/vfio/*; do [ -e "$d" ] || continue; '
+    'for p in $(lsof -t "$d" 2>/dev/null) $(fuser "$d" 2>/dev/null); do '
+    '[ "$p" = "$$" ] || sudo -n kill -9 "$p" 2>/dev/null || kill -9 "$p" 2>/dev/null || true; '
+    "done; done; "
+    "sudo -n rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile || true"
+)
+
+
+@dataclass(frozen=True)
+class RemoteTask:
+    """One process of a task on a host: what runs, where its files go."""
+
+    argv: tuple[str, ...]  # the job command (python -m jobs.X --run-dir ... --stage ...)
+    workdir: str
+    log_file: str
+    pid_file: str
+    exit_file: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    env_file: str | None = None  # sourced before the task (secrets live there, not here)
+    clear_accelerator: bool = False
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    for key in env:
+        if not _ENV_NAME.match(key):
+            raise ValueError(f"environment variable name {key!r} is not a shell name")
+
+
+def task_script(task: RemoteTask) -> str:
+    """The ``sh`` script of one task process: records its pid (= its process group, as a
+    session leader), exports the task's variables, clears stale accelerator holders if
+    asked, sources the env file, runs the setup lines and the job (``set -e``: a failing
+    setup line fails the task), and writes the exit code atomically as it ends."""
+    _check_env(task.env)
+    q = shlex.quote
+    lines = [
+        f"echo $$ > {q(task.pid_file + '.tmp')} && mv -f {q(task.pid_file + '.tmp')} "
+        f"{q(task.pid_file)}",
+        f"trap 'c=$?; echo $c > {q(task.exit_file + '.tmp')}; "
+        f"mv -f {q(task.exit_file + '.tmp')} {q(task.exit_file)}' EXIT",
+        "set -e",
+        f"cd {q(task.workdir)}",
+    ]
+    for key in sorted(task.env):  # first: setup lines may use them (CUDA_VISIBLE_DEVICES)
+        lines.append(f"export {key}={q(task.env[key])}")
+    if task.clear_accelerator:
+        lines.append(CLEAR_ACCELERATOR)
+    if task.env_file:
+        lines.append(f". {q(task.env_file)}")
+    lines.extend(task.setup)
+    lines.append(shlex.join(task.argv))
+    return "\n".join(lines) + "\n"
+
+
+def start_command(tasks: Sequence[RemoteTask]) -> str:
+    """The remote command that starts ``tasks`` detached (each in its own session, output
+    appended to its log, stdin from /dev/null) and returns at once."""
+    q = shlex.quote
+    parts = []
+    for t in tasks:
+        dirs = sorted({_parent(t.log_file), _parent(t.pid_file), _parent(t.exit_file)})
+        parts.append(
+            f"mkdir -p {' '.join(q(d) for d in dirs)} && rm -f {q(t.pid_file)} {q(t.exit_file)}"
+            f" && {{ setsid nohup sh -c {q(task_script(t))} >> {q(t.log_file)} 2>&1 "
+            "< /dev/null & }"
+        )
+    return " && ".join(parts) + " && echo started"
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def probe_command(entries: Sequence[tuple[str, str, str]]) -> str:
+    """For each ``(key, pid_file, exit_file)`` print one line ``key STATE [code]``: ``exit
+    N`` (ended with code N), ``running``, ``vanished`` (its process is gone without an
+    exit code: killed with -9, the host rebooted) or ``starting`` (no pid file yet)."""
+    q = shlex.quote
+    parts = []
+    for key, pid_file, exit_file in entries:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", key):
+            raise ValueError(f"probe key {key!r} must be a plain token")
+        parts.append(
+            f"if [ -s {q(exit_file)} ]; then echo {key} exit $(cat {q(exit_file)}); "
+            f"elif [ -s {q(pid_file)} ]; then p=$(cat {q(pid_file)}); "
+            f'if kill -0 "$p" 2>/dev/null && ! grep -qs "^[0-9]* ([^)]*) Z" "/proc/$p/stat"; '
+            f"then echo {key} running; else echo {key} vanished; fi; "
+            f"else echo {key} starting; fi"
+        )
+    return "; ".join(parts) if parts else "true"
+
+
+def kill_command(pid_files: Sequence[str], grace_s: int = 5) -> str:
+    """SIGTERM the process group named in each pid file, wait up to ``grace_s`` for them,
+    then SIGKILL what is left; print how many groups were signalled."""
+    q = shlex.quote
+    files = " ".join(q(f) for f in pid_files)
+    return (
+        f'n=0; for f in {files}; do [ -s "$f" ] || continue; p=$(cat "$f"); '
+        'kill -TERM -- "-$p" 2>/dev/null && n=$((n+1)); done; '
+        f"i=0; while [ $i -lt {int(grace_s) * 10} ]; do left=0; for f in {files}; do "
+        '[ -s "$f" ] && kill -0 -- "-$(cat "$f")" 2>/dev/null && left=1; done; '
+        "[ $left = 0 ] && break; sleep 0.1; i=$((i+1)); done; "
+        f'for f in {files}; do [ -s "$f" ] && kill -KILL -- "-$(cat "$f")" 2>/dev/null; done; '
+        "echo $n"
+    )
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """How OpenSSH reaches one host."""
+
+    address: str
+    port: int = 22
+    user: str | None = None
+    key_file: str | None = None
+    agent: bool = False
+    known_hosts: str = "~/.ssh/known_hosts"
+    connect_timeout_s: int = 10
+
+
+def ssh_argv(target: SshTarget, remote_command: str) -> list[str]:
+    """``ssh`` with the host key checked (StrictHostKeyChecking=yes: an unknown or changed
+    key is refused, never added), no prompts, no stdin, no tty, then the remote command
+    as one argument (ssh hands it to the remote login shell as it is)."""
+    argv = [
+        "ssh",
+        "-T",
+        "-n",
+        "-p",
+        str(target.port),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={target.known_hosts}",
+        "-o",
+        f"ConnectTimeout={int(target.connect_timeout_s)}",
+        "-o",
+        "ServerAliveInterval=15",
+        "-o",
+        "ServerAliveCountMax=2",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    if target.key_file:
+        argv += ["-i", target.key_file, "-o", "IdentitiesOnly=yes"]
+    if not target.agent:
+        argv += ["-o", "IdentityAgent=none"]
+    dest = f"{target.user}@{target.address}" if target.user else target.address
+    return [*argv, "--", dest, remote_command]
+
+
+@dataclass(frozen=True)
+class TpuTarget:
+    """How gcloud reaches one worker of a TPU VM."""
+
+    name: str
+    worker: int
+    zone: str | None = None
+    project: str | None = None
+    user: str | None = None
+    ssh_key_file: str | None = None
+    internal_ip: bool = False
+    tunnel_through_iap: bool = False
+    gcloud: str = "gcloud"
+
+
+def _gcloud_scope(t: TpuTarget) -> list[str]:
+    out = []
+    if t.zone:
+        out.append(f"--zone={t.zone}")
+    if t.project:
+        out.append(f"--project={t.project}")
+    return out
+
+
+def gcloud_ssh_argv(target: TpuTarget, remote_command: str) -> list[str]:
+    """``gcloud compute tpus tpu-vm ssh [USER@]NAME --worker=i --command=...`` for one
+    worker, with the key and the connection options asked for."""
+    dest = f"{target.user}@{target.name}" if target.user else target.name
+    argv = [target.gcloud, "compute", "tpus", "tpu-vm", "ssh", dest, f"--worker={target.worker}"]
+    argv += _gcloud_scope(target)
+    if target.ssh_key_file:
+        argv.append(f"--ssh-key-file={target.ssh_key_file}")
+    if target.internal_ip:
+        argv.append("--internal-ip")
+    if target.tunnel_through_iap:
+        argv.append("--tunnel-through-iap")
+    argv += ["--strict-host-key-checking=yes", "--quiet", f"--command={remote_command}"]
+    return argv
+
+
+def gcloud_describe_argv(
+    name: str, zone: str | None, project: str | None, gcloud: str = "gcloud"
+) -> list[str]:
+    """``gcloud compute tpus tpu-vm describe NAME --format=json``: its workers are its
+    ``networkEndpoints``."""
+    scope = _gcloud_scope(TpuTarget(name, 0, zone, project))
+    return [gcloud, "compute", "tpus", "tpu-vm", "describe", name, *scope, "--format=json"]

@@ -1,0 +1,826 @@
+"""Run a plan's tasks on SSH hosts (``cluster=hosts``) or TPU VM workers (``cluster=tpu_vm``).
+
+The same job commands, task identity, markers and ``status/logs/retry/wait/cancel`` as the
+local and SLURM launchers; only the way a command reaches a machine differs (``ssh`` or
+``gcloud compute tpus tpu-vm ssh --worker=i``, ``launchers.hosts.commands``).
+
+- Each task process runs on its host detached, in its own session (``setsid nohup sh -c``):
+  it writes its pid (its process group) and, as it ends, its exit code to files in the
+  run dir (``RunPaths.remote_proc``, one pair per attempt); killing this launcher leaves
+  it running, and ``status``/``cancel`` find it again from the attempt record.
+- Array stages: tasks go to free slots as slots free up (a fast host takes more). A task
+  whose host fails (ssh 255 or a timeout while starting or probing, its process gone
+  without an exit code) or that exits non-zero runs again on another host, at most
+  ``cluster.multihost.max_task_retries`` times; a host that fails
+  ``host_failures_to_drop`` times (host failures, not the task's own exit codes) leaves
+  the pool with a warning. ``fail_fast`` stops every task at the first failure.
+- Distributed stages: one rank per slot across hosts; the rendezvous is the first
+  placement's host address at a port chosen once per run (recorded in the attempt
+  record), given as MASTER_ADDR/MASTER_PORT with RANK/WORLD_SIZE (``lib.runtime``).
+- The run dir must be a path every host sees at the same place (a shared home, NFS):
+  tasks write outputs, markers, logs and their pid/exit files there.
+- ``--dry-run`` prints every command it would run, in full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from launchers.base import (
+    FAILED,
+    PENDING,
+    RUNNING,
+    Launcher,
+    LaunchResult,
+    SchedulerView,
+    read_attempt,
+    write_attempt,
+)
+from launchers.hosts.commands import (
+    RemoteTask,
+    SshTarget,
+    TpuTarget,
+    gcloud_describe_argv,
+    gcloud_ssh_argv,
+    kill_command,
+    probe_command,
+    ssh_argv,
+    start_command,
+)
+from lib.config.redact import refuse_secret_literals, task_env
+from lib.core.errors import ConfigError
+from lib.core.markers import check_marker
+from lib.core.paths import RunPaths
+from lib.core.repo import REPO_ROOT
+from lib.core.sharding import compress_indices
+from lib.plan.spec import DISTRIBUTED, Plan, StageSpec, completed_tasks
+from lib.remote.errors import HostKeyError, RemoteError
+from lib.runtime.environment import PORT_BASE, PORT_SPAN
+from lib.runtime.identity import TaskIdentity, identity_env
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SSH_FAILED = 255  # ssh's own failure (cannot connect, host key refused), not the command's
+
+
+@dataclass
+class Worker:
+    """A machine tasks run on: one SSH host, or one worker of a TPU VM."""
+
+    index: int
+    label: str
+    address: str  # for the rendezvous of distributed stages
+    slots: int
+    env: dict[str, str]
+    argv: Callable[[str], list[str]]  # remote command -> the local argv that runs it
+    failures: int = 0
+    dropped: bool = False
+
+
+@dataclass
+class _Unit:
+    """One attempt of a task: its processes (one per rank) and where they run."""
+
+    task: int
+    attempt: int
+    tries: int  # attempts of this task in this launch, this one included
+    placements: list[tuple[Worker, int]]  # (worker, rank)
+    avoid: set[int] = field(default_factory=set)  # workers that failed this task
+    started: float = field(default_factory=time.time)
+    start_future: Future | None = None
+    log_offsets: dict[int, int] = field(default_factory=dict)
+
+    def workers(self) -> list[Worker]:
+        seen: dict[int, Worker] = {}
+        for w, _ in self.placements:
+            seen.setdefault(w.index, w)
+        return list(seen.values())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _key(task: int, rank: int) -> str:
+    return f"t{task}r{rank}"
+
+
+class HostsLauncher(Launcher):
+    name = "hosts"
+
+    def __init__(self, cfg, *, echo: bool = True) -> None:
+        super().__init__(cfg)
+        c = cfg.cluster
+        self.mh = c.multihost
+        refuse_secret_literals(c, self.name)
+        if list(c.get("pass_env") or []):
+            raise ConfigError(
+                f"cluster.pass_env is not supported by cluster={self.name}: a value would have "
+                "to travel on the remote command line; put `export NAME=...` in a file only you "
+                "can read on every host and set cluster.env_file=FILE (the tasks source it)"
+            )
+        if str(self.mh.code_sync) != "none":
+            raise ConfigError(
+                f"cluster.multihost.code_sync={self.mh.code_sync} is not implemented yet; use "
+                "code_sync=none with the code at cluster.multihost.workdir on every host"
+            )
+        self.workdir = str(self.mh.workdir or REPO_ROOT)
+        self.python = str(c.python or sys.executable)
+        self.echo = echo
+        self._workers: list[Worker] | None = None
+        self._signals = 0
+        self._lock = threading.Lock()
+
+    # -- machines -----------------------------------------------------------------------
+
+    def make_workers(self) -> list[Worker]:
+        hosts = list(self.cfg.cluster.hosts or [])
+        if not hosts:
+            raise ConfigError(
+                "cluster=hosts needs cluster.hosts: a list of {address, port, user, key_file, "
+                "slots, env}, e.g. cluster.hosts='[{address: 10.0.0.2, slots: 2}]'"
+            )
+        out = []
+        for i, h in enumerate(hosts):
+            if str(h.address) in ("", "???"):
+                raise ConfigError(f"cluster.hosts[{i}] has no address")
+            target = SshTarget(
+                address=str(h.address),
+                port=int(h.port),
+                user=h.user or self.mh.user,
+                key_file=os.path.expanduser(str(h.key_file or self.mh.key_file))
+                if (h.key_file or self.mh.key_file)
+                else None,
+                agent=bool(h.agent),
+                known_hosts=os.path.expanduser(str(h.known_hosts or self.mh.known_hosts)),
+                connect_timeout_s=int(self.mh.connect_timeout_s),
+            )
+            label = str(h.name or (h.address if int(h.port) == 22 else f"{h.address}:{h.port}"))
+            out.append(
+                Worker(
+                    i,
+                    label,
+                    str(h.address),
+                    int(h.slots),
+                    {str(k): str(v) for k, v in (h.env or {}).items()},
+                    lambda cmd, t=target: ssh_argv(t, cmd),
+                )
+            )
+        return out
+
+    def workers(self) -> list[Worker]:
+        if self._workers is None:
+            self._workers = self.make_workers()
+        return self._workers
+
+    def _run(self, w: Worker, command: str, timeout: float | None = None) -> tuple[int, str, str]:
+        argv = w.argv(command)
+        try:
+            p = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout or float(self.mh.command_timeout_s),
+            )
+        except subprocess.TimeoutExpired:
+            return SSH_FAILED, "", f"no answer within {timeout or self.mh.command_timeout_s} s"
+        except FileNotFoundError as exc:
+            raise ConfigError(f"cannot run {argv[0]!r}: {exc}; is it installed?") from None
+        return p.returncode, p.stdout, p.stderr
+
+    def _host_key_error(self, w: Worker, stderr: str) -> HostKeyError | None:
+        if "Host key verification failed" not in stderr and "HOST IDENTIFICATION" not in stderr:
+            return None
+        fp = next((ln.strip() for ln in stderr.splitlines() if "SHA256:" in ln), "")
+        changed = "HOST IDENTIFICATION HAS CHANGED" in stderr
+        what = "presented a host key that differs from" if changed else "is not in"
+        return HostKeyError(
+            f"host {w.label}: refused: its key {what} known_hosts"
+            + (f" (it offered {fp})" if fp else "")
+            + "; if the host was reinstalled, check the fingerprint with its admin, then "
+            f"replace its line (ssh-keygen -R, then ssh-keyscan {w.address} >> known_hosts)"
+        )
+
+    def _pool(self, fn, items):
+        with ThreadPoolExecutor(max(1, min(len(items), int(self.mh.max_concurrent_starts)))) as ex:
+            return list(ex.map(fn, items))
+
+    def preflight(self) -> list[Worker]:
+        """Reach every worker once (in parallel); a refused host key is an error, an
+        unreachable worker leaves the pool with a warning. Returns the usable ones."""
+        ws = self.workers()
+        results = self._pool(lambda w: self._run(w, "echo ok"), ws)
+        for w, (rc, out, err) in zip(ws, results, strict=True):
+            key_error = self._host_key_error(w, err)
+            if key_error:
+                raise key_error
+            if rc != 0 or "ok" not in out:
+                w.dropped = True
+                self._say(
+                    f"WARNING: host {w.label} does not answer (exit {rc}: "
+                    f"{err.strip()[-300:] or 'no output'}); left out of the pool"
+                )
+        alive = [w for w in ws if not w.dropped]
+        if not alive:
+            raise RemoteError("no host answers; try one by hand: " + shlex.join(ws[0].argv("true")))
+        return alive
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _remote_task(
+        self, paths: RunPaths, spec: StageSpec, unit: _Unit, w: Worker, rank: int, env: dict
+    ) -> RemoteTask:
+        world = len(unit.placements)
+        local = paths.storage.local_file
+        identity = TaskIdentity(paths.root, spec.name, unit.task, spec.num_tasks, rank, world)
+        full_env = {
+            **env,
+            **w.env,
+            **identity_env(identity, self.name),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": self.workdir,
+            "EMBEDFLEET_HOST": w.label,
+        }
+        if world > 1:
+            first = unit.placements[0][0]
+            full_env.update(MASTER_ADDR=first.address, MASTER_PORT=str(self._port))
+        log_rank = rank if spec.kind == DISTRIBUTED else None
+        return RemoteTask(
+            argv=tuple(spec.command(self.python, paths.root)),
+            workdir=self.workdir,
+            log_file=str(local(RunPaths.log(spec.stage_dir, unit.task, log_rank))),
+            pid_file=str(
+                local(paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "pid"))
+            ),
+            exit_file=str(
+                local(paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "exit"))
+            ),
+            env=full_env,
+            setup=tuple(str(s) for s in self.mh.setup),
+            env_file=self._env.env_file,
+            clear_accelerator=self.clear_accelerator,
+        )
+
+    clear_accelerator = False
+
+    def _start_commands(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> dict[int, str]:
+        by_worker: dict[int, list[RemoteTask]] = {}
+        for w, rank in unit.placements:
+            by_worker.setdefault(w.index, []).append(
+                self._remote_task(paths, spec, unit, w, rank, self._env.plain)
+            )
+        return {i: start_command(ts) for i, ts in by_worker.items()}
+
+    # -- the stage loop -----------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        with self._lock:
+            print(text, flush=True)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals += 1
+
+    @contextlib.contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        self._signals = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        saved = {
+            s: signal.signal(s, self._on_signal)
+            for s in STOP_SIGNALS
+            if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)
+        }
+        try:
+            yield
+        finally:
+            for s, h in saved.items():
+                signal.signal(s, h)
+
+    def _record(self, paths: RunPaths, spec: StageSpec, unit: _Unit, **fields) -> None:
+        write_attempt(paths, spec, unit.task, **fields)
+
+    def _begin(self, paths: RunPaths, spec: StageSpec, unit: _Unit, ex: ThreadPoolExecutor):
+        prev = read_attempt(paths, spec, unit.task) or {}
+        unit.attempt = int(prev.get("attempt") or 0) + 1
+        commands = self._start_commands(paths, spec, unit)
+        self._record(
+            paths,
+            spec,
+            unit,
+            launcher=self.name,
+            launcher_host=socket.gethostname(),
+            launcher_pid=os.getpid(),
+            attempt=unit.attempt,
+            placements=[
+                {"worker": w.index, "host": w.label, "rank": r} for w, r in unit.placements
+            ],
+            host=", ".join(w.label for w in unit.workers()),
+            master_port=self._port if len(unit.placements) > 1 else None,
+            started=time.time(),
+            ended=None,
+            returncode=None,
+            interrupted=None,
+            command=shlex.join(spec.command(self.python, paths.root)),
+        )
+        for _w, rank in unit.placements:
+            log = paths.storage.local_file(
+                RunPaths.log(spec.stage_dir, unit.task, rank if spec.kind == DISTRIBUTED else None)
+            )
+            unit.log_offsets[rank] = log.stat().st_size if log.exists() else 0
+        workers = {w.index: w for w in unit.workers()}
+
+        def start() -> list[tuple[Worker, int, str]]:
+            return [(workers[i], *self._run(workers[i], cmd)[::2]) for i, cmd in commands.items()]
+
+        unit.start_future = ex.submit(start)
+
+    def _place(self, ws: list[Worker], busy: dict[int, int], world: int, avoid: set[int]):
+        """``world`` free slots, preferring workers not in ``avoid``; None if not enough."""
+        for allowed in (lambda w: w.index not in avoid, lambda w: True):
+            out = []
+            for w in ws:
+                if w.dropped or not allowed(w):
+                    continue
+                free = w.slots - busy.get(w.index, 0)
+                for _ in range(max(0, free)):
+                    if len(out) < world:
+                        out.append(w)
+            if len(out) == world:
+                return out
+        return None
+
+    def _host_failed(self, w: Worker, why: str) -> None:
+        w.failures += 1
+        if w.failures >= int(self.mh.host_failures_to_drop) and not w.dropped:
+            w.dropped = True
+            self._say(
+                f"WARNING: host {w.label} failed {w.failures} times ({why}); taken out of the pool"
+            )
+
+    def _kill_unit(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> None:
+        files: dict[int, list[str]] = {}
+        for w, rank in unit.placements:
+            pf = paths.storage.local_file(
+                paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "pid")
+            )
+            files.setdefault(w.index, []).append(str(pf))
+        ws = {w.index: w for w in unit.workers()}
+        self._pool(lambda i: self._run(ws[i], kill_command(files[i]), timeout=30), list(files))
+
+    def _probe(self, paths: RunPaths, spec: StageSpec, units: list[_Unit]):
+        """(worker index -> {key: (state, code)}) or None for a worker that did not answer."""
+        entries: dict[int, list[tuple[str, str, str]]] = {}
+        ws: dict[int, Worker] = {}
+        for u in units:
+            for w, rank in u.placements:
+                ws[w.index] = w
+                proc = lambda kind, u=u, rank=rank: str(  # noqa: E731
+                    paths.storage.local_file(
+                        paths.remote_proc(spec.stage_dir, u.task, rank, u.attempt, kind)
+                    )
+                )
+                entries.setdefault(w.index, []).append(
+                    (_key(u.task, rank), proc("pid"), proc("exit"))
+                )
+        idx = list(entries)
+        results = self._pool(lambda i: self._run(ws[i], probe_command(entries[i])), idx)
+        out: dict[int, dict[str, tuple[str, int | None]] | None] = {}
+        for i, (rc, stdout, _err) in zip(idx, results, strict=True):
+            if rc != 0:
+                out[i] = None
+                continue
+            states = {}
+            for line in stdout.splitlines():
+                parts = line.split()
+                if len(parts) >= 2:
+                    code = int(parts[2]) if parts[1] == "exit" and len(parts) > 2 else None
+                    states[parts[0]] = (parts[1], code)
+            out[i] = states
+        return out
+
+    def _echo_logs(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> None:
+        if not (self.echo and self.attach):
+            return
+        for w, rank in unit.placements:
+            log = paths.storage.local_file(
+                RunPaths.log(spec.stage_dir, unit.task, rank if spec.kind == DISTRIBUTED else None)
+            )
+            if not log.exists():
+                continue
+            with open(log, "rb") as fh:
+                fh.seek(unit.log_offsets.get(rank, 0))
+                data = fh.read()
+            cut = data.rfind(b"\n") + 1
+            unit.log_offsets[rank] = unit.log_offsets.get(rank, 0) + cut
+            r = f" r{rank}" if len(unit.placements) > 1 else ""
+            for line in data[:cut].decode(errors="replace").splitlines():
+                self._say(f"[{w.label} {spec.name} {unit.task}{r}] {line.rsplit(chr(13), 1)[-1]}")
+
+    def _run_stage(self, paths: RunPaths, spec: StageSpec, pending: list[int]) -> list[int]:
+        ws = [w for w in self.workers() if not w.dropped]
+        world = spec.world_size if spec.kind == DISTRIBUTED else 1
+        total = sum(w.slots for w in ws)
+        if world > total:
+            raise ConfigError(
+                f"{spec.name} runs {world} ranks, one per slot, but the hosts have {total} "
+                f"slot(s) ({', '.join(f'{w.label}: {w.slots}' for w in ws)}); add hosts or "
+                "slots (cluster.hosts[i].slots) or lower the stage's world size"
+            )
+        queue: list[tuple[int, int, set[int]]] = [(t, 1, set()) for t in pending]
+        running: list[_Unit] = []
+        busy: dict[int, int] = {}
+        failed: list[int] = []
+        retries = int(self.mh.max_task_retries)
+        stagger = float(self.mh.start_stagger_s)
+        ex = ThreadPoolExecutor(int(self.mh.max_concurrent_starts))
+        last_poll = 0.0
+        try:
+            while queue or running:
+                if self._signals:
+                    self._stop(paths, spec, running)
+                    raise _Interrupted()
+                while queue:
+                    task, tries, avoid = queue[0]
+                    placed = self._place(self.workers(), busy, world, avoid)
+                    if placed is None:
+                        if not any(not w.dropped for w in self.workers()):
+                            raise RemoteError(
+                                f"{spec.name}: every host has left the pool; tasks "
+                                f"{compress_indices(sorted(t for t, _, _ in queue))} did not run"
+                            )
+                        break
+                    queue.pop(0)
+                    ranks = [(w, r) for r, w in enumerate(placed)]
+                    unit = _Unit(task, 0, tries, ranks, avoid)
+                    for w in placed:
+                        busy[w.index] = busy.get(w.index, 0) + 1
+                    self._begin(paths, spec, unit, ex)
+                    running.append(unit)
+                    if stagger:
+                        time.sleep(stagger)
+                time.sleep(min(0.05, float(self.mh.poll_s)))
+                finished: list[tuple[_Unit, str, list[Worker]]] = []  # (unit, why, bad hosts)
+                for u in running:
+                    f = u.start_future
+                    if f is not None and f.done():
+                        u.start_future = None
+                        for w, rc, err in f.result():
+                            if rc != 0:
+                                key_error = self._host_key_error(w, err)
+                                if key_error:
+                                    raise key_error
+                                why = f"could not start on {w.label} (exit {rc}: {err.strip()[-200:]})"
+                                finished.append((u, why, [w] if rc == SSH_FAILED else []))
+                                break
+                if time.time() - last_poll >= float(self.mh.poll_s):
+                    last_poll = time.time()
+                    started = [
+                        u
+                        for u in running
+                        if u.start_future is None and u not in [x[0] for x in finished]
+                    ]
+                    states = self._probe(paths, spec, started) if started else {}
+                    for u in started:
+                        self._echo_logs(paths, spec, u)
+                        outcome = self._outcome(u, states)
+                        if outcome is not None:
+                            finished.append((u, *outcome))
+                for u, why, bad in finished:
+                    running.remove(u)
+                    for w in u.workers():
+                        busy[w.index] -= sum(1 for x, _ in u.placements if x.index == w.index)
+                    self._echo_logs(paths, spec, u)
+                    ok = why == "" and check_marker(paths, spec.stage_dir, u.task, spec.config_hash)
+                    if why == "" and not ok:
+                        why = "it exited 0 without a completion marker"
+                    if why and len(u.placements) > 1:
+                        self._kill_unit(paths, spec, u)  # its other ranks would wait forever
+                    code = 0 if ok else 1
+                    self._record(
+                        paths, spec, u, ended=time.time(), returncode=code, reason=why or None
+                    )
+                    if ok:
+                        continue
+                    for w in bad:
+                        self._host_failed(w, why)
+                    log = paths.url(spec.log(u.task))
+                    if self.mh.fail_fast:
+                        self._say(
+                            f"[{spec.name} {u.task}] FAILED ({why}); log: {log}; fail_fast: stopping"
+                        )
+                        self._stop(paths, spec, running)
+                        return sorted({*failed, u.task, *(t for t, _, _ in queue)})
+                    if u.tries <= retries:
+                        avoid = u.avoid | {w.index for w, _ in u.placements}
+                        self._say(
+                            f"[{spec.name} {u.task}] failed on {', '.join(w.label for w in u.workers())} "
+                            f"({why}); retry {u.tries} of {retries} on another host"
+                        )
+                        queue.insert(0, (u.task, u.tries + 1, avoid))
+                    else:
+                        failed.append(u.task)
+                        self._say(f"[{spec.name} {u.task}] FAILED ({why}); log: {log}")
+        finally:
+            ex.shutdown(wait=True)
+        return sorted(failed)
+
+    def _outcome(self, u: _Unit, states) -> tuple[str, list[Worker]] | None:
+        """None while the unit runs; else (why it failed or "", hosts to blame)."""
+        codes = []
+        for w, rank in u.placements:
+            host_states = states.get(w.index)
+            if host_states is None:
+                return f"host {w.label} does not answer", [w]
+            state, code = host_states.get(_key(u.task, rank), ("starting", None))
+            if state == "vanished":
+                return f"its process on {w.label} is gone without an exit code", [w]
+            if state == "exit" and code not in (0, None):
+                return f"exit code {code} on {w.label}", []
+            codes.append(state == "exit")
+        return ("", []) if all(codes) else None
+
+    def _stop(self, paths: RunPaths, spec: StageSpec, running: list[_Unit]) -> None:
+        for u in running:
+            if u.start_future is not None:
+                with contextlib.suppress(Exception):
+                    u.start_future.result(timeout=float(self.mh.command_timeout_s))
+        self._pool(lambda u: self._kill_unit(paths, spec, u), running) if running else None
+        for u in running:
+            self._record(paths, spec, u, ended=time.time(), returncode=None, interrupted=True)
+        if running:
+            self._say(f"{spec.name}: stopped {len(running)} task(s) on the hosts")
+
+    @property
+    def attach(self) -> bool:
+        return bool(self.mh.attach)
+
+    # -- launch -------------------------------------------------------------------------
+
+    def _require_shared(self, paths: RunPaths) -> None:
+        if "://" in str(paths.root):
+            raise ConfigError(
+                f"cluster={self.name} needs the run dir on a file system every host mounts at "
+                f"the same path (run.root=/shared/...), not {paths.root}: object-store run "
+                "dirs and per-host run dirs are not supported by this launcher yet"
+            )
+
+    def _choose_port(self, paths: RunPaths, plan: Plan) -> int:
+        """The rendezvous port of this run: the one an earlier attempt recorded, else a
+        fresh one (the same for every distributed stage of the run)."""
+        for spec in plan.stages:
+            for t in range(spec.num_tasks):
+                rec = read_attempt(paths, spec, t) or {}
+                if rec.get("master_port"):
+                    return int(rec["master_port"])
+        return PORT_BASE + random.randrange(PORT_SPAN)
+
+    def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
+        self._require_shared(paths)
+        self._env = task_env(
+            self.cfg.cluster, literal_secrets=False, launcher=self.name, check_environ=not dry_run
+        )
+        self._port = self._choose_port(paths, plan)
+        if dry_run:
+            self._dry_run(paths, plan)
+            return LaunchResult(False, False, {})
+        alive = self.preflight()
+        self._say(
+            f"{self.name}: {len(alive)} host(s), {sum(w.slots for w in alive)} slot(s): "
+            + ", ".join(f"{w.label} x{w.slots}" for w in alive)
+        )
+        with self._signals_deferred():
+            try:
+                for spec in plan.stages:
+                    done = completed_tasks(paths, spec)
+                    pending = [t for t in range(spec.num_tasks) if t not in done]
+                    if not pending:
+                        self._say(f"{spec.name}: all {spec.num_tasks} task(s) already complete")
+                        continue
+                    self._say(
+                        f"{spec.name}: running {compress_indices(pending)} of {spec.num_tasks} "
+                        "task(s) on the hosts"
+                    )
+                    t0 = time.time()
+                    bad = self._run_stage(paths, spec, pending)
+                    if bad:
+                        return LaunchResult(False, False, {spec.name: bad})
+                    self._say(f"{spec.name}: done in {time.time() - t0:.1f}s")
+            except _Interrupted:
+                self._say("interrupted: the tasks on the hosts were stopped; rerun to resume")
+                return LaunchResult(False, False, {}, interrupted=1)
+        return LaunchResult(True, False, {})
+
+    def _dry_run(self, paths: RunPaths, plan: Plan) -> None:
+        ws = self.workers()
+        slots = [w for w in ws for _ in range(w.slots)]
+        for spec in plan.stages:
+            done = completed_tasks(paths, spec)
+            pending = [t for t in range(spec.num_tasks) if t not in done]
+            if not pending:
+                self._say(f"{spec.name}: all {spec.num_tasks} task(s) already complete")
+                continue
+            world = spec.world_size if spec.kind == DISTRIBUTED else 1
+            self._say(
+                f"# {spec.name}: tasks {compress_indices(pending)} of {spec.num_tasks}; hosts "
+                "are taken as slots free up (shown: the first placement)"
+            )
+            for n, task in enumerate(pending):
+                placed = [slots[(n * world + r) % len(slots)] for r in range(world)]
+                unit = _Unit(task, 1, 1, [(w, r) for r, w in enumerate(placed)])
+                for i, cmd in self._start_commands(paths, spec, unit).items():
+                    self._say(f"$ {shlex.join(ws[i].argv(cmd))}")
+
+    # -- watching -----------------------------------------------------------------------
+
+    def _live_units(self, paths: RunPaths, plan: Plan):
+        """(spec, unit) of every attempt record of this launcher not marked ended."""
+        ws = {w.index: w for w in self.workers()}
+        out = []
+        for spec in plan.stages:
+            for t in range(spec.num_tasks):
+                rec = read_attempt(paths, spec, t)
+                if not rec or rec.get("launcher") != self.name or not rec.get("attempt"):
+                    continue
+                placements = [
+                    (ws[p["worker"]], int(p["rank"]))
+                    for p in rec.get("placements", [])
+                    if p["worker"] in ws
+                ]
+                if placements:
+                    unit = _Unit(t, int(rec["attempt"]), 0, placements)
+                    out.append((spec, unit, rec))
+        return out
+
+    def scheduler_view(self, paths: RunPaths, plan: Plan) -> SchedulerView:
+        """From the attempt records and one probe per host: running, failed (exit code,
+        the last log lines) or vanished; tasks of an unreachable host say so."""
+        view: SchedulerView = {}
+        units = self._live_units(paths, plan)
+        by_stage: dict[str, list] = {}
+        for spec, unit, rec in units:
+            by_stage.setdefault(spec.name, []).append((spec, unit, rec))
+        for entries in by_stage.values():
+            spec = entries[0][0]
+            probing = [u for _, u, rec in entries if not rec.get("ended")]
+            states = self._probe(paths, spec, probing) if probing else {}
+            for _, u, rec in entries:
+                hosts = ", ".join(w.label for w in u.workers())
+                if rec.get("ended"):
+                    if rec.get("interrupted"):
+                        view[(spec.name, u.task)] = (PENDING, "stopped; rerun to resume")
+                    elif rec.get("returncode"):
+                        view[(spec.name, u.task)] = (
+                            FAILED,
+                            f"{rec.get('reason') or 'failed'}{self._tail(paths, spec, u.task)}",
+                        )
+                    continue
+                outcome = self._outcome(u, states)
+                if outcome is None:
+                    view[(spec.name, u.task)] = (RUNNING, f"on {hosts}")
+                elif outcome[0] == "":
+                    view[(spec.name, u.task)] = (PENDING, f"exited 0 on {hosts} without marker")
+                else:
+                    view[(spec.name, u.task)] = (
+                        FAILED,
+                        f"{outcome[0]}{self._tail(paths, spec, u.task)}",
+                    )
+        return view
+
+    def _tail(self, paths: RunPaths, spec: StageSpec, task: int, n: int = 3) -> str:
+        log = paths.storage.local_file(spec.log(task))
+        if not log.exists():
+            return ""
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-n:]
+        return ("; last log lines: " + " | ".join(lines)) if lines else ""
+
+    def cancel(self, paths: RunPaths, plan: Plan) -> int:
+        """Stop the launcher of this run if it runs here (it would retry what is killed),
+        then kill every recorded task process group on every host."""
+        launchers = set()
+        units = self._live_units(paths, plan)
+        for _, _, rec in units:
+            if rec.get("launcher_host") == socket.gethostname() and rec.get("launcher_pid"):
+                launchers.add(int(rec["launcher_pid"]))
+        for pid in launchers - {os.getpid()}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        files: dict[int, list[str]] = {}
+        ws: dict[int, Worker] = {}
+        for spec, u, _rec in units:
+            for w, rank in u.placements:
+                ws[w.index] = w
+                files.setdefault(w.index, []).append(
+                    str(
+                        paths.storage.local_file(
+                            paths.remote_proc(spec.stage_dir, u.task, rank, u.attempt, "pid")
+                        )
+                    )
+                )
+        if not files:
+            return 0
+        idx = list(files)
+        results = self._pool(lambda i: self._run(ws[i], kill_command(files[i]), timeout=60), idx)
+        count = 0
+        for i, (rc, out, err) in zip(idx, results, strict=True):
+            if rc != 0:
+                self._say(f"WARNING: cannot reach {ws[i].label} to stop its tasks: {err.strip()}")
+                continue
+            with contextlib.suppress(ValueError):
+                count += int(out.strip().splitlines()[-1])
+        return count
+
+
+class TpuVmLauncher(HostsLauncher):
+    """TPU VM workers: every remote call is ``gcloud compute tpus tpu-vm ssh NAME
+    --worker=i --command=...``, one process per worker; the workers of each TPU are read
+    with ``gcloud compute tpus tpu-vm describe``; stale accelerator holders are cleared
+    before each task (``cluster.tpu_vm.clear_accelerator_holders``)."""
+
+    name = "tpu_vm"
+
+    def __init__(self, cfg, *, echo: bool = True) -> None:
+        super().__init__(cfg, echo=echo)
+        self.tpu = cfg.cluster.tpu_vm
+        self.clear_accelerator = bool(self.tpu.clear_accelerator_holders)
+
+    def _names(self) -> list[str]:
+        names = [str(n) for n in (self.tpu.names or [])] or (
+            [str(self.tpu.name)] if self.tpu.name else []
+        )
+        if not names:
+            raise ConfigError(
+                "cluster=tpu_vm needs cluster.tpu_vm.name=NAME (or names=[A,B] for several "
+                "slices), with cluster.tpu_vm.zone and project"
+            )
+        return names
+
+    def describe(self, name: str) -> list[str]:
+        """The worker addresses of TPU ``name`` (its networkEndpoints, in worker order)."""
+        argv = gcloud_describe_argv(name, self.tpu.zone, self.tpu.project, str(self.tpu.gcloud))
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            raise ConfigError(f"cannot run {argv[0]!r}: install the Google Cloud CLI") from None
+        if p.returncode != 0:
+            raise RemoteError(
+                f"TPU {name}: `{shlex.join(argv)}` failed (exit {p.returncode}): "
+                f"{p.stderr.strip()[-500:]}"
+            )
+        try:
+            node = json.loads(p.stdout)
+        except json.JSONDecodeError as exc:
+            raise RemoteError(f"TPU {name}: describe did not print JSON ({exc})") from None
+        state = node.get("state")
+        if state and state != "READY":
+            raise RemoteError(f"TPU {name} is {state}, not READY; wait for it or recreate it")
+        eps = node.get("networkEndpoints") or []
+        return [str(e.get("ipAddress", "")) for e in eps]
+
+    def make_workers(self) -> list[Worker]:
+        out = []
+        for name in self._names():
+            if self.tpu.workers:
+                addrs = [""] * int(self.tpu.workers)
+            else:
+                addrs = self.describe(name)
+            if not addrs:
+                raise RemoteError(f"TPU {name} has no workers (networkEndpoints is empty)")
+            for i, addr in enumerate(addrs):
+                t = TpuTarget(
+                    name=name,
+                    worker=i,
+                    zone=self.tpu.zone,
+                    project=self.tpu.project,
+                    user=self.tpu.user,
+                    ssh_key_file=os.path.expanduser(str(self.tpu.ssh_key_file))
+                    if self.tpu.ssh_key_file
+                    else None,
+                    internal_ip=bool(self.tpu.internal_ip),
+                    tunnel_through_iap=bool(self.tpu.tunnel_through_iap),
+                    gcloud=str(self.tpu.gcloud),
+                )
+                out.append(
+                    Worker(
+                        len(out),
+                        f"{name}/w{i}",
+                        addr or f"{name}-w{i}",
+                        1,
+                        {},
+                        lambda cmd, t=t: gcloud_ssh_argv(t, cmd),
+                    )
+                )
+        return out
