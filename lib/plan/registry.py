@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "curate": "lib.curate",
     "metrics": "lib.metrics",
     "index": "lib.index",
+    "report": "lib.report",
 }
 
 
