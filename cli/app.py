@@ -5,6 +5,7 @@
     python launch.py status|wait|retry|cancel|verify RUN_DIR
     python launch.py logs RUN_DIR STAGE TASK [--rank R] [--tail N]
     python launch.py search RUN_DIR "some text" [-k 10] [--json] [--row N] [--file F]
+    python launch.py report RUN_DIR [--max-points N] [--umap]
 
 ``python launch.py --help`` lists the config groups; README.md tours the config. Without
 arguments it prints the usage and the experiments (exit 2) instead of starting a run; a
@@ -20,7 +21,7 @@ import shlex
 import sys
 import time
 
-SUBCOMMANDS = ("status", "wait", "logs", "retry", "cancel", "verify", "search")
+SUBCOMMANDS = ("status", "wait", "logs", "retry", "cancel", "verify", "search", "report")
 # `python launch.py STAGE [KEY=VALUE ...]` runs that stage only: stages=[STAGE].
 STAGE_SHORTHANDS = ("sync",)
 HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info"}
@@ -35,6 +36,7 @@ USAGE = """usage:
   python launch.py status|wait|retry|cancel|verify RUN_DIR
   python launch.py logs RUN_DIR STAGE TASK [--rank R] [--tail N]
   python launch.py search RUN_DIR "some text" [-k 10] [--json] [--row N] [--file F]
+  python launch.py report RUN_DIR [--max-points N] [--umap]   the run's HTML report page
   python launch.py --help                                config groups and options
   python launch.py COMMAND --help                        one command's options"""
 

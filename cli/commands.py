@@ -1,5 +1,5 @@
-"""``launch.py status|wait|logs|retry|cancel|verify|search RUN_DIR``: watch and steer a run
-(``search``: ``cli.search``).
+"""``launch.py status|wait|logs|retry|cancel|verify|search|report RUN_DIR``: watch and steer a
+run (``search``: ``cli.search``; ``report``: ``cli.report``).
 
 Exit codes: 0 done; 1 a task failed, or the command failed (its message on stderr); 2 bad
 arguments (argparse); ``status`` exits 3 while tasks are still running or pending and
@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from cli.report import add_report_parser
 from cli.run import resolve_run
 from cli.search import add_search_parser
 from cli.status import collect_status, exit_code, render_status
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help=RUN_HELP)
     s.set_defaults(fn=cmd_verify)
     add_search_parser(add, RUN_HELP)
+    add_report_parser(add, RUN_HELP)
     return p
 
 

@@ -171,18 +171,15 @@ class Level:
     examples: list[dict] = field(default_factory=list)  # metrics/level{L}/examples.json
 
 
-def kmeans_levels(paths: RunPaths, plan: Plan) -> list[Level]:
+def kmeans_levels(paths: RunPaths, max_levels: int = 64) -> list[Level]:
     """Each finished k-means level's assignment of every merged row (level L composes
-    level L-1's), with the level's metrics when the metrics stage ran."""
+    level L-1's), with the level's metrics when the metrics stage ran. Levels are found
+    by their ``final.json`` (1, 2, ... up to the first missing), not by the plan, so a
+    report launched alone still sees them."""
     storage = paths.storage
-    levels = sorted(
-        int(s.name.removeprefix("kmeans_level"))
-        for s in plan.stages
-        if s.group == "kmeans" and s.name.startswith("kmeans_level")
-    )
     out: list[Level] = []
     per_row: np.ndarray | None = None
-    for level in levels:
+    for level in range(1, max_levels + 1):
         final = storage.read_json(paths.kmeans_final(level))
         if final is None:
             break

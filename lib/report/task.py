@@ -339,7 +339,7 @@ def heatmap_block(page: Page, s: Section, inp: Inputs, moments) -> None:
 
 
 def clustering_section(page: Page, inp: Inputs) -> None:
-    inp.levels = collect.kmeans_levels(inp.paths, inp.plan) if inp.rows is not None else []
+    inp.levels = collect.kmeans_levels(inp.paths) if inp.rows is not None else []
     if not inp.levels:
         return
     s = Section("clustering", "Clustering")
