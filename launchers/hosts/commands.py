@@ -65,8 +65,12 @@ def task_script(task: RemoteTask) -> str:
     lines = [
         f"echo $$ > {q(task.pid_file + '.tmp')} && mv -f {q(task.pid_file + '.tmp')} "
         f"{q(task.pid_file)}",
-        f"trap 'c=$?; echo $c > {q(task.exit_file + '.tmp')}; "
-        f"mv -f {q(task.exit_file + '.tmp')} {q(task.exit_file)}' EXIT",
+        "trap "
+        + q(
+            f"c=$?; echo $c > {q(task.exit_file + '.tmp')}; "
+            f"mv -f {q(task.exit_file + '.tmp')} {q(task.exit_file)}"
+        )
+        + " EXIT",
         "set -e",
         f"cd {q(task.workdir)}",
     ]
@@ -126,11 +130,11 @@ def kill_command(pid_files: Sequence[str], grace_s: int = 5) -> str:
     files = " ".join(q(f) for f in pid_files)
     return (
         f'n=0; for f in {files}; do [ -s "$f" ] || continue; p=$(cat "$f"); '
-        'kill -TERM -- "-$p" 2>/dev/null && n=$((n+1)); done; '
+        'kill -s TERM -- "-$p" 2>/dev/null && n=$((n+1)); done; '
         f"i=0; while [ $i -lt {int(grace_s) * 10} ]; do left=0; for f in {files}; do "
-        '[ -s "$f" ] && kill -0 -- "-$(cat "$f")" 2>/dev/null && left=1; done; '
+        '[ -s "$f" ] && kill -s 0 -- "-$(cat "$f")" 2>/dev/null && left=1; done; '
         "[ $left = 0 ] && break; sleep 0.1; i=$((i+1)); done; "
-        f'for f in {files}; do [ -s "$f" ] && kill -KILL -- "-$(cat "$f")" 2>/dev/null; done; '
+        f'for f in {files}; do [ -s "$f" ] && kill -s KILL -- "-$(cat "$f")" 2>/dev/null; done; '
         "echo $n"
     )
 

@@ -1,0 +1,172 @@
+"""The multi-host launchers' pure command builders: golden files (ssh and gcloud argv, the
+remote start/probe/kill commands) and hostile values read back by a real POSIX shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launchers.hosts.commands import (
+    RemoteTask,
+    SshTarget,
+    TpuTarget,
+    gcloud_describe_argv,
+    gcloud_ssh_argv,
+    kill_command,
+    probe_command,
+    ssh_argv,
+    start_command,
+    task_script,
+)
+from tests.unit.launchers.test_slurm_render import check_golden
+
+# Shell-hostile values: spaces, both quotes, command substitution, backticks, newlines,
+# a glob and a variable.
+HOSTILE = "a b'c\"d $(touch PWNED) `touch PWNED2` $HOME\nline2 *"
+
+
+def _task(tmp, argv, env=None, setup=(), **kw) -> RemoteTask:
+    return RemoteTask(
+        argv=tuple(argv),
+        workdir=str(tmp),
+        log_file=f"{tmp}/logs dir/task 0.log",
+        pid_file=f"{tmp}/att $(x)/t.pid",
+        exit_file=f"{tmp}/att $(x)/t.exit",
+        env=env or {},
+        setup=tuple(setup),
+        **kw,
+    )
+
+
+def _golden_task() -> RemoteTask:
+    return RemoteTask(
+        argv=("/opt/py", "-m", "jobs.embed", "--run-dir", f"/runs/{HOSTILE}", "--stage", "embed"),
+        workdir="/srv/code dir",
+        log_file="/runs/r/embed/logs/task_00003.log",
+        pid_file="/runs/r/embed/attempts/task_00003.rank0.a2.pid",
+        exit_file="/runs/r/embed/attempts/task_00003.rank0.a2.exit",
+        env={"EMBEDFLEET_TASK_INDEX": "3", "CUDA_VISIBLE_DEVICES": "0", "NOTE": HOSTILE},
+        setup=(". /srv/venv/bin/activate", "module load cuda || true"),
+        env_file="/home/u/secrets env.sh",
+    )
+
+
+def test_remote_commands_golden():
+    t = _golden_task()
+    text = "\n".join(
+        [
+            "# task_script",
+            task_script(t),
+            "# start_command",
+            start_command([t]),
+            "# probe_command",
+            probe_command([("t3r0", t.pid_file, t.exit_file)]),
+            "# kill_command",
+            kill_command([t.pid_file, "/runs/x y/p"]),
+            "# clear_accelerator",
+            task_script(RemoteTask(("python",), "/w", "/l", "/p", "/e", clear_accelerator=True)),
+        ]
+    )
+    check_golden("hosts_remote.txt", text + "\n")
+
+
+def test_local_argv_golden():
+    ssh = SshTarget("10.0.0.2", 2222, "me", "/k/id key", False, "/kh/known hosts", 5)
+    tpu = TpuTarget("v4-32", 3, "us-central2-b", "proj", "me", "/k/id", True, True)
+    lines = [
+        shlex.join(ssh_argv(ssh, "echo " + shlex.quote(HOSTILE))),
+        shlex.join(ssh_argv(SshTarget("h", agent=True), "true")),
+        shlex.join(gcloud_ssh_argv(tpu, "echo " + shlex.quote(HOSTILE))),
+        shlex.join(gcloud_ssh_argv(TpuTarget("t", 0), "true")),
+        shlex.join(gcloud_describe_argv("v4-32", "us-central2-b", "proj")),
+    ]
+    check_golden("hosts_argv.txt", "\n".join(lines) + "\n")
+
+
+def test_ssh_argv_checks_host_keys_and_ends_with_the_command():
+    argv = ssh_argv(SshTarget("h", known_hosts="/kh"), "the command")
+    assert "StrictHostKeyChecking=yes" in argv and "UserKnownHostsFile=/kh" in argv
+    assert "StrictHostKeyChecking=no" not in argv and "accept-new" not in " ".join(argv)
+    assert argv[-3:] == ["--", "h", "the command"]
+
+
+def test_gcloud_argv_is_one_worker_never_all():
+    argv = gcloud_ssh_argv(TpuTarget("t", 5), "cmd")
+    assert "--worker=5" in argv and "--worker=all" not in argv
+    assert argv[-1] == "--command=cmd"
+
+
+def test_bad_env_name_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a shell name"):
+        task_script(_task(tmp_path, ["true"], env={"A;rm -rf /": "x"}))
+    with pytest.raises(ValueError, match="plain token"):
+        probe_command([("t 1; reboot", "/p", "/e")])
+
+
+def _sh(command: str, cwd) -> subprocess.CompletedProcess:
+    # What the host's login shell does with the remote command ssh hands it.
+    return subprocess.run(
+        ["sh", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_hostile_values_reach_the_task_as_intended(tmp_path):
+    """Started through the real ``sh`` as ssh would: the job sees exactly its argv and
+    env, nothing is executed from a value, and the pid/exit files and log appear."""
+    out = tmp_path / f"out {HOSTILE[:5]}.json"
+    code = (
+        "import json, os, sys; json.dump({'argv': sys.argv[1:], 'note': os.environ['NOTE'], "
+        "'setup': os.environ.get('FROM_SETUP')}, open(sys.argv[1], 'w'))"
+    )
+    argv = [sys.executable, "-c", code, str(out), HOSTILE, "--x=$(id)", "", "\n"]
+    setup = ["FROM_SETUP=\"$(echo set up)\"; export FROM_SETUP"]
+    t = _task(tmp_path, argv, env={"NOTE": HOSTILE}, setup=setup)
+    proc = _sh(start_command([t]), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "started"
+    deadline = time.time() + 30
+    while not os.path.exists(t.exit_file) and time.time() < deadline:
+        time.sleep(0.05)
+    assert open(t.exit_file).read().strip() == "0", open(t.log_file).read()
+    got = json.loads(out.read_text())
+    assert got == {"argv": [str(out), HOSTILE, "--x=$(id)", "", "\n"], "note": HOSTILE,
+                   "setup": "set up"}
+    assert not list(tmp_path.glob("PWNED*")) and not list(tmp_path.parent.glob("PWNED*"))
+    probe = _sh(probe_command([("t0r0", t.pid_file, t.exit_file)]), tmp_path)
+    assert probe.stdout.split() == ["t0r0", "exit", "0"]
+
+
+def test_probe_and_kill_a_running_task(tmp_path):
+    t = _task(tmp_path, ["sleep", "60"], setup=["sleep 60 &"])
+    assert _sh(start_command([t]), tmp_path).returncode == 0
+    key = [("t0r0", t.pid_file, t.exit_file)]
+    deadline = time.time() + 20
+    while _sh(probe_command(key), tmp_path).stdout.split()[1:] != ["running"]:
+        assert time.time() < deadline, "the task never showed as running"
+        time.sleep(0.05)
+    pgid = int(open(t.pid_file).read())
+    assert os.getpgid(pgid) == pgid  # its own process group (setsid)
+    killed = _sh(kill_command([t.pid_file, f"{tmp_path}/missing pid"], grace_s=5), tmp_path)
+    assert killed.stdout.strip() == "1"
+    deadline = time.time() + 10
+    while subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).stdout.strip():
+        assert time.time() < deadline, "processes of the task's group are left"
+        time.sleep(0.05)
+    # Killed by a signal: no exit code, its process gone: "vanished".
+    assert _sh(probe_command(key), tmp_path).stdout.split() == ["t0r0", "vanished"]
+
+
+def test_failing_setup_line_fails_the_task(tmp_path):
+    t = _task(tmp_path, [sys.executable, "-c", "print('ran')"], setup=["false"])
+    assert _sh(start_command([t]), tmp_path).returncode == 0
+    deadline = time.time() + 20
+    while not os.path.exists(t.exit_file) and time.time() < deadline:
+        time.sleep(0.05)
+    assert open(t.exit_file).read().strip() == "1"
+    assert "ran" not in open(t.log_file).read()
