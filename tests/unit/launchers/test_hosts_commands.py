@@ -109,6 +109,11 @@ def test_bad_env_name_refused(tmp_path):
         probe_command([("t 1; reboot", "/p", "/e")])
 
 
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
 def _sh(command: str, cwd) -> subprocess.CompletedProcess:
     # What the host's login shell does with the remote command ssh hands it.
     return subprocess.run(
@@ -125,7 +130,7 @@ def test_hostile_values_reach_the_task_as_intended(tmp_path):
         "'setup': os.environ.get('FROM_SETUP')}, open(sys.argv[1], 'w'))"
     )
     argv = [sys.executable, "-c", code, str(out), HOSTILE, "--x=$(id)", "", "\n"]
-    setup = ["FROM_SETUP=\"$(echo set up)\"; export FROM_SETUP"]
+    setup = ['FROM_SETUP="$(echo set up)"; export FROM_SETUP']
     t = _task(tmp_path, argv, env={"NOTE": HOSTILE}, setup=setup)
     proc = _sh(start_command([t]), tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -133,10 +138,13 @@ def test_hostile_values_reach_the_task_as_intended(tmp_path):
     deadline = time.time() + 30
     while not os.path.exists(t.exit_file) and time.time() < deadline:
         time.sleep(0.05)
-    assert open(t.exit_file).read().strip() == "0", open(t.log_file).read()
+    assert _read(t.exit_file).strip() == "0", _read(t.log_file)
     got = json.loads(out.read_text())
-    assert got == {"argv": [str(out), HOSTILE, "--x=$(id)", "", "\n"], "note": HOSTILE,
-                   "setup": "set up"}
+    assert got == {
+        "argv": [str(out), HOSTILE, "--x=$(id)", "", "\n"],
+        "note": HOSTILE,
+        "setup": "set up",
+    }
     assert not list(tmp_path.glob("PWNED*")) and not list(tmp_path.parent.glob("PWNED*"))
     probe = _sh(probe_command([("t0r0", t.pid_file, t.exit_file)]), tmp_path)
     assert probe.stdout.split() == ["t0r0", "exit", "0"]
@@ -150,7 +158,7 @@ def test_probe_and_kill_a_running_task(tmp_path):
     while _sh(probe_command(key), tmp_path).stdout.split()[1:] != ["running"]:
         assert time.time() < deadline, "the task never showed as running"
         time.sleep(0.05)
-    pgid = int(open(t.pid_file).read())
+    pgid = int(_read(t.pid_file))
     assert os.getpgid(pgid) == pgid  # its own process group (setsid)
     killed = _sh(kill_command([t.pid_file, f"{tmp_path}/missing pid"], grace_s=5), tmp_path)
     assert killed.stdout.strip() == "1"
@@ -168,5 +176,5 @@ def test_failing_setup_line_fails_the_task(tmp_path):
     deadline = time.time() + 20
     while not os.path.exists(t.exit_file) and time.time() < deadline:
         time.sleep(0.05)
-    assert open(t.exit_file).read().strip() == "1"
-    assert "ran" not in open(t.log_file).read()
+    assert _read(t.exit_file).strip() == "1"
+    assert "ran" not in _read(t.log_file)
