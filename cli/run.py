@@ -51,9 +51,19 @@ def _absolutize(cfg: DictConfig) -> None:
     """Make user paths absolute, so tasks started elsewhere (or from the repo) read the same."""
     if not is_url(str(cfg.run.root)):
         cfg.run.root = str(Path(cfg.run.root).expanduser().absolute())
+
+    def dataset_path(p: str) -> str:
+        local = p and "://" not in p and not p.startswith("builtin:")
+        # a file, a directory or a glob of files
+        if local and (os.path.exists(p) or any(c in p for c in "*?[")):
+            return str(Path(p).absolute())
+        return p
+
     p = cfg.dataset.path
-    if p and "://" not in p and not p.startswith("builtin:") and os.path.exists(p):
-        cfg.dataset.path = str(Path(p).absolute())
+    if OmegaConf.is_list(p):
+        cfg.dataset.path = [dataset_path(str(x)) for x in p]
+    elif p:
+        cfg.dataset.path = dataset_path(str(p))
     mp = cfg.model.path
     if mp and not mp.startswith("pkg:") and Path(mp).expanduser().exists():
         cfg.model.path = str(Path(mp).expanduser().absolute())

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lib.config.redact import redacted_values, restore_env_secrets
 from lib.config.schema import SCHEMA_NAME, EmbedfleetConfig
@@ -29,7 +29,9 @@ from lib.core.storage import is_url, join
 
 def dataset_name(path: str) -> str:
     """A short name for a dataset path: ``builtin:x`` -> x, ``/a/b.parquet`` -> b,
-    ``org/name`` -> name."""
+    ``org/name`` -> name; a list of files: its first file's."""
+    if isinstance(path, ListConfig | list | tuple):
+        path = path[0] if len(path) else "dataset"
     p = str(path).removeprefix("builtin:").rstrip("/").split("?")[0]
     stem = p.rsplit("/", 1)[-1]
     for suffix in (".parquet", ".pq", ".jsonl", ".ndjson", ".json", ".csv", ".gz"):

@@ -24,7 +24,7 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lib.config.fields import field_default, out_of_range
 from lib.config.redact import redact_url
@@ -130,9 +130,12 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if name:
         problems.append(name)
     for key in URL_KEYS:
-        problem = url_problem(key, OmegaConf.select(cfg, key, default=None))
-        if problem:
-            problems.append(problem)
+        value = OmegaConf.select(cfg, key, default=None)
+        # dataset.path may be a list of files
+        for one in value if isinstance(value, ListConfig | list) else [value]:
+            problem = url_problem(key, one)
+            if problem:
+                problems.append(problem)
     return problems
 
 

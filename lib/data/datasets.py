@@ -20,7 +20,7 @@ import codecs
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -139,6 +139,41 @@ def glob_files(pattern: str, fmt: DatasetFormat = DatasetFormat.auto) -> list[st
         protocol = pattern.split("://", 1)[0]
         return [f"{protocol}://{f}" for f in found]
     return found
+
+
+def is_file_list(path: object) -> bool:
+    """``dataset.path`` given as a list of files (and globs)."""
+    return not isinstance(path, str) and isinstance(path, list | tuple | Sequence)
+
+
+def listed_files(paths: Sequence[str], fmt: DatasetFormat = DatasetFormat.auto) -> list[str]:
+    """The files of a ``dataset.path`` list: each entry a file, a directory or a glob,
+    all of them in sorted order. Raises ``DatasetError`` naming an entry that is missing,
+    matches nothing, or a file listed twice."""
+    if not paths:
+        raise DatasetError("dataset.path is an empty list; name at least one file")
+    files: list[str] = []
+    for entry in map(str, paths):
+        if is_glob(entry):
+            files += glob_files(entry, fmt)
+        elif not _exists(entry):
+            raise DatasetError(
+                f"dataset.path lists {entry}, which does not exist; every entry must be a "
+                "parquet/jsonl/csv file, a directory of them or a glob"
+            )
+        elif is_dir(entry):
+            files += dataset_files(entry, fmt)
+        elif suffix_format(entry) is None and fmt == DatasetFormat.auto:
+            raise DatasetError(
+                f"dataset.path lists {entry}: cannot tell its format from its name (use "
+                ".parquet, .jsonl or .csv, or set dataset.format)"
+            )
+        else:
+            files.append(entry)
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise DatasetError(f"dataset.path lists {twice[0]} more than once (directly or by a glob)")
+    return sorted(files)
 
 
 def _exists(path: str) -> bool:
@@ -465,6 +500,21 @@ def open_source(
             "latin-1, cp1252, utf-16"
         ) from None
     requested = DatasetFormat(fmt)
+    if is_file_list(path):
+        if requested in (DatasetFormat.hf, DatasetFormat.builtin):
+            raise DatasetError(
+                f"dataset.path is a list, which dataset.format={requested.value} cannot read; "
+                "a list names parquet/jsonl/csv files"
+            )
+        names = listed_files(list(path), requested)
+        return many_files(
+            f"{names[0]} .. ({len(names)} files)",
+            names,
+            requested,
+            encoding,
+            encoding_errors,
+            files,
+        )
     fmt = resolve_format(path, requested)
     if fmt == DatasetFormat.builtin:
         from lib.data.corpus import BUILTIN_CORPORA, builtin_corpus_path

@@ -32,8 +32,10 @@ from lib.data.datasets import (
     glob_files,
     hf_source,
     is_dir,
+    is_file_list,
     is_glob,
     is_hf_saved_dir,
+    listed_files,
     resolve_format,
 )
 from lib.data.params import DatasetFormat
@@ -108,6 +110,8 @@ def _fingerprint(cfg: DictConfig) -> Fingerprint:
     from lib.data.columns import cache_dir
 
     d = cfg.dataset
+    if is_file_list(d.path):
+        return {f: file_fingerprint(f) for f in listed_files(list(d.path), DatasetFormat(d.format))}
     path = str(d.path)
     fmt = resolve_format(path, DatasetFormat(d.format))
     if fmt == DatasetFormat.builtin:

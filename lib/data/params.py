@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from lib.config.fields import bounded
 
@@ -56,9 +57,10 @@ class ChatParams:
 class DatasetParams:
     # Default: derived from the path (file stem, hub name, builtin name).
     name: str = "${ef.dataset_name:${dataset.path}}"
-    # A local path, an fsspec URL (s3://, gs://, memory://...), a Hugging Face dataset name
-    # (format=hf, read from the local cache) or builtin:<name>.
-    path: str = "builtin:stdlib_docstrings"
+    # A local path (a file, a directory or a glob of files), an fsspec URL (s3://, gs://,
+    # memory://...), a list of files/globs (one dataset, sorted), a Hugging Face dataset
+    # name (format=hf, read from the local cache) or builtin:<name>.
+    path: Any = "builtin:stdlib_docstrings"
     format: DatasetFormat = DatasetFormat.auto
     split: str = "train"
     subset: str | None = None  # Hugging Face dataset config name (e.g. 20231101.en)

@@ -100,3 +100,27 @@ def test_fsspec_glob_launch_records_files_and_fingerprints_each(tmp_path):
     assert task.read(4, 6, ["text"]).column(0).to_pylist() == ["f1 row 0", "f1 row 1"]
     assert task.opened == [inp.files["files"][1][0]]
     assert task.opened[0].endswith("/many16/shard-1.jsonl")
+
+
+def test_a_list_of_files_and_globs_is_one_sorted_dataset(tmp_path):
+    names = _write(tmp_path)
+    listed = [names[3], str(tmp_path / "part-[01].*"), names[2]]  # given out of order
+    cfg = compose(
+        [
+            f"dataset.path=[{','.join(repr(x) for x in listed)}]",
+            "stages=[embed]",
+            f"run.root={tmp_path}",
+        ]
+    )
+    assert cfg.dataset.name == "part-3"
+    inp = embed_input(cfg)
+    assert [f for f, _ in inp.files["files"]] == names[:4]
+    assert inp.rows == sum(SIZES[:4])
+    assert sorted(dataset_fingerprint(cfg)) == names[:4]
+    src = open_source(cfg.dataset.path, DatasetFormat.auto, files=inp.files)
+    assert src.read(4, 7, ["id"]).column(0).to_pylist() == ["r4", "r5", "r6"]
+    assert src.opened == names[:3]
+    with pytest.raises(DatasetError, match=r"lists .*gone.parquet, which does not exist"):
+        open_source([names[0], str(tmp_path / "gone.parquet")], DatasetFormat.auto)
+    with pytest.raises(DatasetError, match=r"part-0.parquet more than once"):
+        open_source([names[0], str(tmp_path / "part-0.*")], DatasetFormat.auto)
