@@ -349,19 +349,17 @@ class HostsLauncher(Launcher):
         unit.start_future = ex.submit(start)
 
     def _place(self, ws: list[Worker], busy: dict[int, int], world: int, avoid: set[int]):
-        """``world`` free slots, preferring workers not in ``avoid``; None if not enough."""
-        for allowed in (lambda w: w.index not in avoid, lambda w: True):
-            out = []
-            for w in ws:
-                if w.dropped or not allowed(w):
-                    continue
-                free = w.slots - busy.get(w.index, 0)
-                for _ in range(max(0, free)):
-                    if len(out) < world:
-                        out.append(w)
-            if len(out) == world:
-                return out
-        return None
+        """``world`` free slots, on workers not in ``avoid`` while those have enough slots
+        in all (waiting for one of them to free up rather than going back to a host that
+        failed the task); None when not enough are free now."""
+        alive = [w for w in ws if not w.dropped]
+        preferred = [w for w in alive if w.index not in avoid]
+        pool = preferred if sum(w.slots for w in preferred) >= world else alive
+        out: list[Worker] = []
+        for w in pool:
+            free = w.slots - busy.get(w.index, 0)
+            out.extend([w] * max(0, min(free, world - len(out))))
+        return out if len(out) == world else None
 
     def _host_failed(self, w: Worker, why: str) -> None:
         w.failures += 1
@@ -453,17 +451,17 @@ class HostsLauncher(Launcher):
                 if self._signals:
                     self._stop(paths, spec, running)
                     raise _Interrupted()
-                while queue:
-                    task, tries, avoid = queue[0]
+                if queue and not any(not w.dropped for w in self.workers()):
+                    raise RemoteError(
+                        f"{spec.name}: every host has left the pool; tasks "
+                        f"{compress_indices(sorted(t for t, _, _ in queue))} did not run"
+                    )
+                for item in list(queue):
+                    task, tries, avoid = item
                     placed = self._place(self.workers(), busy, world, avoid)
                     if placed is None:
-                        if not any(not w.dropped for w in self.workers()):
-                            raise RemoteError(
-                                f"{spec.name}: every host has left the pool; tasks "
-                                f"{compress_indices(sorted(t for t, _, _ in queue))} did not run"
-                            )
-                        break
-                    queue.pop(0)
+                        continue
+                    queue.remove(item)
                     ranks = [(w, r) for r, w in enumerate(placed)]
                     unit = _Unit(task, 0, tries, ranks, avoid)
                     for w in placed:

@@ -13,7 +13,8 @@ from lib.core.markers import CompletionMarker, write_marker
 from lib.core.paths import RunPaths
 from lib.runtime.environment import current_environment
 
-SEEN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "EMBEDFLEET_CPU_CORES",
+SEEN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "EMBEDFLEET_HOST",
+        "EMBEDFLEET_CPU_CORES",
         "OMP_NUM_THREADS", "EMBEDFLEET_LAUNCHER")  # fmt: skip
 
 

@@ -1,0 +1,111 @@
+"""The hosts launcher's scheduling on real namespace sshd hosts, with a trivial job
+(tests/unit/launchers/echo_job.py: no model): distributed ranks across hosts with one
+rendezvous, a failed task retried on another host, fail_fast, the dry run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from launchers.hosts.launcher import HostsLauncher
+from lib.config.schema import EmbedfleetConfig
+from lib.core.paths import RunPaths
+from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec
+
+JOB = "tests.unit.launchers.echo_job"
+
+
+def _cfg(ssh_hosts, hosts: list[dict], **multihost):
+    env = ssh_hosts.env
+    entries = [{"address": env[f"EF_HOST_{h['name']}"], "port": ssh_hosts.port, **h} for h in hosts]
+    return OmegaConf.merge(
+        OmegaConf.structured(EmbedfleetConfig),
+        {
+            "cluster": {
+                "launcher": "hosts",
+                "hosts": entries,
+                "multihost": {
+                    "user": env["EF_NS_USER"],
+                    "key_file": ssh_hosts.key,
+                    "known_hosts": ssh_hosts.known_hosts,
+                    "connect_timeout_s": 2,
+                    "poll_s": 0.2,
+                    **multihost,
+                },
+            }
+        },
+    )
+
+
+def _records(run, stage: str) -> dict[tuple[int, int], dict]:
+    out = {}
+    for p in (run / stage / "out").glob("*.json"):
+        rec = json.loads(p.read_text())
+        out[(rec["task"], rec["rank"])] = rec
+    return out
+
+
+def _attempt(run, stage: str, task: int) -> dict:
+    return json.loads((run / stage / "attempts" / f"task_{task:05d}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ns(ssh_hosts):
+    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
+    assert {"n1", "n2", "n3"} <= set(names), names
+    return ssh_hosts
+
+
+def test_distributed_ranks_one_per_slot_with_one_rendezvous(ns, tmp_path, capsys):
+    cfg = _cfg(ns, [{"name": "n1", "slots": 2}, {"name": "n2"}])
+    spec = StageSpec("d", "kmeans", JOB, "d", DISTRIBUTED, 1, "h", world_size=3)
+    result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(tmp_path)), Plan([spec], 0))
+    assert result.complete, capsys.readouterr().out
+    rec = _records(tmp_path, "d")
+    assert {r: rec[(0, r)]["EMBEDFLEET_HOST"] for r in range(3)} == {0: "n1", 1: "n1", 2: "n2"}
+    assert {rec[(0, r)]["MASTER_ADDR"] for r in range(3)} == {ns.env["EF_HOST_n1"]}
+    ports = {rec[(0, r)]["MASTER_PORT"] for r in range(3)}
+    assert ports == {str(_attempt(tmp_path, "d", 0)["master_port"])}
+    assert {rec[(0, r)]["WORLD_SIZE"] for r in range(3)} == {"3"}
+    assert all(rec[(0, r)]["EMBEDFLEET_LAUNCHER"] == "hosts" for r in range(3))
+
+
+def test_failed_task_runs_again_on_another_host(ns, tmp_path, capsys):
+    """Task 0 fails on n1 only (its per-host env): it runs again on n2 and the stage
+    completes; n1 stays in the pool (a task's own exit is not a host failure)."""
+    cfg = _cfg(ns, [{"name": "n1", "env": {"ECHO_FAIL_TASK": "0"}}, {"name": "n2"}])
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 3, "h")
+    launcher = HostsLauncher(cfg, echo=False)
+    result = launcher.launch(RunPaths(str(tmp_path)), Plan([spec], 0))
+    out = capsys.readouterr().out
+    assert result.complete, out
+    assert "[a 0] failed on n1 (exit code 3 on n1); retry 1 of 2 on another host" in out
+    rec = _attempt(tmp_path, "a", 0)
+    assert rec["attempt"] == 2 and rec["host"] == "n2" and rec["returncode"] == 0
+    assert not any(w.dropped for w in launcher.workers())
+    assert "failing on purpose" in (tmp_path / "a" / "logs" / "task_00000.log").read_text()
+
+
+def test_fail_fast_stops_at_the_first_failure(ns, tmp_path, capsys):
+    cfg = _cfg(
+        ns,
+        [{"name": "n1", "env": {"ECHO_FAIL_TASK": "0"}}, {"name": "n2"}],
+        fail_fast=True,
+    )
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 2, "h")
+    result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(tmp_path)), Plan([spec], 0))
+    out = capsys.readouterr().out
+    assert not result.complete and 0 in result.failed["a"]
+    assert "fail_fast: stopping" in out and "retry" not in out
+
+
+def test_dry_run_prints_every_ssh_command(ns, tmp_path, capsys):
+    cfg = _cfg(ns, [{"name": "n1"}, {"name": "n2"}])
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 3, "h")
+    HostsLauncher(cfg, echo=False).launch(RunPaths(str(tmp_path)), Plan([spec], 0), dry_run=True)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ssh ")]
+    assert len(lines) == 3
+    assert all("StrictHostKeyChecking=yes" in ln and "setsid nohup sh -c" in ln for ln in lines)
+    assert not (tmp_path / "a").exists()  # nothing ran
