@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import plotly.graph_objects as go
-import plotly.io as pio
 from plotly.offline import get_plotlyjs
+
+from lib.report.figures import Figure
 
 TEMPLATES = Path(__file__).parent / "templates"
 _SCRIPT_ESCAPES = {
@@ -60,10 +60,10 @@ class Page:
     title: str
     subtitle: str
     sections: list[Section] = field(default_factory=list)
-    figures: dict[str, go.Figure] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def figure(self, section: Section, fig_id: str, fig: go.Figure, title: str = "") -> None:
+    def figure(self, section: Section, fig_id: str, fig: Figure, title: str = "") -> None:
         self.figures[fig_id] = fig
         section.blocks.append(Block("figure", fig_id, title))
 
@@ -79,18 +79,23 @@ def _environment() -> jinja2.Environment:
     )
 
 
+@lru_cache(maxsize=1)
+def _template() -> dict:
+    """The ``plotly_white`` layout template, sent once for every figure."""
+    import plotly.io as pio
+
+    return pio.templates["plotly_white"].to_plotly_json()
+
+
 def render(page: Page) -> str:
     """The whole HTML document of ``page``."""
-    figures = ",".join(
-        f"{json.dumps(fig_id)}:{pio.to_json(fig, validate=False, engine='json')}"
-        for fig_id, fig in page.figures.items()
-    )
+    payload = {"template": _template(), "figures": page.figures}
     return (
         _environment()
         .get_template("report.html.j2")
         .render(
             page=page,
-            figures_json=script_json("{" + figures + "}"),
+            figures_json=script_json(json.dumps(payload, separators=(",", ":"), allow_nan=False)),
             plotly_js=get_plotlyjs(),
         )
     )

@@ -65,6 +65,13 @@ class Inputs:
         found = self.reader.texts(dataset)
         return [found.get(int(r), "") for r in dataset]
 
+    def short_hover(self) -> list[str]:
+        """``[source] id`` of each map point, for the cluster maps (the source map has
+        the texts)."""
+        assert self.rows is not None and self.sample is not None
+        rows = self.rows
+        return [plot_text(f"[{rows.sources[rows.codes[r]]}] {rows.ids[r]}") for r in self.sample]
+
     def label(self, merged: int, text: str) -> str:
         """``[source] id: text``, cut to ``text_chars`` (plain text: the page escapes)."""
         assert self.rows is not None
@@ -382,7 +389,7 @@ def clustering_section(page: Page, inp: Inputs) -> None:
                 figures.cluster_map(
                     inp.xy,
                     lv.assignment[inp.sample],
-                    inp.hover,
+                    inp.short_hover(),
                     f"PCA map, coloured by level-{lv.level} cluster",
                     ("PC1", "PC2"),
                 ),
