@@ -1,0 +1,302 @@
+"""cluster=hosts and cluster=tpu_vm against real sshd hosts, each in its own network
+namespace (scripts/hosts/up.sh: n1..n3 on 10.77.0.0/24).
+
+The quickstart on 3 hosts equals the local launcher's output even when a host is cut off
+mid-stage (its task's process killed, its veth down: ssh then fails with 255); status
+after the launcher was killed -9 still reports the tasks running on their hosts; cancel
+leaves no process of them; a changed host key is refused with its fingerprint; on
+cluster=tpu_vm every call goes through `gcloud compute tpus tpu-vm ssh NAME --worker=i`.
+
+Google's TPU API cannot exist here: a small fake ``gcloud`` put first on PATH stands in for
+it (``describe`` answers the three namespace hosts as the TPU's networkEndpoints; ``ssh
+--worker=i`` runs the real ``ssh`` to the i-th of them). Everything else is real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lib.formats.arrays import open_embeddings
+from tests.conftest import REPO, run_launch
+
+pytestmark = pytest.mark.slow
+
+SLICE = [
+    "+experiment=quickstart",
+    "dataset.limit=12",
+    "embed.num_shards=3",
+    "model.max_length=32",
+    "embed.device=cpu",
+    "+cluster.env.OMP_NUM_THREADS=1",
+    "+cluster.env.MKL_NUM_THREADS=1",
+]
+NS = ("n1", "n2", "n3")
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _hosts_args(ssh_hosts, known_hosts: str | None = None, names=NS) -> list[str]:
+    env = ssh_hosts.env
+    items = ", ".join(
+        f"{{address: {env[f'EF_HOST_{h}']}, port: {ssh_hosts.port}, name: {h}}}" for h in names
+    )
+    return [
+        "cluster=hosts",
+        f"cluster.hosts=[{items}]",
+        f"cluster.multihost.user={env['EF_NS_USER']}",
+        f"cluster.multihost.key_file={ssh_hosts.key}",
+        f"cluster.multihost.known_hosts={known_hosts or ssh_hosts.known_hosts}",
+        "cluster.multihost.connect_timeout_s=2",
+        "cluster.multihost.poll_s=0.5",
+    ]
+
+
+@pytest.fixture(scope="module")
+def ns_hosts(ssh_hosts):
+    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
+    assert set(NS) <= set(names), f"up.sh started namespace hosts {names}, not {NS}"
+    return ssh_hosts
+
+
+@pytest.fixture(scope="module")
+def root(ns_hosts, tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("multihost")
+
+
+@pytest.fixture(scope="module")
+def reference(root) -> np.ndarray:
+    """The local launcher's merged embeddings of the slice."""
+    _ok(run_launch(*SLICE, f"run.root={root}", "run.name=local"))
+    return np.asarray(open_embeddings(root / "local" / "merge" / "embeddings.safetensors"))
+
+
+def _attempt(run: Path, task: int) -> dict:
+    try:
+        return json.loads((run / "embed" / "attempts" / f"task_{task:05d}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _pid_file(run: Path, task: int, attempt: int) -> Path:
+    return run / "embed" / "attempts" / f"task_{task:05d}.rank0.a{attempt}.pid"
+
+
+def _wait(cond, what: str, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(
+                f"the launcher exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}"
+            )
+        time.sleep(0.1)
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` lives (a zombie waiting for init is not one)."""
+    out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True)
+    return any(not s.startswith("Z") for s in out.stdout.split())
+
+
+def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
+    """n2's task is held in its setup line; then n2 'dies' (its task killed, its veth
+    down): the launcher finds n2 unreachable, runs the task on n1 or n3, and the merged
+    embeddings equal the local launcher's exactly."""
+    veth = ns_hosts.env["EF_VETH_n2"]
+    run = root / "hosts"
+    hold = '[ "$EMBEDFLEET_HOST" != n2 ] || sleep 600'
+    proc = _start(
+        *SLICE,
+        *_hosts_args(ns_hosts),
+        f"cluster.multihost.setup=['{hold}']",
+        f"run.root={root}",
+        "run.name=hosts",
+    )
+    try:
+        on_n2 = lambda: next(  # noqa: E731
+            (t for t in range(3) if _attempt(run, t).get("host") == "n2"), None
+        )
+        _wait(
+            lambda: on_n2() is not None and _pid_file(run, on_n2(), 1).exists(),
+            "n2's task",
+            proc=proc,
+        )
+        task = on_n2()
+        pgid = int(_pid_file(run, task, 1).read_text())
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        os.killpg(pgid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(rf"\[embed {task}\] failed on n2 \(host n2 does not answer\); retry 1", out), (
+        out
+    )
+    rec = _attempt(run, task)
+    assert rec["attempt"] == 2 and rec["host"] in ("n1", "n3") and rec["returncode"] == 0
+    got = np.asarray(open_embeddings(run / "merge" / "embeddings.safetensors"))
+    assert got.shape == reference.shape
+    assert np.array_equal(got, reference)
+
+
+def test_status_after_launcher_killed_then_cancel(ns_hosts, root):
+    """Tasks held in a setup line (no model load): kill -9 the launcher, status still
+    reports all three running on their hosts; cancel leaves no process of them; status
+    then says failed with the reason."""
+    run = root / "held"
+    proc = _start(
+        *SLICE,
+        "stages=[embed]",
+        *_hosts_args(ns_hosts),
+        "cluster.multihost.setup=['sleep 600']",
+        f"run.root={root}",
+        "run.name=held",
+    )
+    try:
+        _wait(
+            lambda: all(_pid_file(run, t, 1).exists() for t in range(3)), "three tasks", proc=proc
+        )
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    pgids = [int(_pid_file(run, t, 1).read_text()) for t in range(3)]
+    assert all(_group_alive(p) for p in pgids)
+    assert sorted(_attempt(run, t)["host"] for t in range(3)) == list(NS)
+
+    status = run_launch("status", str(run))
+    row = next(ln for ln in status.stdout.splitlines() if ln.startswith("embed "))
+    assert row.split()[1:6] == ["3", "0", "3", "0", "0"], status.stdout
+
+    cancel = _ok(run_launch("cancel", str(run)))
+    assert "3" in cancel.stdout, cancel.stdout
+    _wait(lambda: not any(_group_alive(p) for p in pgids), "no process left", timeout=30)
+
+    after = run_launch("status", str(run))
+    row = next(ln for ln in after.stdout.splitlines() if ln.startswith("embed "))
+    assert row.split()[1:6] == ["3", "0", "0", "3", "0"], after.stdout
+    assert "gone without an exit code" in after.stdout
+
+
+def test_changed_host_key_refused_with_fingerprint(ns_hosts, root, tmp_path):
+    """known_hosts holds another key for n1: the launch is refused before any task, the
+    message names the host and the key it offered (ssh-keygen's SHA256 fingerprint)."""
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    n1 = f"[{ns_hosts.env['EF_HOST_n1']}]:{ns_hosts.port}"
+    lines = []
+    for ln in Path(ns_hosts.known_hosts).read_text().splitlines():
+        if ln.startswith(n1 + " "):
+            ln = n1 + " " + " ".join(other.with_suffix(".pub").read_text().split()[:2])
+        lines.append(ln)
+    kh = tmp_path / "known_hosts"
+    kh.write_text("\n".join(lines) + "\n")
+    real = subprocess.run(
+        ["ssh-keygen", "-lf", str(ns_hosts.host_pub_key("n1"))], capture_output=True, text=True
+    ).stdout.split()[1]
+    proc = run_launch(
+        *SLICE, *_hosts_args(ns_hosts, str(kh)), f"run.root={root}", "run.name=badkey"
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "host n1: refused" in text and "differs from known_hosts" in text, text[-3000:]
+    assert real in text
+    assert not (root / "badkey" / "embed" / "attempts").exists()
+
+
+FAKE_GCLOUD = '''\
+#!{python}
+"""Stands in for Google's TPU API (which cannot exist here): `compute tpus tpu-vm describe
+NAME` answers the test hosts as the TPU's workers; `... ssh [USER@]NAME --worker=i
+--command=CMD` runs the real ssh to the i-th of them. Every call is logged."""
+import json, os, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as fh:
+    fh.write(json.dumps(args) + "\\n")
+hosts = {hosts!r}
+assert args[:3] == ["compute", "tpus", "tpu-vm"], args
+verb, name = args[3], args[4].split("@")[-1]
+opts = dict(a[2:].split("=", 1) for a in args[5:] if a.startswith("--") and "=" in a)
+if verb == "describe":
+    print(json.dumps({{"name": name, "state": "READY",
+                      "networkEndpoints": [{{"ipAddress": h}} for h in hosts]}}))
+    sys.exit(0)
+assert verb == "ssh" and "--worker=all" not in args, args
+host = hosts[int(opts["worker"])]
+os.execvp("ssh", ["ssh", "-T", "-n", "-p", {port!r}, "-i", {key!r}, "-o", "BatchMode=yes",
+                  "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + {kh!r},
+                  "-o", "ConnectTimeout=2", {user!r} + "@" + host, opts["command"]])
+'''
+
+
+def test_tpu_vm_workers_through_gcloud_equal_local(ns_hosts, root, tmp_path, reference):
+    env = ns_hosts.env
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "gcloud.jsonl"
+    gcloud = bindir / "gcloud"
+    gcloud.write_text(
+        textwrap.dedent(
+            FAKE_GCLOUD.format(
+                python=sys.executable,
+                log=str(log),
+                hosts=[env[f"EF_HOST_{h}"] for h in NS],
+                port=str(ns_hosts.port),
+                key=ns_hosts.key,
+                kh=ns_hosts.known_hosts,
+                user=env["EF_NS_USER"],
+            )
+        )
+    )
+    gcloud.chmod(0o755)
+    proc = _ok(
+        run_launch(
+            *SLICE,
+            "cluster=tpu_vm",
+            "cluster.tpu_vm.name=test-v4-8",
+            "cluster.tpu_vm.zone=us-central2-b",
+            "cluster.tpu_vm.project=ef-test",
+            "cluster.multihost.poll_s=0.5",
+            f"run.root={root}",
+            "run.name=tpu",
+            env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"},
+        )
+    )
+    assert "tpu_vm: 3 host(s)" in proc.stdout, proc.stdout
+    calls = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert calls[0][:5] == ["compute", "tpus", "tpu-vm", "describe", "test-v4-8"]
+    workers = {a for c in calls if c[3] == "ssh" for a in c if a.startswith("--worker=")}
+    assert workers == {"--worker=0", "--worker=1", "--worker=2"}
+    assert all("--zone=us-central2-b" in c and "--project=ef-test" in c for c in calls)
+    rec = _attempt(root / "tpu", 0)
+    assert rec["launcher"] == "tpu_vm" and rec["host"].startswith("test-v4-8/w")
+    got = np.asarray(open_embeddings(root / "tpu" / "merge" / "embeddings.safetensors"))
+    assert np.array_equal(got, reference)
