@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -282,7 +283,9 @@ def umap_block(page: Page, s: Section, inp: Inputs, vectors: np.ndarray) -> None
         random_state=inp.params.seed,
         n_components=2,
     )
-    xy = reducer.fit_transform(vectors)
+    with warnings.catch_warnings():  # "n_jobs overridden by setting random_state": wanted
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        xy = reducer.fit_transform(vectors)
     s.blocks.append(
         Block(
             "count",
