@@ -24,6 +24,7 @@ from launchers.slurm.launcher import SlurmLauncher
 from launchers.slurm.queue import load_submissions
 from launchers.slurm.render import job_name
 from lib.config.compose import compose
+from lib.core.markers import CompletionMarker, write_marker
 from lib.core.paths import RunPaths
 from lib.formats.arrays import open_embeddings
 from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec, completed_tasks
@@ -268,16 +269,32 @@ def _touch_plan(run: Path, tasks: int, kind: str = ARRAY, world: int = 1) -> tup
     return cfg, plan, spec
 
 
-def test_3000_tasks_split_into_3_arrays_all_complete(slurm_cluster, tmp_path):
+def test_3000_tasks_split_at_the_clusters_max_array_size_and_map_back(
+    slurm_cluster, tmp_path, capsys
+):
     run = tmp_path / "big"
     cfg, plan, spec = _touch_plan(run, 3000)
-    SlurmLauncher(cfg).launch(RunPaths(run), plan)
+    paths = RunPaths(run)
+    # MaxArraySize=1000 read from the cluster (scontrol show config): three arrays of 0-999.
+    SlurmLauncher(cfg).launch(paths, plan, dry_run=True)
+    printed = capsys.readouterr().out
+    assert printed.count("#SBATCH --array=0-999\n") == 3, printed[-2000:]
+    assert "EMBEDFLEET_TASK_OFFSET=2000" in printed and not load_submissions(run)
+    # Running all 3000 (a process each) shows no more than their edges do: every other
+    # task is marked complete first, so each array runs its first and last index and
+    # every task must land on its own marker through the offset.
+    edges = {0, 999, 1000, 1999, 2000, 2999}
+    for t in sorted(set(range(3000)) - edges):
+        marker = CompletionMarker(spec.name, t, 3000, spec.config_hash)
+        write_marker(paths.storage, paths.marker(spec.stage_dir, t), marker)
+    SlurmLauncher(cfg).launch(paths, plan)
     subs = load_submissions(run)
-    assert [(s.offset, len(s.indices)) for s in subs] == [(0, 1000), (1000, 1000), (2000, 1000)]
-    assert all("#SBATCH --array=0-999\n" in Path(s.script).read_text() for s in subs)
-    deadline = time.time() + 900
+    assert [(s.offset, s.indices) for s in subs] == [(0, [0, 999]), (1000, [0, 999]),
+                                                     (2000, [0, 999])]  # fmt: skip
+    assert all("#SBATCH --array=0,999\n" in Path(s.script).read_text() for s in subs)
+    deadline = time.time() + 600
     while len(completed_tasks(run, spec)) < 3000 and time.time() < deadline:
-        time.sleep(2)
+        time.sleep(1)
     assert len(completed_tasks(run, spec)) == 3000
 
 
