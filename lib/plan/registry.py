@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "metrics": "lib.metrics",
     "index": "lib.index",
     "report": "lib.report",
+    "extract": "lib.extract",
 }
 
 

