@@ -40,6 +40,8 @@ def open_dataset(cfg: DictConfig, files: dict | None = None) -> RowSource:
         encoding=d.encoding,
         encoding_errors=d.encoding_errors,
         files=files,
+        streaming=bool(d.get("streaming", False)),
+        expected_rows=d.expected_rows,
     )
 
 

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import fsspec
 import numpy as np
@@ -349,6 +349,91 @@ class MultiSource:
         return pa.concat_tables(tables, promote_options="permissive")
 
 
+@dataclass
+class StreamSource:
+    """A Hugging Face dataset read with ``datasets``' streaming mode (``dataset.streaming``):
+    never materialised, rows decoded as they are read. A read of rows ``start..stop``
+    iterates the stream from its beginning and skips the rows before ``start`` (a stream
+    has no random access: they are read, not kept); a warning says so, and that a local
+    export as parquet files (``dataset.format=auto``) is read by row group instead."""
+
+    description: str
+    dataset: Any  # datasets.IterableDataset
+    num_rows: int
+    _warned: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        features = getattr(self.dataset, "features", None)
+        if features:
+            self.columns = list(features)
+        else:  # raw files without declared features: the first row's keys
+            first = next(iter(self.dataset.take(1)), None)
+            self.columns = list(first) if first else []
+
+    def read(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        cols = columns or self.columns
+        if start > 0 and not self._warned:
+            log.warning(
+                "%s: streaming reads and skips the %d rows before this task's range "
+                "(a stream has no random access); export the dataset as parquet files and "
+                "point dataset.path at them (format=auto) to skip by row group",
+                self.description,
+                start,
+            )
+            self._warned = True
+        rows = list(self.dataset.skip(start).take(stop - start))
+        if len(rows) < stop - start:
+            raise DatasetError(
+                f"{self.description}: the stream ended after {start + len(rows)} rows, but "
+                f"this run planned {self.num_rows} (dataset.expected_rows or the dataset's "
+                "info): set dataset.expected_rows to the dataset's row count"
+            )
+        if not rows:
+            return pa.table({c: pa.array([], pa.string()) for c in cols})
+        return pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows])
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return self.read(0, 0, columns)
+        first = int(rows[0])
+        table = self.read(first, int(rows[-1]) + 1, columns)
+        return table.take(pa.array(rows - first, pa.int64()))
+
+
+def hf_stream_source(
+    path: str, split: str, subset: str | None, expected_rows: int | None
+) -> RowSource:
+    """``path`` (a hub name in the local cache, or a directory of raw files) streamed.
+    A local directory of parquet files is read directly, by row group (``MultiSource``).
+    Raises ``DatasetError`` when the row count is unknown and ``expected_rows`` unset."""
+    if not _is_url(path) and os.path.isdir(path) and not is_hf_saved_dir(path):
+        files = dataset_files(path)
+        if all(suffix_format(f) == DatasetFormat.parquet for f in files):
+            log.info("%s: parquet files, read by row group (no stream needed)", path)
+            return many_files(path, files, DatasetFormat.auto, "utf-8", EncodingErrors.error)
+    import datasets
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        ds = datasets.load_dataset(path, subset, split=split, streaming=True)
+    except Exception as exc:
+        raise DatasetError(
+            f"Hugging Face dataset {path!r} (split {split!r}) could not be streamed from the "
+            f"local cache ({exc}). embedfleet never downloads at run time."
+        ) from exc
+    splits = getattr(ds.info, "splits", None) or {}
+    known = splits[split].num_examples if split in splits else None
+    rows = known or expected_rows
+    if not rows:
+        raise DatasetError(
+            f"hf:{path}[{split}] is streamed (dataset.streaming=true) and its info has no row "
+            "count: set dataset.expected_rows to the number of rows (a stream is not counted, "
+            "that would read it all)"
+        )
+    return StreamSource(f"hf:{path}[{split}] (streamed)", ds, int(rows))
+
+
 def _transcode(path: str, raw: bytes, encoding: str, errors: EncodingErrors) -> bytes:
     """``raw`` (in ``encoding``) as valid UTF-8 for pyarrow. Raises ``DatasetError`` naming
     the byte offset and line of the first byte that does not decode (``errors=error``)."""
@@ -488,6 +573,8 @@ def open_source(
     encoding: str = "utf-8",
     encoding_errors: EncodingErrors = EncodingErrors.error,
     files: dict | None = None,
+    streaming: bool = False,
+    expected_rows: int | None = None,
 ) -> RowSource:
     """Open a dataset for range reads. ``files``: the launch's record of a many-file
     dataset (``MultiSource.record()``), so a task opens only the files it reads. Raises
@@ -527,6 +614,8 @@ def open_source(
             )
         return ParquetSource(str(builtin_corpus_path(name, cache_dir or Path(".cache"))))
     if fmt == DatasetFormat.hf:
+        if streaming:
+            return hf_stream_source(path, split, subset, expected_rows)
         return hf_source(path, split, subset, cache_dir)
     if is_glob(path):
         return many_files(path, glob_files(path, requested), fmt, encoding, encoding_errors, files)

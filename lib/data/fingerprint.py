@@ -120,6 +120,18 @@ def _fingerprint(cfg: DictConfig) -> Fingerprint:
         local = builtin_corpus_path(path.removeprefix("builtin:"), cache_dir(cfg))
         return {path: {"python": platform.python_version(), **file_fingerprint(str(local))}}
     if fmt == DatasetFormat.hf:
+        if d.get("streaming") and not os.path.isdir(path):
+            # Not materialised to hash: the hub's info of the cached dataset.
+            import datasets
+
+            info = datasets.load_dataset_builder(path, d.subset).info
+            return {
+                f"hf:{path}[{d.split}]": {
+                    "streamed": True,
+                    "version": str(info.version),
+                    "dataset_size": info.dataset_size,
+                }
+            }
         if is_hf_saved_dir(path) or not os.path.isdir(path):
             source = hf_source(path, d.split, d.subset, cache_dir(cfg))
             return {source.description: {"datasets_fingerprint": source.fingerprint}}

@@ -100,3 +100,7 @@ class DatasetParams:
     # Keep the embedded text in metadata.parquet: ``text`` (field/template modes), or
     # user_prompt, think_text, response_text and num_turns (chat mode).
     keep_text: bool = True
+    # format=hf: read with datasets' streaming mode, never materialised (lib.data.datasets
+    # StreamSource); needs expected_rows when the dataset's info has no row count. A
+    # local directory of parquet files is read by row group instead.
+    streaming: bool = False

@@ -34,6 +34,7 @@ _NEWER_DATASET_DEFAULTS = {
     "seed": 0,
     "sources": [],
     "keep_text": True,
+    "streaming": False,
 }
 
 
