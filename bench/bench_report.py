@@ -23,7 +23,7 @@ by default; check ``df -h`` of ``--dir``). In fresh processes:
     fit in this machine's memory (its memory grows linearly in the rows: ~ 2 x 8 x N x D
     bytes for the float64 copy and the centred copy, + 4 N D for the load).
 
-    .venv/bin/python bench/bench_report.py report [--rows 63000] [--dir /tmp/efbench-report]
+    .venv/bin/python bench/bench_report.py report [--rows 63000] [--dir /tmp/efbench-report] [--reuse]
     .venv/bin/python bench/bench_report.py pca [--pca-rows 2300000] [--pca-dim 1024]
         [--baseline-rows 300000] [--dir /tmp/efbench-report]
 """
@@ -162,7 +162,9 @@ paths = RunPaths(sys.argv[2])
 t0 = time.perf_counter()
 cfg = load_run_config(paths); plan = Plan.load(paths)
 m = write_report(paths, cfg, plan, report_params(cfg), config_hash=report_hash(plan.stages))
-print(time.perf_counter() - t0, m.counts["bytes"], ",".join(m.extra["sections"]))
+import resource
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(time.perf_counter() - t0, m.counts["bytes"], ",".join(m.extra["sections"]), ru.ru_utime + ru.ru_stime)
 """
 
 STREAMED_CHILD = """
@@ -191,14 +193,17 @@ print(time.perf_counter() - t0, float(values[:10].sum() / values.sum()))
 
 def bench_report(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
-    run = make_run(Path(args.dir), args.rows, args.dim, args.sources)
+    run = Path(args.dir) / "run"
+    if not (args.reuse and (run / "plan.json").exists()):
+        run = make_run(Path(args.dir), args.rows, args.dim, args.sources)
     made = time.perf_counter() - t0
     wall, rss, out = child_peak_rss(
         [sys.executable, "-c", REPORT_CHILD, str(Path(__file__).parents[1]), str(run)]
     )
-    seconds, size, sections = out.split()
+    seconds, size, sections, cpu = out.split()
     return {"rows": args.rows, "dim": args.dim, "sources": args.sources, "run_dir_made_s": round(made, 1),
             "report_s": round(float(seconds), 1), "process_wall_s": round(wall, 1),
+            "process_cpu_s": round(float(cpu), 1), "load_average_1min": round(__import__("os").getloadavg()[0], 1),
             "peak_rss_mib": round(rss), "page_mib": round(int(size) / 2**20, 1), "sections": sections}  # fmt: skip
 
 
@@ -256,6 +261,7 @@ def main() -> None:
     p.add_argument("--baseline-rows", type=int, default=300_000)
     p.add_argument("--block-rows", type=int, default=8192)
     p.add_argument("--dir", default="/tmp/efbench-report")
+    p.add_argument("--reuse", action="store_true", help="report: keep a run dir made before")
     args = p.parse_args()
     result = bench_report(args) if args.what == "report" else bench_pca(args)
     result["command"] = shlex.join([sys.executable, *sys.argv])
