@@ -150,16 +150,13 @@ class SshTarget:
     agent: bool = False
     known_hosts: str = "~/.ssh/known_hosts"
     connect_timeout_s: int = 10
+    # A control socket (OpenSSH multiplexing): commands reuse the master connection that
+    # ``ssh_master_argv`` opened instead of a new handshake each; none there: a direct one.
+    control_path: str | None = None
 
 
-def ssh_argv(target: SshTarget, remote_command: str) -> list[str]:
-    """``ssh`` with the host key checked (StrictHostKeyChecking=yes: an unknown or changed
-    key is refused, never added), no prompts, no stdin, no tty, then the remote command
-    as one argument (ssh hands it to the remote login shell as it is)."""
+def _ssh_options(target: SshTarget) -> list[str]:
     argv = [
-        "ssh",
-        "-T",
-        "-n",
         "-p",
         str(target.port),
         "-o",
@@ -171,9 +168,9 @@ def ssh_argv(target: SshTarget, remote_command: str) -> list[str]:
         "-o",
         f"ConnectTimeout={int(target.connect_timeout_s)}",
         "-o",
-        "ServerAliveInterval=15",
+        "ServerAliveInterval=5",
         "-o",
-        "ServerAliveCountMax=2",
+        "ServerAliveCountMax=3",
         "-o",
         "LogLevel=ERROR",
     ]
@@ -181,8 +178,40 @@ def ssh_argv(target: SshTarget, remote_command: str) -> list[str]:
         argv += ["-i", target.key_file, "-o", "IdentitiesOnly=yes"]
     if not target.agent:
         argv += ["-o", "IdentityAgent=none"]
-    dest = f"{target.user}@{target.address}" if target.user else target.address
-    return [*argv, "--", dest, remote_command]
+    return argv
+
+
+def _dest(target: SshTarget) -> str:
+    return f"{target.user}@{target.address}" if target.user else target.address
+
+
+def ssh_argv(target: SshTarget, remote_command: str) -> list[str]:
+    """``ssh`` with the host key checked (StrictHostKeyChecking=yes: an unknown or changed
+    key is refused, never added), no prompts, no stdin, no tty, then the remote command
+    as one argument (ssh hands it to the remote login shell as it is)."""
+    mux = []
+    if target.control_path:
+        mux = ["-o", "ControlMaster=no", "-o", f"ControlPath={target.control_path}"]
+    return ["ssh", "-T", "-n", *_ssh_options(target), *mux, "--", _dest(target), remote_command]
+
+
+def ssh_master_argv(target: SshTarget, persist_s: int = 60) -> list[str]:
+    """Open the master connection of ``target.control_path`` and go to the background
+    once logged in (``-M -N -f``); it exits ``persist_s`` after its last command."""
+    assert target.control_path, "a master needs a control path"
+    return [
+        "ssh",
+        "-M",
+        "-N",
+        "-f",
+        *_ssh_options(target),
+        "-o",
+        f"ControlPath={target.control_path}",
+        "-o",
+        f"ControlPersist={int(persist_s)}",
+        "--",
+        _dest(target),
+    ]
 
 
 @dataclass(frozen=True)

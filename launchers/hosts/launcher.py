@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,7 @@ from launchers.hosts.commands import (
     kill_command,
     probe_command,
     ssh_argv,
+    ssh_master_argv,
     start_command,
 )
 from lib.config.redact import refuse_secret_literals, task_env
@@ -85,6 +87,7 @@ class Worker:
     slots: int
     env: dict[str, str]
     argv: Callable[[str], list[str]]  # remote command -> the local argv that runs it
+    master: list[str] | None = None  # opens a multiplexed connection (ssh only)
     failures: int = 0
     dropped: bool = False
 
@@ -153,6 +156,9 @@ class HostsLauncher(Launcher):
                 "slots, env}, e.g. cluster.hosts='[{address: 10.0.0.2, slots: 2}]'"
             )
         out = []
+        # One master connection per host (OpenSSH ControlMaster) for this launcher: starts
+        # and probes then open a channel instead of a new handshake each.
+        mux = tempfile.mkdtemp(prefix="efssh-")
         for i, h in enumerate(hosts):
             if str(h.address) in ("", "???"):
                 raise ConfigError(f"cluster.hosts[{i}] has no address")
@@ -166,6 +172,7 @@ class HostsLauncher(Launcher):
                 agent=bool(h.agent),
                 known_hosts=os.path.expanduser(str(h.known_hosts or self.mh.known_hosts)),
                 connect_timeout_s=int(self.mh.connect_timeout_s),
+                control_path=f"{mux}/{i}",
             )
             label = str(h.name or (h.address if int(h.port) == 22 else f"{h.address}:{h.port}"))
             out.append(
@@ -176,6 +183,7 @@ class HostsLauncher(Launcher):
                     int(h.slots),
                     {str(k): str(v) for k, v in (h.env or {}).items()},
                     lambda cmd, t=target: ssh_argv(t, cmd),
+                    ssh_master_argv(target),
                 )
             )
         return out
@@ -218,11 +226,31 @@ class HostsLauncher(Launcher):
         with ThreadPoolExecutor(max(1, min(len(items), int(self.mh.max_concurrent_starts)))) as ex:
             return list(ex.map(fn, items))
 
+    def _open(self, w: Worker) -> tuple[int, str, str]:
+        """Open ``w``'s master connection if it has one, then run ``echo ok`` there."""
+        if w.master:
+            # stderr to a file, not a pipe: the master stays in the background holding it.
+            with tempfile.TemporaryFile("w+") as err:
+                try:
+                    rc = subprocess.run(
+                        w.master,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                        timeout=float(self.mh.command_timeout_s),
+                    ).returncode
+                except subprocess.TimeoutExpired:
+                    return SSH_FAILED, "", "no answer"
+                err.seek(0)
+                if rc != 0:
+                    return rc, "", err.read()
+        return self._run(w, "echo ok")
+
     def preflight(self) -> list[Worker]:
         """Reach every worker once (in parallel); a refused host key is an error, an
         unreachable worker leaves the pool with a warning. Returns the usable ones."""
         ws = self.workers()
-        results = self._pool(lambda w: self._run(w, "echo ok"), ws)
+        results = self._pool(self._open, ws)
         for w, (rc, out, err) in zip(ws, results, strict=True):
             key_error = self._host_key_error(w, err)
             if key_error:

@@ -21,6 +21,7 @@ from launchers.hosts.commands import (
     kill_command,
     probe_command,
     ssh_argv,
+    ssh_master_argv,
     start_command,
     task_script,
 )
@@ -82,6 +83,8 @@ def test_local_argv_golden():
     lines = [
         shlex.join(ssh_argv(ssh, "echo " + shlex.quote(HOSTILE))),
         shlex.join(ssh_argv(SshTarget("h", agent=True), "true")),
+        shlex.join(ssh_argv(SshTarget("h", control_path="/tmp/efssh-x/0"), "true")),
+        shlex.join(ssh_master_argv(SshTarget("h", 2222, "u", control_path="/tmp/efssh-x/0"))),
         shlex.join(gcloud_ssh_argv(tpu, "echo " + shlex.quote(HOSTILE))),
         shlex.join(gcloud_ssh_argv(TpuTarget("t", 0), "true")),
         shlex.join(gcloud_describe_argv("v4-32", "us-central2-b", "proj")),
