@@ -27,6 +27,7 @@ from typing import Any
 import fsspec
 from omegaconf import DictConfig
 
+from lib.core.errors import DatasetError
 from lib.data.datasets import (
     dataset_files,
     glob_files,
@@ -122,9 +123,16 @@ def _fingerprint(cfg: DictConfig) -> Fingerprint:
     if fmt == DatasetFormat.hf:
         if d.get("streaming") and not os.path.isdir(path):
             # Not materialised to hash: the hub's info of the cached dataset.
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never the hub at run time
             import datasets
 
-            info = datasets.load_dataset_builder(path, d.subset).info
+            try:
+                info = datasets.load_dataset_builder(path, d.subset).info
+            except Exception as exc:
+                raise DatasetError(
+                    f"Hugging Face dataset {path!r}: its info could not be read from the "
+                    f"local cache ({exc})"
+                ) from exc
             return {
                 f"hf:{path}[{d.split}]": {
                     "streamed": True,
