@@ -98,6 +98,8 @@ _HASHED = {
     "metrics": "metrics.*, the level and its k-means level's hash",
     "index": "index.* (less run-time settings) and the merge stage's hash",
     "report": "the hashes of the stages planned before it (report.* is not hashed)",
+    "extract": "dataset.*, extract.* (less run-time settings), the row count and the "
+    "dataset's fingerprint",
 }
 
 
@@ -187,6 +189,24 @@ def dataset_input(cfg: DictConfig, dry_run: bool = False):
         return EmbedInput(int(min(sizes)))
 
 
+def extract_rows(cfg: DictConfig, dry_run: bool = False) -> int:
+    """Rows the extract stage reads when no embed stage counts them (as ``dataset_input``
+    does: checked columns and size; a dry run may plan from ``dataset.expected_rows``)."""
+    from lib.data.columns import check_dataset, open_dataset
+
+    try:
+        return check_dataset(open_dataset(cfg), cfg)
+    except DatasetError as exc:
+        sizes = [v for v in (cfg.dataset.expected_rows, cfg.dataset.limit) if v is not None]
+        if not dry_run or not sizes:
+            raise
+        print(
+            f"warning: {exc}\nplanning for {min(sizes)} rows (dataset.expected_rows/limit)",
+            file=sys.stderr,
+        )
+        return int(min(sizes))
+
+
 def recorded_overrides(overrides: list[str]) -> list[str]:
     """The command-line overrides worth keeping in ``plan.json``: all but those carrying
     a secret (``lib.config.redact.secret_overrides``), which are never written."""
@@ -229,12 +249,23 @@ def launch_run(
         cfg.stages = [*added, *requested]
         embed_input = dataset_input(cfg, dry_run)
         rows = embed_input.rows if embed_input is not None else 0
+        if embed_input is None and "extract" in cfg.stages:
+            rows = extract_rows(cfg, dry_run)
         if "embed" in cfg.stages:
             from lib.compute.models import resolve_model_path
             from lib.embed.checks import check_max_length
 
             try:
                 check_max_length(cfg.model, resolve_model_path(cfg.model.path))
+            except EmbedfleetError as exc:
+                if not dry_run:
+                    raise
+                print(f"warning: {exc}", file=sys.stderr)
+        if "extract" in cfg.stages:
+            from lib.extract.checks import check_extract_launch
+
+            try:
+                check_extract_launch(cfg)
             except EmbedfleetError as exc:
                 if not dry_run:
                     raise
