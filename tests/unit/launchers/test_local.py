@@ -144,8 +144,10 @@ def test_cancel_stops_a_running_task(tmp_path):
 
 def test_the_launcher_table_names_the_known_launchers():
     assert type(get_launcher(_cfg())) is LocalLauncher
-    with pytest.raises(ConfigError, match="no such launcher; known: local, slurm, submitit"):
-        get_launcher(OmegaConf.create({"cluster": {"launcher": "hosts"}}))
+    with pytest.raises(
+        ConfigError, match="no such launcher; known: local, slurm, submitit, hosts, tpu_vm"
+    ):
+        get_launcher(OmegaConf.create({"cluster": {"launcher": "k8s"}}))
 
 
 # -- Ctrl-C: every task signalled at once, none left alive, one line ------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lib.runtime.environment import (
+    HostsEnvironment,
     LocalEnvironment,
     SubmititEnvironment,
     current_environment,
@@ -63,8 +64,20 @@ def test_which_environment():
     inside = current_environment({"EMBEDFLEET_LAUNCHER": "local", "SLURM_JOB_ID": "7",
                                   "SLURM_PROCID": "3", "SLURM_NTASKS": "8"})  # fmt: skip
     assert type(inside) is LocalEnvironment and inside.rank_world() == (0, 1)
-    with pytest.raises(TaskIdentityError, match="names no task environment; known: local"):
-        current_environment({"EMBEDFLEET_LAUNCHER": "hosts"})
+    assert type(current_environment({"EMBEDFLEET_LAUNCHER": "hosts"})) is HostsEnvironment
+    with pytest.raises(TaskIdentityError, match="names no task environment; known: hosts, local"):
+        current_environment({"EMBEDFLEET_LAUNCHER": "k8s"})
+
+
+def test_hosts_environment_takes_the_launchers_variables():
+    env = HostsEnvironment(
+        {"EMBEDFLEET_RUN_DIR": "/r", "EMBEDFLEET_TASK_INDEX": "0", "EMBEDFLEET_NUM_TASKS": "1",
+         "RANK": "2", "WORLD_SIZE": "3", "MASTER_ADDR": "10.77.0.11", "MASTER_PORT": "31234",
+         "EMBEDFLEET_HOST": "n2"}
+    )  # fmt: skip
+    assert env.identity("kmeans_level1") == TaskIdentity("/r", "kmeans_level1", 0, 1, 2, 3)
+    assert env.rendezvous() == ("10.77.0.11", 31234)
+    assert env.describe() == "hosts on n2"
 
 
 def test_slurm_array_chunks_and_srun_steps():
