@@ -45,7 +45,7 @@ help:
 	@echo "make metrics CLUSTERING=NAME [ARGS=...]   sbatch jobs/metrics.slurm NAME on SLURM"
 	@echo "make bench    run the benchmarks in bench/ (slow; results in BENCHMARKS.md)"
 	@echo "make slurm-up / slurm-down / slurm-status   the single-node test SLURM cluster (root)"
-	@echo "make hosts-up / hosts-down   the test SSH hosts (sshd on 127.0.0.2/.3, root)"
+	@echo "make hosts-up / hosts-down   the test SSH hosts (sshd on 127.0.0.2/.3 and in network namespaces n1..n3 on 10.77.0.11-13, root)"
 
 install: $(STAMP)
 
@@ -108,7 +108,8 @@ slurm-up:
 slurm-down:
 	scripts/slurm/down.sh
 
-# The test SSH hosts: real OpenSSH sshd on 127.0.0.2 and 127.0.0.3 (scripts/hosts/up.sh,
+# The test SSH hosts: real OpenSSH sshd on 127.0.0.2 and 127.0.0.3, and n1..n3 each in its
+# own network namespace (EMBEDFLEET_NS_HOSTS=N for more) (scripts/hosts/up.sh,
 # state under $EMBEDFLEET_HOSTS_DIR, default /tmp/embedfleet-hosts; needs root).
 hosts-up:
 	scripts/hosts/up.sh
