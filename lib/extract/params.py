@@ -32,9 +32,9 @@ class ExtractBackend(StrEnum):
     jax = "jax"
 
 
-class MeshKind(StrEnum):
-    one_d = "1d"  # the model sharded over all local devices
-    two_d = "2d"  # data x model axes
+# extract.mesh (JAX): "1d", the model sharded over all local devices; "2d", data x model
+# axes. A string: an enum's names could not start with a digit.
+MESHES = ("1d", "2d")
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ExtractParams:
     byte_shuffle: bool = False
     add_special_tokens: bool = True  # truncate mode: the tokenizer's BOS/EOS per document
     backend: ExtractBackend = ExtractBackend.torch
-    mesh: MeshKind = unhashed(MeshKind.one_d)
+    mesh: str = unhashed("1d")  # 1d | 2d (MESHES)
     device: str = unhashed("auto")  # auto | cpu | cuda
     torch_threads: int | None = unhashed(None, ge=1)
     # Batches waiting for the writer thread (compression and upload) at once.

@@ -50,11 +50,6 @@ def build(cfg: DictConfig, rows: int, prior: dict[str, StageSpec]) -> list[Stage
         raise ConfigError(
             f"extract.num_tasks={n} is more than the {total} rows to extract; use at most {total}"
         )
-    if str(cfg.extract.backend) != "torch":
-        raise ConfigError(
-            f"extract.backend={cfg.extract.backend} is not available yet; use "
-            "extract.backend=torch (the JAX backend is tracked in issue 18)"
-        )
     h = config_digest(
         EXTRACT_STAGE,
         to_plain(cfg.dataset),

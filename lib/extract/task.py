@@ -39,6 +39,7 @@ from lib.core.paths import EXTRACT_DIR, EXTRACT_MERGED_DIR, EXTRACT_METADATA_STA
 from lib.core.sharding import contiguous_range
 from lib.core.storage import OutputFile
 from lib.data.columns import open_dataset
+from lib.extract.checks import check_backend
 from lib.extract.model import (
     HiddenStates,
     check_layers,
@@ -191,6 +192,7 @@ def run_extract_task(
 
     t0 = time.monotonic()
     p = extract_params(cfg)
+    check_backend(str(p.backend))
     storage = paths.storage
     storage.clean_temporaries(paths.extract_task_dir(task) + "/")
     source = resolve_model(str(p.model), p.gguf_file)
