@@ -21,7 +21,8 @@ class ReportParams:
     pc_extremes: int = unhashed(3, ge=0)  # principal components whose end texts are listed
     extreme_texts: int = unhashed(5, ge=1)  # texts at each end of such a component
     text_chars: int = unhashed(200, ge=1)  # characters of a row's text on hover and in lists
-    block_rows: int = unhashed(65_536, ge=1)  # rows per block of the streamed covariance
+    # Rows per block of the streamed covariance: memory ~ block_rows x D x 12 bytes.
+    block_rows: int = unhashed(8192, ge=1)
     umap: bool = unhashed(False)  # a UMAP map as well (umap-learn, on the sampled points)
     umap_neighbors: int = unhashed(15, ge=2)
     seed: int = unhashed(0, ge=0)  # the per-source sample of the maps
