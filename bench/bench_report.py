@@ -241,6 +241,7 @@ def bench_pca(args: argparse.Namespace) -> dict:
             "rows": n,
             "wall_s": round(wall, 1),
             "peak_rss_mib": round(rss),
+            "top10_explained": float(out.split()[1]),
         }
         wall, rss, out = child_peak_rss([sys.executable, "-c", BASELINE_CHILD, str(path), str(n)])
         result["baseline"] = {"rows": n, "wall_s": round(wall, 1), "peak_rss_mib": round(rss),
