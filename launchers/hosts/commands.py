@@ -33,6 +33,17 @@ CLEAR_ACCELERATOR = (
     "sudo -n rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile || true"
 )
 
+# gloo binds to the address of the host name, which on many machines (and in a network
+# namespace) is 127.0.x.1: its peers on other hosts then cannot reach it. Unless set, bind
+# to the interface that holds MASTER_ADDR, or else the one that routes to it.
+GLOO_INTERFACE = (
+    'if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && command -v ip >/dev/null; then '
+    "d=$(ip -o -4 addr show to \"$MASTER_ADDR\" 2>/dev/null | awk '{print $2; exit}'); "
+    '[ -n "$d" ] || d=$(ip route get "$MASTER_ADDR" 2>/dev/null '
+    "| sed -n 's/.* dev \\([^ ]*\\).*/\\1/p' | head -n 1); "
+    '[ -z "$d" ] || export GLOO_SOCKET_IFNAME="$d"; fi'
+)
+
 
 @dataclass(frozen=True)
 class RemoteTask:
@@ -76,6 +87,8 @@ def task_script(task: RemoteTask) -> str:
     ]
     for key in sorted(task.env):  # first: setup lines may use them (CUDA_VISIBLE_DEVICES)
         lines.append(f"export {key}={q(task.env[key])}")
+    if "MASTER_ADDR" in task.env:
+        lines.append(GLOO_INTERFACE)
     if task.clear_accelerator:
         lines.append(CLEAR_ACCELERATOR)
     if task.env_file:

@@ -15,6 +15,7 @@ from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec
 
 JOB = "tests.unit.launchers.echo_job"
+GLOO_JOB = "tests.hosts.gloo_job"
 
 
 def _cfg(ssh_hosts, hosts: list[dict], **multihost):
@@ -70,6 +71,19 @@ def test_distributed_ranks_one_per_slot_with_one_rendezvous(ns, tmp_path, capsys
     assert ports == {str(_attempt(tmp_path, "d", 0)["master_port"])}
     assert {rec[(0, r)]["WORLD_SIZE"] for r in range(3)} == {"3"}
     assert all(rec[(0, r)]["EMBEDFLEET_LAUNCHER"] == "hosts" for r in range(3))
+
+
+def test_gloo_rendezvous_across_namespace_hosts(ns, tmp_path, capsys):
+    """A real torch.distributed all_reduce over 3 ranks on n1 x2 and n2: gloo binds to the
+    interface that holds/routes to MASTER_ADDR (the host name resolves to loopback)."""
+    cfg = _cfg(ns, [{"name": "n1", "slots": 2}, {"name": "n2"}])
+    spec = StageSpec("g", "kmeans", GLOO_JOB, "g", DISTRIBUTED, 1, "h", world_size=3)
+    result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(tmp_path)), Plan([spec], 0))
+    assert result.complete, capsys.readouterr().out
+    recs = [json.loads((tmp_path / "g" / "out" / f"{r}.json").read_text()) for r in range(3)]
+    assert [r["sum"] for r in recs] == [6.0, 6.0, 6.0]
+    assert [r["host"] for r in recs] == ["n1", "n1", "n2"]
+    assert recs[2]["ifname"] == "eth0"
 
 
 def test_failed_task_runs_again_on_another_host(ns, tmp_path, capsys):

@@ -1,0 +1,39 @@
+"""A distributed job for the hosts launcher's tests: every rank joins torch.distributed
+(gloo, through lib.compute.distributed as k-means and metrics do), all-reduces its
+rank + 1, writes what it got, and rank 0 writes the marker."""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lib.compute.distributed import process_group
+from lib.core.markers import CompletionMarker, write_marker
+from lib.core.paths import RunPaths
+from lib.runtime.environment import current_environment
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--stage", required=True)
+    args = ap.parse_args()
+    ident = current_environment().identity(args.stage, run_dir=args.run_dir)
+    paths = RunPaths(args.run_dir)
+    with process_group(timeout_s=120) as de:
+        t = torch.tensor([float(de.rank + 1)])
+        dist.all_reduce(t)
+        record = {"rank": de.rank, "world": de.world_size, "sum": t.item(),
+                  "host": os.environ.get("EMBEDFLEET_HOST"),
+                  "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}  # fmt: skip
+        paths.storage.publish_json(f"{args.stage}/out/{de.rank}.json", record)
+    if ident.rank == 0:
+        marker = CompletionMarker(args.stage, ident.task_index, ident.num_tasks, "h")
+        write_marker(paths.storage, paths.marker(args.stage, ident.task_index), marker)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
