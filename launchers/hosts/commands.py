@@ -198,14 +198,42 @@ def _dest(target: SshTarget) -> str:
     return f"{target.user}@{target.address}" if target.user else target.address
 
 
-def ssh_argv(target: SshTarget, remote_command: str) -> list[str]:
+def ssh_argv(target: SshTarget, remote_command: str, *, stdin: bool = False) -> list[str]:
     """``ssh`` with the host key checked (StrictHostKeyChecking=yes: an unknown or changed
-    key is refused, never added), no prompts, no stdin, no tty, then the remote command
-    as one argument (ssh hands it to the remote login shell as it is)."""
+    key is refused, never added), no prompts, no tty, no stdin unless ``stdin`` (a copy
+    fed to the remote command), then the remote command as one argument (ssh hands it to
+    the remote login shell as it is)."""
     mux = []
     if target.control_path:
         mux = ["-o", "ControlMaster=no", "-o", f"ControlPath={target.control_path}"]
-    return ["ssh", "-T", "-n", *_ssh_options(target), *mux, "--", _dest(target), remote_command]
+    no_stdin = [] if stdin else ["-n"]
+    return [
+        "ssh",
+        "-T",
+        *no_stdin,
+        *_ssh_options(target),
+        *mux,
+        "--",
+        _dest(target),
+        remote_command,
+    ]
+
+
+def unpack_command(workdir: str, commit: str) -> str:
+    """Unpack the tar on stdin (``git archive`` of ``commit``) as ``workdir/commit`` once:
+    into a fresh temporary directory first, renamed into place when complete, so hosts
+    sharing a file system, or a copy cut short, never leave a partial tree in its place."""
+    if not re.fullmatch(r"[0-9a-f]{7,64}", commit):
+        raise ValueError(f"commit {commit!r} is not a hex object name")
+    q = shlex.quote
+    dest = f"{workdir.rstrip('/')}/{commit}"
+    return (
+        f"mkdir -p {q(workdir)} && if [ -e {q(dest + '/.embedfleet-complete')} ]; then "
+        "cat > /dev/null; echo present; else "
+        f"t=$(mktemp -d {q(workdir.rstrip('/') + '/.unpack-' + commit[:12] + '.XXXXXX')}) && "
+        f'tar -xf - -C "$t" && touch "$t/.embedfleet-complete" && '
+        f'{{ mv -T "$t" {q(dest)} 2>/dev/null || rm -rf "$t"; }} && echo unpacked; fi'
+    )
 
 
 def ssh_master_argv(target: SshTarget, persist_s: int = 60) -> list[str]:

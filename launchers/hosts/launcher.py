@@ -61,6 +61,7 @@ from launchers.hosts.commands import (
     ssh_argv,
     ssh_master_argv,
     start_command,
+    unpack_command,
 )
 from lib.config.redact import refuse_secret_literals, task_env
 from lib.core.errors import ConfigError
@@ -86,7 +87,8 @@ class Worker:
     address: str  # for the rendezvous of distributed stages
     slots: int
     env: dict[str, str]
-    argv: Callable[[str], list[str]]  # remote command -> the local argv that runs it
+    # (remote command, stdin wanted) -> the local argv that runs it
+    argv: Callable[..., list[str]]
     master: list[str] | None = None  # opens a multiplexed connection (ssh only)
     failures: int = 0
     dropped: bool = False
@@ -134,12 +136,19 @@ class HostsLauncher(Launcher):
                 "to travel on the remote command line; put `export NAME=...` in a file only you "
                 "can read on every host and set cluster.env_file=FILE (the tasks source it)"
             )
-        if str(self.mh.code_sync) != "none":
+        self.code_sync = str(self.mh.code_sync)
+        if self.code_sync == "archive" and not self.mh.workdir:
             raise ConfigError(
-                f"cluster.multihost.code_sync={self.mh.code_sync} is not implemented yet; use "
-                "code_sync=none with the code at cluster.multihost.workdir on every host"
+                "cluster.multihost.code_sync=archive unpacks `git archive HEAD` under "
+                "cluster.multihost.workdir on every host: set it (e.g. ~/embedfleet-code)"
             )
         self.workdir = str(self.mh.workdir or REPO_ROOT)
+        if not self.workdir.startswith("/"):
+            raise ConfigError(
+                f"cluster.multihost.workdir={self.workdir} must be an absolute path (it is "
+                "quoted on the remote command line, so ~ and $HOME are not expanded there)"
+            )
+        self.code: dict[str, str] = {"sync": self.code_sync}
         self.python = str(c.python or sys.executable)
         self.echo = echo
         self._workers: list[Worker] | None = None
@@ -182,7 +191,7 @@ class HostsLauncher(Launcher):
                     str(h.address),
                     int(h.slots),
                     {str(k): str(v) for k, v in (h.env or {}).items()},
-                    lambda cmd, t=target: ssh_argv(t, cmd),
+                    lambda cmd, stdin=False, t=target: ssh_argv(t, cmd, stdin=stdin),
                     ssh_master_argv(target),
                 )
             )
@@ -208,6 +217,55 @@ class HostsLauncher(Launcher):
         except FileNotFoundError as exc:
             raise ConfigError(f"cannot run {argv[0]!r}: {exc}; is it installed?") from None
         return p.returncode, p.stdout, p.stderr
+
+    def _archive(self) -> tuple[str, bytes]:
+        """(commit, tar bytes) of ``git archive HEAD`` of this checkout; warns when the
+        tree has changes that are not committed (they are not shipped)."""
+
+        def git(*args: str) -> bytes:
+            try:
+                return subprocess.run(
+                    ["git", "-C", str(REPO_ROOT), *args], capture_output=True, check=True
+                ).stdout
+            except (OSError, subprocess.CalledProcessError) as exc:
+                raise ConfigError(
+                    f"cluster.multihost.code_sync=archive needs this checkout to be a git "
+                    f"repository ({REPO_ROOT}): git {' '.join(args)} failed: {exc}"
+                ) from None
+
+        commit = git("rev-parse", "HEAD").decode().strip()
+        if git("status", "--porcelain", "--untracked-files=no").strip():
+            self._say(
+                f"WARNING: code_sync=archive ships commit {commit[:12]}; the uncommitted "
+                "changes of this checkout are not on the hosts"
+            )
+        return commit, git("archive", "--format=tar", "HEAD")
+
+    def _ship_code(self, ws: list[Worker]) -> None:
+        """``code_sync=archive``: unpack HEAD as ``workdir/COMMIT`` on every host, all
+        hosts at once; a host that fails it leaves the pool. Tasks then run there."""
+        commit, tar = self._archive()
+        cmd = unpack_command(self.workdir, commit)
+
+        def ship(w: Worker) -> tuple[int, str]:
+            try:
+                p = subprocess.run(
+                    w.argv(cmd, stdin=True),
+                    input=tar,
+                    capture_output=True,
+                    timeout=float(self.mh.command_timeout_s),
+                )
+            except subprocess.TimeoutExpired:
+                return SSH_FAILED, "timed out"
+            return p.returncode, p.stderr.decode(errors="replace").strip()
+
+        for w, (rc, err) in zip(ws, self._pool(ship, ws), strict=True):
+            if rc != 0:
+                w.dropped = True
+                self._say(f"WARNING: host {w.label}: unpacking the code failed ({err}); left out")
+        self.workdir = f"{self.workdir.rstrip('/')}/{commit}"
+        self.code = {"sync": "archive", "commit": commit, "dir": self.workdir}
+        self._say(f"code: commit {commit[:12]} unpacked as {self.workdir} on the hosts")
 
     def _host_key_error(self, w: Worker, stderr: str) -> HostKeyError | None:
         if "Host key verification failed" not in stderr and "HOST IDENTIFICATION" not in stderr:
@@ -363,6 +421,7 @@ class HostsLauncher(Launcher):
             returncode=None,
             interrupted=None,
             command=shlex.join(spec.command(self.python, paths.root)),
+            code=self.code,
         )
         for _w, rank in unit.placements:
             log = paths.storage.local_file(
@@ -624,6 +683,9 @@ class HostsLauncher(Launcher):
             self._dry_run(paths, plan)
             return LaunchResult(False, False, {})
         alive = self.preflight()
+        if self.code_sync == "archive":
+            self._ship_code(alive)
+            alive = [w for w in alive if not w.dropped]
         self._say(
             f"{self.name}: {len(alive)} host(s), {sum(w.slots for w in alive)} slot(s): "
             + ", ".join(f"{w.label} x{w.slots}" for w in alive)
@@ -653,6 +715,14 @@ class HostsLauncher(Launcher):
     def _dry_run(self, paths: RunPaths, plan: Plan) -> None:
         ws = self.workers()
         slots = [w for w in ws for _ in range(w.slots)]
+        if self.code_sync == "archive":
+            self._say("# code: git archive --format=tar HEAD, fed to each host:")
+            cmd = unpack_command(self.workdir, "0" * 40)
+            for w in ws:
+                self._say(
+                    f"$ git archive --format=tar HEAD | {shlex.join(w.argv(cmd, stdin=True))}"
+                )
+            self.workdir = f"{self.workdir.rstrip('/')}/COMMIT"
         for spec in plan.stages:
             done = completed_tasks(paths, spec)
             pending = [t for t in range(spec.num_tasks) if t not in done]
@@ -846,7 +916,7 @@ class TpuVmLauncher(HostsLauncher):
                         addr or f"{name}-w{i}",
                         1,
                         {},
-                        lambda cmd, t=t: gcloud_ssh_argv(t, cmd),
+                        lambda cmd, stdin=False, t=t: gcloud_ssh_argv(t, cmd),
                     )
                 )
         return out

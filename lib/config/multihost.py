@@ -56,7 +56,8 @@ class TpuVmConfig:
 
 @dataclass
 class MultihostConfig:
-    # Where tasks run on the hosts; null: this checkout's path (a shared file system).
+    # Where tasks run on the hosts (absolute); null: this checkout's path (a shared file
+    # system). code_sync=archive unpacks HEAD as workdir/COMMIT and runs there.
     workdir: str | None = None
     # Shell lines run before every task (venv activation, module load): shell, as written.
     setup: list[str] = field(default_factory=list)

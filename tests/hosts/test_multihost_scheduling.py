@@ -5,6 +5,7 @@ rendezvous, a failed task retried on another host, fail_fast, the dry run."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 from omegaconf import OmegaConf
@@ -13,6 +14,7 @@ from launchers.hosts.launcher import HostsLauncher
 from lib.config.schema import EmbedfleetConfig
 from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec
+from tests.conftest import REPO
 
 JOB = "tests.unit.launchers.echo_job"
 GLOO_JOB = "tests.hosts.gloo_job"
@@ -113,6 +115,27 @@ def test_fail_fast_stops_at_the_first_failure(ns, tmp_path, capsys):
     out = capsys.readouterr().out
     assert not result.complete and 0 in result.failed["a"]
     assert "fail_fast: stopping" in out and "retry" not in out
+
+
+def test_code_sync_archive_runs_the_tasks_from_the_unpacked_commit(ns, tmp_path, capsys):
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    code = tmp_path / "code"
+    cfg = _cfg(ns, [{"name": "n1"}, {"name": "n2"}], code_sync="archive", workdir=str(code))
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 2, "h")
+    run = tmp_path / "run"
+    result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(run)), Plan([spec], 0))
+    out = capsys.readouterr().out
+    assert result.complete, out
+    assert f"code: commit {head[:12]} unpacked as {code}/{head}" in out
+    assert (code / head / ".embedfleet-complete").exists()
+    assert (code / head / "tests/unit/launchers/echo_job.py").exists()
+    assert [p.name for p in code.iterdir()] == [head]  # the other host's copy was dropped
+    rec = _attempt(run, "a", 0)
+    assert rec["code"] == {"sync": "archive", "commit": head, "dir": f"{code}/{head}"}
+    # the tasks imported lib/ from the unpacked tree (cwd and PYTHONPATH there), not this one
+    assert list((code / head / "lib" / "core" / "__pycache__").glob("markers.*.pyc"))
 
 
 def test_dry_run_prints_every_ssh_command(ns, tmp_path, capsys):

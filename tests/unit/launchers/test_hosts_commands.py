@@ -24,6 +24,7 @@ from launchers.hosts.commands import (
     ssh_master_argv,
     start_command,
     task_script,
+    unpack_command,
 )
 from tests.unit.launchers.test_slurm_render import check_golden
 
@@ -70,6 +71,8 @@ def test_remote_commands_golden():
             probe_command([("t3r0", t.pid_file, t.exit_file)]),
             "# kill_command",
             kill_command([t.pid_file, "/runs/x y/p"]),
+            "# unpack_command",
+            unpack_command("/srv/code dir", "0123456789abcdef0123456789abcdef01234567"),
             "# clear_accelerator",
             task_script(RemoteTask(("python",), "/w", "/l", "/p", "/e", clear_accelerator=True)),
         ]
@@ -108,6 +111,8 @@ def test_gcloud_argv_is_one_worker_never_all():
 def test_bad_env_name_refused(tmp_path):
     with pytest.raises(ValueError, match="not a shell name"):
         task_script(_task(tmp_path, ["true"], env={"A;rm -rf /": "x"}))
+    with pytest.raises(ValueError, match="not a hex object name"):
+        unpack_command("/w", "HEAD; rm -rf /")
     with pytest.raises(ValueError, match="plain token"):
         probe_command([("t 1; reboot", "/p", "/e")])
 
