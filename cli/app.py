@@ -30,7 +30,7 @@ MULTIRUN_FLAGS = {"-m", "--multirun"}
 # are checked as each job starts, before it writes anything but Hydra's launch.log.
 PREVALIDATE_SWEEP_POINTS = 16
 USAGE = """usage:
-  python launch.py +experiment=NAME [KEY=VALUE ...] [--dry-run] [--force-replan]
+  python launch.py +experiment=NAME [KEY=VALUE ...] [--dry-run] [--force-replan] [--attach]
   python launch.py sync sync=NAME [KEY=VALUE ...]        the sync stage only (stages=[sync])
   python launch.py -m +experiment=NAME KEY=a,b ...      one run per sweep point
   python launch.py status|wait|retry|cancel|verify RUN_DIR
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(unknown_command(argv[0]), argv)
     dry_run = "--dry-run" in argv
     force_replan = "--force-replan" in argv
+    if "--attach" in argv:  # cluster=hosts|tpu_vm: stream every task's log, prefixed
+        argv = [a for a in argv if a != "--attach"] + ["cluster.multihost.attach=true"]
     argv = [a for a in argv if a not in ("--dry-run", "--force-replan")]
     flags = HYDRA_FLAGS.intersection(argv)
     if flags <= MULTIRUN_FLAGS and not any(a.startswith("--") and a not in flags for a in argv):

@@ -104,6 +104,17 @@ def test_failed_task_runs_again_on_another_host(ns, tmp_path, capsys):
     assert "failing on purpose" in (tmp_path / "a" / "logs" / "task_00000.log").read_text()
 
 
+def test_attach_streams_each_tasks_log_prefixed_with_host_and_task(ns, tmp_path, capsys):
+    cfg = _cfg(ns, [{"name": "n1"}, {"name": "n2"}], attach=True)
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 2, "h")
+    result = HostsLauncher(cfg).launch(RunPaths(str(tmp_path)), Plan([spec], 0))
+    out = capsys.readouterr().out
+    assert result.complete, out
+    for t in (0, 1):
+        host = _attempt(tmp_path, "a", t)["host"]
+        assert f"[{host} a {t}] hello from task {t} rank 0" in out, out
+
+
 def test_fail_fast_stops_at_the_first_failure(ns, tmp_path, capsys):
     cfg = _cfg(
         ns,
