@@ -525,9 +525,16 @@ class HostsLauncher(Launcher):
                 f"slot(s) ({', '.join(f'{w.label}: {w.slots}' for w in ws)}); add hosts or "
                 "slots (cluster.hosts[i].slots) or lower the stage's world size"
             )
-        queue: list[tuple[int, int, set[int]]] = [(t, 1, set()) for t in pending]
         running: list[_Unit] = []
         busy: dict[int, int] = {}
+        for u in self._adopt(paths, spec, pending):
+            running.append(u)
+            for w, _ in u.placements:
+                busy[w.index] = busy.get(w.index, 0) + 1
+        adopted = {u.task for u in running}
+        queue: list[tuple[int, int, set[int]]] = [
+            (t, 1, set()) for t in pending if t not in adopted
+        ]
         failed: list[int] = []
         retries = int(self.mh.max_task_retries)
         stagger = float(self.mh.start_stagger_s)
@@ -622,6 +629,34 @@ class HostsLauncher(Launcher):
         finally:
             ex.shutdown(wait=True)
         return sorted(failed)
+
+    def _adopt(self, paths: RunPaths, spec: StageSpec, pending: list[int]) -> list[_Unit]:
+        """Tasks an earlier launcher of this run started that still run on their hosts
+        (it was killed; they were not): followed, not started a second time."""
+        live = [
+            (u, rec)
+            for s, u, rec in self._live_units(paths, Plan([spec], 0))
+            if u.task in pending and not rec.get("ended") and rec.get("launcher_pid") != os.getpid()
+        ]
+        if not live:
+            return []
+        states = self._probe(paths, spec, [u for u, _ in live])
+        out = []
+        for u, _rec in live:
+            if any(w.dropped for w in u.workers()):
+                continue
+            if self._outcome(u, states) is None or all(
+                (states.get(w.index) or {}).get(_key(u.task, r), ("", None))[0] == "exit"
+                for w, r in u.placements
+            ):
+                u.tries = 1
+                self._say(
+                    f"[{spec.name} {u.task}] adopting attempt {u.attempt} on "
+                    f"{', '.join(w.label for w in u.workers())} from an earlier launcher"
+                )
+                self._record(paths, spec, u, adopted_by=os.getpid(), launcher_pid=os.getpid())
+                out.append(u)
+        return out
 
     def _outcome(self, u: _Unit, states) -> tuple[str, list[Worker]] | None:
         """None while the unit runs; else (why it failed or "", hosts to blame)."""

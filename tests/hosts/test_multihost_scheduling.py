@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -147,6 +149,49 @@ def test_code_sync_archive_runs_the_tasks_from_the_unpacked_commit(ns, tmp_path,
     assert rec["code"] == {"sync": "archive", "commit": head, "dir": f"{code}/{head}"}
     # the tasks imported lib/ from the unpacked tree (cwd and PYTHONPATH there), not this one
     assert list((code / head / "lib" / "core" / "__pycache__").glob("markers.*.pyc"))
+
+
+HOLD_LAUNCH = """
+import json, sys
+from omegaconf import OmegaConf
+from launchers.hosts.launcher import HostsLauncher
+from lib.core.paths import RunPaths
+from lib.plan.spec import Plan, StageSpec
+cfg = OmegaConf.create(json.loads(sys.argv[2]))
+spec = StageSpec("a", "embed", sys.argv[3], "a", "array", 2, "h")
+HostsLauncher(cfg).launch(RunPaths(sys.argv[1]), Plan([spec], 0))
+"""
+
+
+def test_relaunch_adopts_tasks_still_running(ns, tmp_path, capsys):
+    """A launcher killed with -9 leaves its tasks running; the next launch follows them
+    (same attempt, no second copy) and completes when they end."""
+    cfg = _cfg(ns, [{"name": "n1"}, {"name": "n2"}], setup=["sleep 4"])
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LAUNCH, str(run), json.dumps(OmegaConf.to_container(cfg)), JOB],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids = [run / "a" / "attempts" / f"task_{t:05d}.rank0.a1.pid" for t in (0, 1)]
+    deadline = time.time() + 60
+    while not all(p.exists() for p in pids):
+        assert time.time() < deadline and first.poll() is None, (
+            "the first launcher did not start both"
+        )
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 2, "h")
+    result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(run)), Plan([spec], 0))
+    out = capsys.readouterr().out
+    assert result.complete, out
+    for t in (0, 1):
+        assert f"[a {t}] adopting attempt 1 on" in out, out
+        rec = _attempt(run, "a", t)
+        assert rec["attempt"] == 1 and rec["returncode"] == 0
+    assert len(list((run / "a" / "out").glob("*.json"))) == 2  # each task ran once
 
 
 def test_dry_run_prints_every_ssh_command(ns, tmp_path, capsys):
