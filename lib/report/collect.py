@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from lib.core.errors import DatasetError
@@ -220,17 +221,72 @@ def merged_matrix(paths: RunPaths, cfg: DictConfig) -> tuple[str, np.ndarray] | 
     return None
 
 
-class TextReader:
-    """Texts of dataset rows as the run built them (``lib.data``), read once per batch;
-    a dataset that cannot be read any more leaves texts empty and says why (``problem``)."""
+# The columns ``dataset.keep_text`` puts in metadata.parquet: the embedded text, or a chat
+# run's parts (shown as prompt, then response).
+TEXT_COLUMN, CHAT_COLUMNS = "text", ("user_prompt", "response_text")
 
-    def __init__(self, cfg: DictConfig) -> None:
+
+def metadata_text_columns(paths: RunPaths) -> tuple[list[str], str] | None:
+    """The columns of ``merge/metadata.parquet`` that hold each row's text (and how they
+    join), or None when the run kept no text there (``dataset.keep_text=false``)."""
+    if not paths.storage.exists(paths.merge_metadata):
+        return None
+    with paths.storage.open(paths.merge_metadata) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    if TEXT_COLUMN in names:
+        return [TEXT_COLUMN], ""
+    if all(c in names for c in CHAT_COLUMNS):
+        return list(CHAT_COLUMNS), "\n\n"
+    return None
+
+
+def metadata_texts(paths: RunPaths, positions: np.ndarray, cols: list[str], sep: str) -> list[str]:
+    """Texts of the merged rows at ``positions`` (sorted, unique) from the metadata's
+    ``cols``, reading only the row groups that hold them."""
+    out: list[str] = []
+    with paths.storage.open(paths.merge_metadata) as f:
+        pf = pq.ParquetFile(f)
+        start = 0
+        for g in range(pf.num_row_groups):
+            stop = start + pf.metadata.row_group(g).num_rows
+            here = positions[(positions >= start) & (positions < stop)]
+            if len(here):
+                table = pf.read_row_group(g, columns=cols)
+                columns = [table.column(c).take(pa.array(here - start)).to_pylist() for c in cols]
+                out += [sep.join(str(v) for v in vals if v) for vals in zip(*columns, strict=True)]
+            start = stop
+    return out
+
+
+class TextReader:
+    """Texts of dataset rows: from the merge's metadata when the run kept them there
+    (``dataset.keep_text``: exactly what was embedded), else rebuilt from the dataset as
+    the run built them (``lib.data``), read once per batch; a dataset that cannot be read
+    any more leaves texts empty and says why (``problem``)."""
+
+    def __init__(
+        self, cfg: DictConfig, paths: RunPaths | None = None, merged: MergedRows | None = None
+    ) -> None:
         self.cfg = cfg
         self.problem: str | None = None
+        self.paths, self.merged = paths, merged
+        self.columns = metadata_text_columns(paths) if paths is not None and merged else None
 
     def texts(self, dataset_rows: np.ndarray) -> dict[int, str]:
         rows = np.unique(np.asarray(dataset_rows, dtype=np.int64))
-        if not len(rows) or self.problem is not None:
+        if not len(rows):
+            return {}
+        if self.columns is not None and self.paths is not None and self.merged is not None:
+            index = self.merged.row_index
+            order = np.argsort(index, kind="stable")
+            at = np.searchsorted(index[order], rows)
+            ok = (at < len(index)) & (index[order][np.minimum(at, len(index) - 1)] == rows)
+            positions = order[at[ok]]
+            by_position = np.argsort(positions, kind="stable")
+            texts = metadata_texts(self.paths, positions[by_position], *self.columns)
+            found = rows[ok][by_position]
+            return {int(r): t for r, t in zip(found, texts, strict=True)}
+        if self.problem is not None:
             return {}
         from lib.data.columns import needed_columns, open_dataset
         from lib.data.params import TextMode

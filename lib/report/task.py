@@ -492,7 +492,8 @@ SECTIONS: tuple[Callable[[Page, Inputs], None], ...] = (
 
 def build_page(paths: RunPaths, cfg: DictConfig, plan: Plan, params: ReportParams) -> Page:
     """Every section the run's outputs allow (see the module doc)."""
-    inp = Inputs(paths, cfg, plan, params, collect.merged_rows(paths), collect.TextReader(cfg))
+    merged = collect.merged_rows(paths)
+    inp = Inputs(paths, cfg, plan, params, merged, collect.TextReader(cfg, paths, merged))
     page = Page(
         f"embedfleet report: {cfg.run.name}",
         str(cfg.description or ""),
