@@ -62,10 +62,10 @@ def child_streamed(args: argparse.Namespace) -> None:
     import faiss
 
     from lib.formats.arrays import open_embeddings
+    from lib.formats.matrix_reader import MatrixReader
     from lib.index.build import build_index
     from lib.index.choice import choose_layout
     from lib.index.params import IndexParams
-    from lib.index.reader import MatrixReader
 
     matrix = open_embeddings(args.data)
     reader = MatrixReader(matrix)

@@ -22,9 +22,9 @@ import faiss
 import numpy as np
 
 from lib.core.progress import Progress
+from lib.formats.matrix_reader import MatrixReader
 from lib.index.choice import IndexLayout
 from lib.index.params import IndexKind, IndexMetric
-from lib.index.reader import MatrixReader
 
 log = logging.getLogger(__name__)
 

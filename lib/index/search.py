@@ -26,9 +26,9 @@ from lib.core.markers import (
 )
 from lib.core.paths import INDEX_DIR, RunPaths
 from lib.formats.arrays import open_embeddings
+from lib.formats.matrix_reader import MatrixReader
 from lib.formats.parquet import read_table
 from lib.index.params import IndexKind
-from lib.index.reader import MatrixReader
 
 
 class IndexMissingError(EmbedfleetError):

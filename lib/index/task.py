@@ -22,12 +22,12 @@ from lib.core.markers import CompletionMarker, require_intact, write_marker
 from lib.core.paths import INDEX_DIR, MERGE_DIR, RunPaths
 from lib.core.storage import OutputFile, Storage
 from lib.formats.arrays import open_embeddings
+from lib.formats.matrix_reader import MatrixReader
 from lib.formats.parquet import publish_table, read_table
 from lib.index.build import build_index
 from lib.index.choice import IndexLayout, choose_layout, choose_metric
 from lib.index.params import IndexParams
 from lib.index.plan import index_params
-from lib.index.reader import MatrixReader
 from lib.runtime.context import TaskContext
 
 log = logging.getLogger(__name__)

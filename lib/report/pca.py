@@ -13,56 +13,12 @@ first components, for the texts at both ends of each.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-
-class BlockReader:
-    """Row blocks of the 2-D C-ordered ``np.memmap`` ``matrix``, read by ``pread``."""
-
-    def __init__(self, matrix: np.memmap) -> None:
-        if matrix.ndim != 2 or not matrix.flags.c_contiguous:
-            raise ValueError(f"expected a C-ordered 2-D memmap, got shape {matrix.shape}")
-        self.path = Path(str(matrix.filename))
-        self.offset = int(matrix.offset)
-        self.rows, self.dim = (int(s) for s in matrix.shape)
-        self.dtype = np.dtype(matrix.dtype)
-
-    def _read(self, fd: int, start: int, out: np.ndarray) -> None:
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        pos, done = self.offset + start * self.dim * self.dtype.itemsize, 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise OSError(f"{self.path}: unexpected end of file at byte {pos + done}")
-            done += n
-
-    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first_row, block)``; the block is a reused buffer, consume it first."""
-        buffer = np.empty((max(1, min(block_rows, self.rows)), self.dim), dtype=self.dtype)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for start in range(0, self.rows, block_rows):
-                block = buffer[: min(block_rows, self.rows - start)]
-                self._read(fd, start, block)
-                yield start, block
-        finally:
-            os.close(fd)
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """The given rows (sorted, distinct) as float32, one read per row."""
-        out = np.empty((len(rows), self.dim), dtype=self.dtype)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for i, r in enumerate(np.asarray(rows, dtype=np.int64)):
-                self._read(fd, int(r), out[i : i + 1])
-        finally:
-            os.close(fd)
-        return out.astype(np.float32, copy=False)
+from lib.formats.matrix_reader import MatrixReader
 
 
 @dataclass
@@ -74,13 +30,13 @@ class Moments:
     source_sums: np.ndarray | None  # (S, D) float64 when codes were given
 
 
-def _rows(matrix: np.ndarray | BlockReader) -> BlockReader | np.ndarray:
-    return BlockReader(matrix) if isinstance(matrix, np.memmap) else matrix
+def _rows(matrix: np.ndarray | MatrixReader) -> MatrixReader | np.ndarray:
+    return MatrixReader(matrix) if isinstance(matrix, np.memmap) else matrix
 
 
-def _blocks(src: BlockReader | np.ndarray, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    if isinstance(src, BlockReader):
-        yield from src.blocks(block_rows)
+def _blocks(src: MatrixReader | np.ndarray, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    if isinstance(src, MatrixReader):
+        yield from src.chunks(block_rows)
     else:
         for start in range(0, len(src), block_rows):
             yield start, src[start : start + block_rows]

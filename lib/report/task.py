@@ -22,13 +22,13 @@ from omegaconf import DictConfig
 
 from lib.core.markers import CompletionMarker, write_marker
 from lib.core.paths import REPORT_DIR, RunPaths
+from lib.formats.matrix_reader import MatrixReader
 from lib.plan.spec import Plan
 from lib.report import collect, figures
 from lib.report.figures import plot_text
 from lib.report.page import Block, Page, Section, render
 from lib.report.params import ReportParams
 from lib.report.pca import (
-    BlockReader,
     component_scores,
     principal_components,
     project,
@@ -242,7 +242,7 @@ def embeddings_section(page: Page, inp: Inputs) -> None:
     # The map: a per-source sample projected on the first two components.
     inp.sample = sample_per_source(rows.codes, len(rows.sources), p.max_points, p.seed)
     vectors = (
-        BlockReader(matrix).take(inp.sample)
+        MatrixReader(matrix).take(inp.sample)
         if isinstance(matrix, np.memmap)
         else (np.asarray(matrix[inp.sample], dtype=np.float32))
     )

@@ -19,10 +19,10 @@ import pytest
 from bench.index_data import recall_at_k
 from cli.commands import run_subcommand
 from lib.formats.arrays import open_embeddings
+from lib.formats.matrix_reader import MatrixReader
 from lib.index.build import build_index
 from lib.index.choice import choose_layout
 from lib.index.params import IndexParams
-from lib.index.reader import MatrixReader
 from tests.conftest import REPO, run_launch
 
 pytestmark = pytest.mark.slow

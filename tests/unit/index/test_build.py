@@ -13,10 +13,10 @@ from lib.core.errors import ConfigError, InvalidMarkerError
 from lib.core.markers import read_marker
 from lib.core.paths import INDEX_DIR, MERGE_DIR
 from lib.formats.arrays import open_embeddings
+from lib.formats.matrix_reader import MatrixReader
 from lib.index.build import build_index, make_index, train_index
 from lib.index.choice import choose_layout
 from lib.index.params import IndexParams
-from lib.index.reader import MatrixReader
 from lib.index.search import load_index, search
 from lib.index.task import write_index
 from tests.unit.index.helpers import merged_run

@@ -1,4 +1,5 @@
-"""Rows of the merged matrix read with ``pread`` from its file, not through the memory map.
+"""Rows of a merged matrix read with ``pread`` from its file, not through the memory map
+(the index build, search by row, the report's streamed PCA).
 
 Touched pages of a memory map count in a process's resident set until it unmaps them, so
 adding a 1.5 GB matrix chunk by chunk through ``np.memmap`` ends with the whole file in
