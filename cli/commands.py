@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from cli.argtypes import count, seconds
 from cli.report import add_report_parser
 from cli.run import resolve_run
 from cli.search import add_search_parser
@@ -113,28 +114,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
-
-
 RUN_HELP = "the run dir launch.py printed (a path or a URL), or run.name=NAME"
 EXIT_HELP = "exit codes: 0 done; 1 a task failed or the command failed; 2 bad arguments"
 
@@ -167,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         "nothing runs any more, nothing is running or pending, or --timeout passed (exit 1).",
     )
     s.add_argument("run", help=RUN_HELP)
-    s.add_argument("--timeout", type=_seconds, default=None, help="seconds (default: none)")
+    s.add_argument("--timeout", type=seconds, default=None, help="seconds (default: none)")
     s.add_argument(
-        "--interval", type=_seconds, default=10.0, help="seconds between polls (default: 10)"
+        "--interval", type=seconds, default=10.0, help="seconds between polls (default: 10)"
     )
     s.set_defaults(fn=cmd_wait)
     s = add(
@@ -182,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("stage", help="a stage of the run's plan, e.g. embed, merge, kmeans_level1")
     s.add_argument("task", type=int, help="task index, 0 to the stage's task count - 1")
     s.add_argument(
-        "--rank", type=_count, default=0, help="rank of a distributed stage's task (default: 0)"
+        "--rank", type=count, default=0, help="rank of a distributed stage's task (default: 0)"
     )
     s.add_argument(
-        "--tail", type=_count, default=0, help="only the last N lines (default: 0, all of it)"
+        "--tail", type=count, default=0, help="only the last N lines (default: 0, all of it)"
     )
     s.set_defaults(fn=cmd_logs)
     s = add(

@@ -14,22 +14,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from cli.argtypes import positive
 from lib.core.errors import ConfigError
 
 REPORT_EPILOG = (
     "exit codes: 0 the page was written (its path printed); 1 the command failed (not a "
     "run dir, an output that cannot be read); 2 bad arguments"
 )
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_report_parser(add: Callable[..., argparse.ArgumentParser], run_help: str) -> None:
@@ -49,7 +40,7 @@ def add_report_parser(add: Callable[..., argparse.ArgumentParser], run_help: str
     s.add_argument("run", help=run_help)
     s.add_argument(
         "--max-points",
-        type=_positive,
+        type=positive,
         default=None,
         help="points on the maps at most, sampled per source (default: report.max_points, 50000)",
     )

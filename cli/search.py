@@ -25,33 +25,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from cli.argtypes import dataset_row, positive
 from lib.core.errors import ConfigError, DatasetError, EmbedfleetError, ModelError
 from lib.core.paths import RunPaths
 from lib.plan.spec import Plan
 
 TEXT_WIDTH = 100
 BATCH = 256  # queries of --file embedded at once
-
-
-def _positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _row(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a dataset row number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"dataset rows are numbered from 0, got {value}")
-    return value
 
 
 def add_search_parser(add: Callable[..., argparse.ArgumentParser], run_help: str) -> None:
@@ -68,12 +48,12 @@ def add_search_parser(add: Callable[..., argparse.ArgumentParser], run_help: str
     )
     s.add_argument("run", help=run_help)
     s.add_argument("query", nargs="?", default=None, help="the text to search for")
-    s.add_argument("-k", type=_positive, default=10, help="results per query (default: 10)")
+    s.add_argument("-k", type=positive, default=10, help="results per query (default: 10)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
-    s.add_argument("--row", type=_row, default=None, help="neighbours of dataset row N")
+    s.add_argument("--row", type=dataset_row, default=None, help="neighbours of dataset row N")
     s.add_argument("--file", type=Path, default=None, help="a file of queries, one a line")
-    s.add_argument("--nprobe", type=_positive, default=None, help="IVF lists to search")
-    s.add_argument("--ef-search", type=_positive, default=None, help="HNSW efSearch")
+    s.add_argument("--nprobe", type=positive, default=None, help="IVF lists to search")
+    s.add_argument("--ef-search", type=positive, default=None, help="HNSW efSearch")
     s.add_argument(
         "--model",
         default=None,
