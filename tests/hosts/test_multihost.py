@@ -124,12 +124,13 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
-    """n2's task is held in its setup line; then n2 'dies' (its task killed, its veth
-    down): the launcher finds n2 unreachable, runs the task on n1 or n3, and the merged
-    embeddings equal the local launcher's exactly."""
-    veth = ns_hosts.env["EF_VETH_n2"]
+    """n3's task is held in its setup line; then n3 'dies' (its task killed, its veth
+    down): the launcher finds n3 unreachable, runs the task on n1 or n2, and the merged
+    embeddings equal the local launcher's exactly. (n3: the scheduling tests, which may
+    run at the same time on another worker, use n1 and n2 only.)"""
+    veth = ns_hosts.env["EF_VETH_n3"]
     run = root / "hosts"
-    hold = '[ "$EMBEDFLEET_HOST" != n2 ] || sleep 600'
+    hold = '[ "$EMBEDFLEET_HOST" != n3 ] || sleep 600'
     proc = _start(
         *SLICE,
         *_hosts_args(ns_hosts),
@@ -138,15 +139,15 @@ def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
         "run.name=hosts",
     )
     try:
-        on_n2 = lambda: next(  # noqa: E731
-            (t for t in range(3) if _attempt(run, t).get("host") == "n2"), None
+        on_n3 = lambda: next(  # noqa: E731
+            (t for t in range(3) if _attempt(run, t).get("host") == "n3"), None
         )
         _wait(
-            lambda: on_n2() is not None and _pid_file(run, on_n2(), 1).exists(),
-            "n2's task",
+            lambda: on_n3() is not None and _pid_file(run, on_n3(), 1).exists(),
+            "n3's task",
             proc=proc,
         )
-        task = on_n2()
+        task = on_n3()
         pgid = int(_pid_file(run, task, 1).read_text())
         subprocess.run(["ip", "link", "set", veth, "down"], check=True)
         os.killpg(pgid, signal.SIGKILL)
@@ -156,11 +157,11 @@ def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
-    assert re.search(rf"\[embed {task}\] failed on n2 \(host n2 does not answer\); retry 1", out), (
+    assert re.search(rf"\[embed {task}\] failed on n3 \(host n3 does not answer\); retry 1", out), (
         out
     )
     rec = _attempt(run, task)
-    assert rec["attempt"] == 2 and rec["host"] in ("n1", "n3") and rec["returncode"] == 0
+    assert rec["attempt"] == 2 and rec["host"] in ("n1", "n2") and rec["returncode"] == 0
     got = np.asarray(open_embeddings(run / "merge" / "embeddings.safetensors"))
     assert got.shape == reference.shape
     assert np.array_equal(got, reference)
