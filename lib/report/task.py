@@ -3,8 +3,8 @@ memory, publish ``report/index.html`` (one self-contained file), then the marker
 it with its sha256.
 
 Sections appear only for stages whose outputs exist: Run (always), Embeddings (merge),
-Clustering (k-means, metrics), Curation (curate). Activations (extract) plugs in as one
-more entry of ``SECTIONS`` once that stage writes its markers; until then there is none.
+Clustering (k-means, metrics), Curation (curate), Activations (extract: its merged
+``extract/metadata.json``).
 ``launch.py report RUN_DIR`` calls ``write_report`` too, replacing an earlier page and its
 marker.
 """
@@ -479,14 +479,61 @@ def curation_section(page: Page, inp: Inputs) -> None:
         )
 
 
-# Each builder adds its section when the run has the outputs it reads. An Activations
-# section (the extract stage's tokens, shards and bytes per task) goes here once extract
-# writes its completion markers.
+def activations_section(page: Page, inp: Inputs) -> None:
+    """The extract stage's totals and, per task, samples, tokens, shards and bytes (from
+    ``extract/metadata.json``, which ``extract_metadata`` checked against the markers)."""
+    storage = inp.paths.storage
+    if not storage.exists(inp.paths.extract_metadata):
+        return
+    meta = storage.read_json(inp.paths.extract_metadata)
+    tasks = list(meta.get("tasks") or [])
+    s = Section("activations", "Activations")
+    page.sections.append(s)
+    layers = ", ".join(str(x) for x in meta.get("layers") or [])
+    s.blocks.append(
+        Block(
+            "text",
+            f"{meta.get('model', '?')}: layers {layers}, {meta.get('dtype', '?')}, "
+            f"{meta.get('packing', '?')} to {meta.get('max_seq_length', '?')} tokens; "
+            f"{int(meta.get('samples', 0)):,} samples, {int(meta.get('tokens', 0)):,} tokens "
+            f"in {int(meta.get('shards', 0)):,} shards, {int(meta.get('bytes', 0)) / 1e6:,.1f} "
+            f"MB ({meta.get('compression', 'none')}) over {len(tasks)} task(s).",
+        )
+    )
+    headers = ["task", "samples", "tokens", "shards", "MB"]
+    table = [
+        [
+            t["task"],
+            f"{t['samples']:,}",
+            f"{t['tokens']:,}",
+            t["shards"],
+            f"{t['bytes'] / 1e6:,.1f}",
+        ]
+        for t in tasks
+    ]
+    s.blocks.append(Block("table", {"headers": headers, "rows": table}, "Per task"))
+    labels = [f"task {t['task']}" for t in tasks]
+    page.figure(
+        s,
+        "fig-activation-tokens",
+        figures.bars(labels, {"tokens": [t["tokens"] for t in tasks]}, "Tokens per task", "tokens"),
+    )
+    page.figure(
+        s,
+        "fig-activation-bytes",
+        figures.bars(
+            labels, {"MB": [t["bytes"] / 1e6 for t in tasks]}, "Bytes written per task", "MB"
+        ),
+    )
+
+
+# Each builder adds its section when the run has the outputs it reads.
 SECTIONS: tuple[Callable[[Page, Inputs], None], ...] = (
     run_section,
     embeddings_section,
     clustering_section,
     curation_section,
+    activations_section,
 )
 
 
