@@ -250,7 +250,8 @@ def test_nothing_in_the_data_runs_and_texts_show_literally(loaded):
 
 
 def test_launch_py_report_redraws_the_page_with_fewer_points(report_run, browser):
-    proc = _ok(run_launch("report", str(report_run), "--max-points", "8"))
+    """... and, with --umap, a UMAP map of the same 8 points (umap-learn)."""
+    proc = _ok(run_launch("report", str(report_run), "--max-points", "8", "--umap"))
     page_file = report_run / "report" / "index.html"
     assert proc.stdout.strip().splitlines()[-1] == str(page_file)
     marker = json.loads((report_run / "report" / "completions" / "task_00000.json").read_text())
@@ -262,6 +263,8 @@ def test_launch_py_report_redraws_the_page_with_fewer_points(report_run, browser
         assert map_points(page, "fig-map") == 8
         legend = page.eval_on_selector_all("#fig-map .legend .traces", "els => els.length")
         assert legend == len(SOURCES)  # 2 points of each source
+        umap_text = page.text_content("p.count[data-figure='fig-umap']")
+        assert umap_text == f"showing 8 of {ROWS} rows" and map_points(page, "fig-umap") == 8
         assert log["console_errors"] == [] and log["page_errors"] == []
     finally:
         page.context.close()
