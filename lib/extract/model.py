@@ -179,6 +179,10 @@ class HiddenStates:
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> dict[int, Any]:
         self._captured = {}
+        if bool(attention_mask.all()):
+            # No padding: no mask, so attention takes its causal fast path (an explicit
+            # all-ones mask costs the CPU forward time the whole model does not spend).
+            attention_mask = None
         with self.torch.inference_mode(), contextlib.suppress(_Stop):
             self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         out, self._captured = self._captured, {}
