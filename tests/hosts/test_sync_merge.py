@@ -95,7 +95,9 @@ def test_sync_then_merge_of_two_hosts_legacy_shards_equals_the_local_merge(ssh_h
     text = resync.stdout + resync.stderr
     assert resync.returncode == 0, text
     assert "merge: running 1 task(s)" in resync.stdout, text
-    assert "downloaded new or changed files the merge reads (embeddings/cluster1_gpu3.pkl)" in text, text
+    assert (
+        "downloaded new or changed files the merge reads (embeddings/cluster1_gpu3.pkl)" in text
+    ), text
     regot = np.asarray(open_embeddings(tmp_path / "seed/merge/embeddings.safetensors"))
     assert np.array_equal(regot, data) and not np.array_equal(regot, got)
 
