@@ -179,14 +179,20 @@ def dataset_input(cfg: DictConfig, dry_run: bool = False):
     try:
         return embed_input(cfg)
     except DatasetError as exc:
-        sizes = [v for v in (cfg.dataset.expected_rows, cfg.dataset.limit) if v is not None]
-        if not dry_run or not sizes:
-            raise
-        print(
-            f"warning: {exc}\nplanning for {min(sizes)} rows (dataset.expected_rows/limit)",
-            file=sys.stderr,
-        )
-        return EmbedInput(int(min(sizes)))
+        return EmbedInput(_declared_rows(cfg, exc, dry_run))
+
+
+def _declared_rows(cfg: DictConfig, exc: DatasetError, dry_run: bool) -> int:
+    """The row count a dry run plans from when the dataset cannot be read here
+    (``dataset.expected_rows``/``limit``, with a warning); else ``exc`` is raised."""
+    sizes = [v for v in (cfg.dataset.expected_rows, cfg.dataset.limit) if v is not None]
+    if not dry_run or not sizes:
+        raise exc
+    print(
+        f"warning: {exc}\nplanning for {min(sizes)} rows (dataset.expected_rows/limit)",
+        file=sys.stderr,
+    )
+    return int(min(sizes))
 
 
 def extract_rows(cfg: DictConfig, dry_run: bool = False) -> int:
@@ -197,14 +203,7 @@ def extract_rows(cfg: DictConfig, dry_run: bool = False) -> int:
     try:
         return check_dataset(open_dataset(cfg), cfg)
     except DatasetError as exc:
-        sizes = [v for v in (cfg.dataset.expected_rows, cfg.dataset.limit) if v is not None]
-        if not dry_run or not sizes:
-            raise
-        print(
-            f"warning: {exc}\nplanning for {min(sizes)} rows (dataset.expected_rows/limit)",
-            file=sys.stderr,
-        )
-        return int(min(sizes))
+        return _declared_rows(cfg, exc, dry_run)
 
 
 def recorded_overrides(overrides: list[str]) -> list[str]:
