@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -42,6 +43,19 @@ from lib.core.hashing import sha256_file, sha256_stream
 
 # gcsfs hangs against emulators unless this is set before it is first imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+class _OneLine(logging.Filter):
+    """gcsfs logs a request that ran out of retries with its whole traceback (through
+    Python's last-resort handler when nothing is configured); the storage error raised
+    here names the URL, the cause and the fix, so the library's record keeps one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("gcsfs").addFilter(_OneLine())
 
 TMP_MARK = ".tmp-"
 _STAMP = ".ef-stamp"
