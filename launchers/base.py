@@ -13,7 +13,11 @@ pid's ``process_start`` so that a reused pid is never taken for the task).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,31 @@ from omegaconf import DictConfig
 
 from lib.core.paths import RunPaths
 from lib.plan.spec import Plan, StageSpec
+
+# What a foreground launcher counts instead of dying of while its tasks run.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals_to(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Route the stop signals to ``handler`` while the block runs, then restore the
+    handlers. Main thread only (a launcher started from another thread keeps the
+    process's handlers); under ``nohup`` SIGHUP stays ignored: the run is meant to
+    outlive the terminal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {
+        s: signal.signal(s, handler)
+        for s in STOP_SIGNALS
+        if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)
+    }
+    try:
+        yield
+    finally:
+        for s, previous in saved.items():
+            signal.signal(s, previous)
+
 
 # What status shows for a task; "done" only ever comes from a valid completion marker.
 DONE, RUNNING, FAILED, PENDING = "done", "running", "failed", "pending"

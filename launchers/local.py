@@ -45,6 +45,7 @@ from launchers.base import (
     LaunchResult,
     SchedulerView,
     read_attempt,
+    stop_signals_to,
     write_attempt,
 )
 from lib.compute.devices import describe_local_gpus, local_device_env, stage_uses_gpus
@@ -66,7 +67,6 @@ _LABELLED = re.compile(r"^\d\d:\d\d:\d\d \w+ \[")
 # only bounds one stuck in C code (a model forward, a collective).
 STOP_GRACE_S = 10.0
 # The signals that stop the launcher (and its tasks) cleanly.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL_S = 0.2
 
 
@@ -362,20 +362,8 @@ class LocalLauncher(Launcher):
         only: a launcher started from another thread keeps the process's handlers)."""
         self._signals = 0
         self._quiet = False
-        if threading.current_thread() is not threading.main_thread():
+        with stop_signals_to(self._on_signal):
             yield
-            return
-        # Under `nohup` SIGHUP stays ignored: the run is meant to outlive the terminal.
-        saved = {
-            s: signal.signal(s, self._on_signal)
-            for s in STOP_SIGNALS
-            if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)
-        }
-        try:
-            yield
-        finally:
-            for s, handler in saved.items():
-                signal.signal(s, handler)
 
     def _stop_all(self, paths: RunPaths, spec: StageSpec, running: list[_Running]) -> int:
         """Stop every running task: SIGTERM to all at once, one deadline, then SIGKILL of

@@ -48,6 +48,7 @@ from launchers.base import (
     LaunchResult,
     SchedulerView,
     read_attempt,
+    stop_signals_to,
     write_attempt,
 )
 from launchers.hosts.commands import (
@@ -74,7 +75,6 @@ from lib.remote.errors import HostKeyError, RemoteError
 from lib.runtime.environment import PORT_BASE, PORT_SPAN
 from lib.runtime.identity import TaskIdentity, identity_env
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SSH_FAILED = 255  # ssh's own failure (cannot connect, host key refused), not the command's
 
 
@@ -382,19 +382,8 @@ class HostsLauncher(Launcher):
     @contextlib.contextmanager
     def _signals_deferred(self) -> Iterator[None]:
         self._signals = 0
-        if threading.current_thread() is not threading.main_thread():
+        with stop_signals_to(self._on_signal):
             yield
-            return
-        saved = {
-            s: signal.signal(s, self._on_signal)
-            for s in STOP_SIGNALS
-            if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)
-        }
-        try:
-            yield
-        finally:
-            for s, h in saved.items():
-                signal.signal(s, h)
 
     def _record(self, paths: RunPaths, spec: StageSpec, unit: _Unit, **fields) -> None:
         write_attempt(paths, spec, unit.task, **fields)
