@@ -93,7 +93,12 @@ class MatrixWriter:
             raise ValueError(f"more than the declared {self.rows} rows written to {self.path}")
         if block.shape[0] == 0:
             return
-        data = np.ascontiguousarray(block, dtype=self.dtype).data.cast("B")
+        arr = np.ascontiguousarray(block, dtype=self.dtype)
+        if np.may_share_memory(arr, block):
+            # Hashed after this returns: a caller's buffer (a reader's reused block) may be
+            # refilled by then, so the hash gets its own copy of what was written.
+            arr = arr.copy()
+        data = arr.data.cast("B")
         self.fh.write(data)
         self._wait()
         # hashlib releases the GIL: this block is hashed while the caller reads the next.

@@ -64,3 +64,21 @@ def test_matrix_writer_streams_and_aborts(tmp_path, suffix):
         w.close()
     assert not (tmp_path / f"n{suffix}").exists()
     assert [p.name for p in tmp_path.iterdir()] == [f"m{suffix}"]
+
+
+def test_the_matrix_writer_hashes_a_reused_buffer_as_it_was_written(tmp_path):
+    # The merge reads shards into reused buffers; the writer hashes each block on its own
+    # thread after write() returns. A buffer refilled at once (the next shard's first
+    # block) must not change the sha256 the marker records (it did, under load).
+    import hashlib
+
+    rows, dim = 1 << 15, 256  # 32 MiB blocks: hashing one takes tens of milliseconds
+    buf = np.empty((rows, dim), dtype=np.float32)
+    w = MatrixWriter(tmp_path / "m.safetensors", 2 * rows, dim, "float32")
+    buf[:] = 1.0
+    w.write(buf)
+    buf[:] = 2.0
+    w.write(buf)
+    buf[:] = 3.0
+    sha = w.close()
+    assert sha == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
