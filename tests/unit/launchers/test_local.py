@@ -181,6 +181,7 @@ def test_ctrl_c_stops_every_task_and_leaves_no_child(tmp_path, capsys):
     plan = _plan(_stage("w", 2))
     started = lambda: len(list((tmp_path / "w" / "out").glob("*.json"))) == 2  # noqa: E731
     _interrupt_when(started)
+    before = signal.getsignal(signal.SIGINT)  # ignored when pytest itself runs in background
     result = LocalLauncher(_cfg(ECHO_SLEEP="120")).launch(paths, plan)
     assert result.interrupted == 2 and not result.complete and not result.failed
     out = capsys.readouterr().out
@@ -190,7 +191,7 @@ def test_ctrl_c_stops_every_task_and_leaves_no_child(tmp_path, capsys):
     view = LocalLauncher(_cfg()).scheduler_view(paths, plan)
     assert view[("w", 0)][0] == PENDING and "interrupted" in view[("w", 0)][1]
     # the signal handlers are the process's own again, and a rerun finishes the stage
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     assert LocalLauncher(_cfg()).launch(paths, plan).complete
 
 
