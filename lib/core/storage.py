@@ -19,7 +19,8 @@ contract 2): a name is either absent or holds its complete content.
 
 Credentials and endpoints of object stores come from the environment or fsspec's own
 configuration (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``FSSPEC_S3_*``,
-``GOOGLE_APPLICATION_CREDENTIALS``), never from the run config.
+``GOOGLE_APPLICATION_CREDENTIALS``; ``STORAGE_EMULATOR_HOST=http://host:port`` sends gs://
+to a GCS emulator, as it does Google's own clients), never from the run config.
 """
 
 from __future__ import annotations
@@ -568,7 +569,8 @@ class FsspecStorage(Storage):
                 f"run dir {self.root} is not writable ({type(exc).__name__}: {exc}); check "
                 "the bucket name and the credentials in the environment (AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL for S3, "
-                "GOOGLE_APPLICATION_CREDENTIALS for GCS), or choose another run.root"
+                "GOOGLE_APPLICATION_CREDENTIALS for GCS, STORAGE_EMULATOR_HOST for a GCS "
+                "emulator), or choose another run.root"
             ) from exc
 
 

@@ -1,7 +1,10 @@
-"""Publication on a local path and on a real S3 server: whole or absent, create-only
-markers, one-call listings, cached local copies."""
+"""Publication on a local path, a real S3 server (moto) and a real GCS emulator
+(fake-gcs-server): whole or absent, create-only markers, one-call listings, cached local
+copies, and an upload killed halfway never listed."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -14,6 +17,7 @@ from lib.core.storage import (
     open_storage,
     remove_stale_temporaries,
 )
+from tests.conftest import REPO
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
@@ -63,10 +67,11 @@ def test_check_writable_names_the_dir(tmp_path):
         check_writable(blocker / "sub")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def storage(request, tmp_path):
-    if request.param == "s3":
-        return open_storage(request.getfixturevalue("s3_root"), scratch=tmp_path / "scratch")
+    if request.param != "local":
+        root = request.getfixturevalue({"s3": "s3_root", "gs": "gcs_root"}[request.param])
+        return open_storage(root, scratch=tmp_path / "scratch")
     return open_storage(tmp_path / "run")
 
 
@@ -132,3 +137,45 @@ def test_local_storage_is_the_directory_itself(tmp_path):
     storage.publish_bytes("f.txt", b"x")
     assert storage.local_path("f.txt") == tmp_path / "f.txt"
     assert storage.local_file("logs/a.log") == tmp_path / "logs" / "a.log"
+
+
+# Uploads a 6 MiB object in 5 MiB parts (S3 multipart, GCS resumable) and stops, unfinished,
+# after the first part is on the server: the parent kills it there.
+_HALF_UPLOAD = """
+import sys, time
+from lib.core.storage import open_storage
+storage = open_storage(sys.argv[1])
+fh = storage.fs.open(storage._p("big/shard.bin"), "wb", block_size=5 * 2**20)
+fh.write(b"x" * (6 * 2**20))
+fh.flush()
+print("part sent", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_an_upload_killed_halfway_is_never_listed(store, request):
+    root = request.getfixturevalue({"s3": "s3_root", "gs": "gcs_root"}[store])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HALF_UPLOAD, root],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line == "part sent\n", line + proc.stdout.read()
+    finally:
+        proc.kill()  # SIGKILL mid-upload: the object was never completed
+        proc.wait(timeout=30)
+    storage = open_storage(root)
+    storage.publish_bytes("big/other.bin", b"done")
+    assert storage.list("big") == {"big/other.bin": 4}
+    assert not storage.exists("big/shard.bin") and storage.size("big/shard.bin") is None
+
+
+def test_a_missing_gcs_bucket_names_the_fix(gcs_server, tmp_path):
+    storage = open_storage("gs://no-such-bucket-here/runs", scratch=tmp_path)
+    with pytest.raises(StorageError, match="no-such-bucket-here.*not writable.*STORAGE_EMULATOR"):
+        storage.check_writable()
