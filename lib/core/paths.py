@@ -4,6 +4,7 @@ A run dir (``run.root/run.name``, a local path or an fsspec URL) holds::
 
     run.yaml  plan.json                      the resolved config (redacted), the stage plan
     launcher.lock                            who is launching the run (lib.core.locks)
+    scheduler.json scheduler.log             the hosts launcher's scheduler: who, state; its log
     <stage dir>/completions/task_XXXXX.json  completion markers (DESIGN.md contract 2)
     <stage dir>/completions/invalid/         markers whose outputs no longer matched, with why
     <stage dir>/attempts/task_XXXXX.json     who ran a task last (local launcher)
@@ -45,6 +46,8 @@ from lib.core.storage import Storage, open_storage
 RUN_CONFIG = "run.yaml"
 PLAN = "plan.json"
 LAUNCHER_LOCK = "launcher.lock"
+SCHEDULER = "scheduler.json"
+SCHEDULER_LOG = "scheduler.log"
 
 EMBED_DIR = "embed"
 MERGE_DIR = "merge"
@@ -163,6 +166,10 @@ class RunPaths:
     plan = PLAN
     # Held by the launcher that runs the run (lib.core.locks).
     launcher_lock = LAUNCHER_LOCK
+    # The process that schedules a cluster=hosts|tpu_vm run's tasks (launchers.hosts):
+    # host, pid, start, detached or not, how it ended; a detached one's output.
+    scheduler = SCHEDULER
+    scheduler_log = SCHEDULER_LOG
 
     # -- what every stage has (a k-means step dir, too: its marker is in the step dir) ------
     @staticmethod
