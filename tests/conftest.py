@@ -294,21 +294,22 @@ def gcs_root(gcs_server, request) -> str:
 
 
 # `make test` runs the suite on pytest-xdist workers with --dist loadgroup: the tests of a
-# module share a worker (so its module fixtures are built once), and each long SLURM test
-# that mostly waits for the scheduler (a time limit, a requeue, thousands of array tasks)
-# gets a worker of its own, so it waits beside the CPU-bound tests instead of after them.
-# They go first: the longest work starts at once.
-OWN_WORKER = (
-    "test_3000_tasks_split_into_3_arrays_all_complete",
-    "test_time_limit_signal_stops_requeues_and_resumes",
-    "test_scontrol_requeue_resumes_from_finished_parts",
+# module share a worker (so its module fixtures are built once). The modules with the
+# longest wall time go first (longest-first keeps the workers' last minutes full), the
+# SLURM launcher tests among them: they mostly wait for the scheduler (requeue holds,
+# 30-second time-limit checks) beside the CPU-bound tests.
+FIRST = (
+    "tests.slurm.test_launcher",
+    "tests.e2e.test_vllm",
+    "tests.e2e.test_local_pipeline",
+    "tests.e2e.test_object_store",
+    "tests.e2e.test_faults",
+    "tests.hosts.test_multihost",
 )
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = getattr(item, "originalname", item.name)
-        group = name if name in OWN_WORKER else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-    rank = {name: i for i, name in enumerate(OWN_WORKER)}
-    items.sort(key=lambda it: rank.get(getattr(it, "originalname", it.name), len(rank)))
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda it: rank.get(it.module.__name__, len(rank)))

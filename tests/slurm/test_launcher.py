@@ -8,7 +8,9 @@ stays short. Nothing else about the cluster is faked.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -183,10 +185,12 @@ def test_failed_task_is_named_merge_fails_clearly_and_retry_redoes_only_it(slurm
 
 
 def _long_run_args(root: Path, name: str) -> list[str]:
-    # One shard of 600 rows in 30-row parts: slow enough on 2 cores to be interrupted.
+    # One shard of 150 rows in five 30-row parts. The tests hold the task (SIGSTOP) at the
+    # moment they need, so the run need not be long: only the parts it still has to do
+    # after the interruption matter, and the machine's speed does not.
     return [
         "+experiment=quickstart",
-        "dataset.limit=600",
+        f"dataset.limit={LONG_ROWS}",
         "embed.num_shards=1",
         "embed.part_rows=30",
         "embed.torch_threads=1",
@@ -196,9 +200,13 @@ def _long_run_args(root: Path, name: str) -> list[str]:
     ]
 
 
+LONG_ROWS = 150
+USR2_BIT = 1 << (signal.SIGUSR2 - 1)
+
+
 @pytest.fixture(scope="module")
 def long_reference(shared_root) -> Path:
-    _ok(run_launch(*_long_run_args(shared_root, "long-ref"), timeout=1500))
+    _ok(run_launch(*_long_run_args(shared_root, "long-ref")))
     return shared_root / "long-ref"
 
 
@@ -206,16 +214,43 @@ def _parts_done(run: Path) -> int:
     return len(list((run / "embed" / "parts").glob("shard_00000/part_*.json")))
 
 
-# A busy VM embeds these 1,500 rows at a few rows/s: the reference alone can pass 600 s.
-@pytest.mark.timeout(1800)
+def _task_pid(run: Path) -> int | None:
+    """The pid of the process holding task 0's lock (its record names the holder)."""
+    lock = run / RunPaths.task_lock("embed", 0)
+    try:
+        return int(json.loads(lock.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def hold_task_after(run: Path, parts: int, timeout: float = 600) -> int:
+    """SIGSTOP the running task as soon as it has published ``parts`` parts (it then has
+    the rest still to do, however fast this machine is). Returns its pid."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pid = _task_pid(run)
+        if pid and _parts_done(run) >= parts:
+            os.kill(pid, signal.SIGSTOP)
+            assert _parts_done(run) < LONG_ROWS // 30, "the task finished before it was held"
+            return pid
+        time.sleep(0.2)
+    raise AssertionError(f"the task never published {parts} part(s)")
+
+
+def _pending_signals(pid: int) -> int:
+    """The signals pending for process ``pid`` (/proc/PID/status ShdPnd | SigPnd)."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+
+
+@pytest.mark.timeout(1200)
 def test_scontrol_requeue_resumes_from_finished_parts(slurm_cluster, shared_root, long_reference):
     run = shared_root / "requeued"
     _ok(run_launch(*_long_run_args(shared_root, "requeued"), "cluster=slurm"))
     job = load_submissions(run)[0].job_id + "_0"
-    deadline = time.time() + 300
-    while _parts_done(run) < 2 and time.time() < deadline:
-        time.sleep(0.5)
-    assert _parts_done(run) >= 2, "the task never finished two parts"
+    hold_task_after(run, 2)  # requeued mid-shard, with three parts to go
     subprocess.run(["scontrol", "requeue", job], check=True)
     done = wait_run(run, timeout=900)
     assert "all stages complete" in done, done
@@ -224,29 +259,39 @@ def test_scontrol_requeue_resumes_from_finished_parts(slurm_cluster, shared_root
     assert np.array_equal(merged(run), merged(long_reference))
 
 
-@pytest.mark.timeout(2400)
-def test_time_limit_signal_stops_requeues_and_resumes(slurm_cluster, shared_root):
-    # SLURM checks time limits every ~30 s: with a 2-minute limit and a 60 s warning the
-    # signal comes 30-60 s in, after the task has started and installed its handler. 1,500
-    # rows on one thread take longer than that on this machine, so the task must come back.
-    rows = ["dataset.limit=1500"]
-    _ok(run_launch(*_long_run_args(shared_root, "timelimit-ref"), *rows, timeout=1500))
+@pytest.mark.timeout(1200)
+def test_time_limit_signal_stops_requeues_and_resumes(slurm_cluster, shared_root, long_reference):
+    # SLURM sends the warning signal (--signal=B:USR2@60) when a check (every ~30 s) finds
+    # the job within 60 s + one check interval of its 2-minute limit: 30-60 s in. The task
+    # is held (SIGSTOP) after its first part until SLURM's SIGUSR2 is pending, then
+    # continued: it must stop at the next part boundary, requeue itself and resume.
     run = shared_root / "timelimit"
     args = [
         *_long_run_args(shared_root, "timelimit"),
-        *rows,
         "cluster=slurm",
         "cluster.slurm.resources.embed.time=00:02:00",
         "cluster.slurm.signal_delay_s=60",
         "cluster.slurm.max_restarts=20",
     ]
     _ok(run_launch(*args))
-    done = wait_run(run, timeout=1500)
+    pid = hold_task_after(run, 1)
+    log_file = run / "embed" / "logs" / "task_00000.log"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            if _pending_signals(pid) & USR2_BIT or "received SIGUSR2" in log_file.read_text():
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("SLURM never sent the time-limit warning signal (SIGUSR2)")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    done = wait_run(run, timeout=900)
     assert "all stages complete" in done, done
-    log = (run / "embed" / "logs" / "task_00000.log").read_text()
+    log = log_file.read_text()
     assert "received SIGUSR2" in log and "timeout: requeued job" in log, log[-3000:]
     assert "already done" in log
-    assert np.array_equal(merged(run), merged(shared_root / "timelimit-ref"))
+    assert np.array_equal(merged(run), merged(long_reference))
 
 
 def _touch_plan(run: Path, tasks: int, kind: str = ARRAY, world: int = 1) -> tuple:
