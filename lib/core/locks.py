@@ -17,6 +17,12 @@ a create-only object with the same record, removed on release; one left by a dea
 process of this host is taken over with a warning, one from another host is refused
 with the object to delete.
 
+A launcher that goes on in the background (the hosts launcher's detached scheduler)
+takes the run lock over without a gap: the launch hands the flock's file descriptor to
+the child it starts (``RunLock.hand_over``, ``pass_fds``), which records itself as the
+holder (``take_over_run_lock``); an flock belongs to the open file, so it stays held
+while the child lives and is released by the kernel when it dies.
+
 Process identity guards against pid reuse: ``process_start`` is the boot id and the
 start time of the process (``/proc/PID/stat``), so a pid that now names another process,
 or the same number after a reboot, is not taken for the holder.
@@ -141,6 +147,7 @@ class _FileLock:
         self.path = path
         self.fd: int | None = None
         self.previous: Holder | None = None  # the record a dead holder left, if any
+        self.handed_over = False  # another process holds it now: close, never unlock
 
     def acquire(self) -> Holder | None:
         """Take the lock; return None, or the live holder if another process has it."""
@@ -175,6 +182,10 @@ class _FileLock:
 
     def release(self) -> None:
         if self.fd is None:
+            return
+        if self.handed_over:  # the child's copy of the open file keeps it locked
+            os.close(self.fd)
+            self.fd = None
             return
         # An empty file is a lock released properly; a record means its holder died.
         with contextlib.suppress(OSError):
@@ -253,6 +264,16 @@ class RunLock:
             True,
         )
 
+    def hand_over(self) -> int | None:
+        """The file descriptor of the held flock, for a child process that goes on holding
+        the lock (``take_over_run_lock``; give it with ``subprocess.Popen(pass_fds=...)``).
+        From then on ``release`` only closes this process's copy. None where the lock is
+        not an flock (an object store, a file system without locks)."""
+        if self._file is None or self._file.fd is None:
+            return None
+        self._file.handed_over = True
+        return self._file.fd
+
     def release(self) -> None:
         if self._file is not None:
             self._file.release()
@@ -273,14 +294,33 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_lock(storage: Storage, name: str, *, enabled: bool = True) -> Iterator[None]:
+def run_lock(storage: Storage, name: str, *, enabled: bool = True) -> Iterator[RunLock | None]:
     """Hold the run dir's launcher lock ``name`` for the block (nothing when not
-    ``enabled``: a dry run writes nothing). Raises ``RunLockedError``."""
+    ``enabled``: a dry run writes nothing); yields the lock (None when not enabled).
+    Raises ``RunLockedError``."""
     if not enabled:
-        yield
+        yield None
         return
-    with RunLock(storage, name):
-        yield
+    with RunLock(storage, name) as lock:
+        yield lock
+
+
+def take_over_run_lock(storage: Storage, name: str, fd: int) -> RunLock:
+    """In a process started with the descriptor ``fd`` of a run lock that its parent
+    handed over (``RunLock.hand_over``): record this process as the holder (the parent's
+    command kept in the record) and return the lock, released on ``release`` or exit."""
+    os.set_inheritable(fd, False)  # not to the ssh processes this one starts
+    lock = _FileLock(storage.local_file(name))
+    lock.fd = fd
+    parent = Holder.parse(_read_fd(fd))
+    me = Holder(command=f"the detached scheduler of: {parent.command}" if parent else "?")
+    record = json_bytes(asdict(me))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+    os.fsync(fd)
+    out = RunLock(storage, name)
+    out._file = lock
+    return out
 
 
 @contextlib.contextmanager

@@ -16,7 +16,13 @@ import time
 import pytest
 
 from lib.core.errors import RunLockedError
-from lib.core.locks import RunLock, process_alive, process_start, run_lock, task_lock
+from lib.core.locks import (
+    RunLock,
+    process_alive,
+    process_start,
+    run_lock,
+    task_lock,
+)
 from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
 from lib.core.storage import open_storage
@@ -77,6 +83,44 @@ def test_a_second_launcher_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, 
     with caplog.at_level(logging.WARNING), run_lock(storage, RunPaths.launcher_lock):
         pass
     assert "taking over" not in caplog.text
+
+
+TAKE_OVER = """
+import sys, time
+from lib.core.storage import open_storage
+from lib.core.locks import take_over_run_lock
+held = take_over_run_lock(open_storage(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_handed_over_run_lock_is_held_by_the_child_without_a_gap(tmp_path):
+    """The launch hands the flock to a child (a detached scheduler) and returns: the lock
+    stays held, now naming the child; when the child dies it is free again."""
+    storage = RunPaths(tmp_path).storage
+    with run_lock(storage, RunPaths.launcher_lock) as lock:
+        assert lock is not None
+        fd = lock.hand_over()
+        assert fd is not None
+        child = subprocess.Popen(
+            [sys.executable, "-c", TAKE_OVER, str(tmp_path), RunPaths.launcher_lock, str(fd)],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=(fd,),
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    try:
+        with pytest.raises(RunLockedError) as info:
+            RunLock(storage, RunPaths.launcher_lock).acquire()
+        assert f"pid {child.pid} on " in str(info.value)
+        assert "the detached scheduler of: " in str(info.value)
+    finally:
+        _kill(child)
+    with run_lock(storage, RunPaths.launcher_lock):
+        pass
 
 
 def test_a_dry_run_takes_no_lock(tmp_path):
