@@ -6,6 +6,11 @@ run's tasks) and ``scheduler_view`` (what its scheduler says about tasks that ar
 done, for ``status``). Completion markers stay the truth; the scheduler's view is
 advisory: it tells running from failed from pending and where the logs are.
 
+``start`` is what ``launch.py`` and ``retry`` call: ``launch`` itself, except in a launcher
+whose scheduling loop can go on in the background (hosts, tpu_vm: it starts a detached
+scheduler holding the run lock and returns once tasks run). ``scheduler_alive`` and
+``status_notes`` let ``wait`` and ``status`` speak about such a process.
+
 An attempt record ``<stage dir>/attempts/task_XXXXX.json`` says who ran a task last
 (launcher, host, pids or job id, start, end, return code; a local launcher adds each
 pid's ``process_start`` so that a reused pid is never taken for the task).
@@ -23,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lib.core.locks import RunLock
 from lib.core.paths import RunPaths
 from lib.plan.spec import Plan, StageSpec
 
@@ -89,6 +95,23 @@ class Launcher(ABC):
     @abstractmethod
     def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
         """Run (or submit) every task of ``plan`` without a valid marker, in stage order."""
+
+    def start(
+        self, paths: RunPaths, plan: Plan, *, dry_run: bool = False, lock: RunLock | None = None
+    ) -> LaunchResult:
+        """What the command line runs: ``launch``. ``lock``: the run lock the caller holds,
+        for a launcher that hands it to a background process of its own."""
+        return self.launch(paths, plan, dry_run=dry_run)
+
+    def scheduler_alive(self, paths: RunPaths) -> bool | None:
+        """Whether a process of this launcher still drives the run (starts tasks, retries
+        them, runs the next stage): None when the launcher has none of its own (the launch
+        is the run, or a cluster's scheduler drives it) or it cannot be told from here."""
+        return None
+
+    def status_notes(self, paths: RunPaths, plan: Plan) -> list[str]:
+        """Lines ``status`` prints below its table (after ``scheduler_view``)."""
+        return []
 
     @abstractmethod
     def cancel(self, paths: RunPaths, plan: Plan) -> int:
