@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -229,10 +230,24 @@ def _fake_gcs_binary() -> Path:
     return binary
 
 
+@dataclass
+class GcsServer:
+    """A running fake-gcs-server: ``env`` points gcsfs at it; ``data`` is its filesystem
+    backend (``data/BUCKET/NAME`` is object ``gs://BUCKET/NAME``); ``pid`` its process."""
+
+    env: dict[str, str]
+    data: Path
+    pid: int
+
+    def file(self, url: str) -> Path:
+        """Where the backend keeps the object at ``url`` (``gs://BUCKET/NAME``)."""
+        return self.data / url.removeprefix("gs://")
+
+
 @pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """fake-gcs-server on 127.0.0.1 (filesystem backend) with one bucket; yields the
-    environment that points gcsfs at it (also set in this process for the session)."""
+def gcs_server(tmp_path_factory) -> Iterator[GcsServer]:
+    """fake-gcs-server on 127.0.0.1 (filesystem backend) with one bucket; its environment
+    (``.env``, pointing gcsfs at it) is also set in this process for the session."""
     port = _free_port()
     top = tmp_path_factory.mktemp("fake-gcs")
     (top / "data").mkdir()
@@ -274,7 +289,7 @@ def gcs_server(tmp_path_factory) -> Iterator[dict[str, str]]:
         import gcsfs
 
         gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True).mkdir(GCS_BUCKET)
-        yield env
+        yield GcsServer(env, top / "data", proc.pid)
     finally:
         for k, v in saved.items():
             if v is None:
