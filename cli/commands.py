@@ -32,32 +32,44 @@ def _load(paths: RunPaths):
     return cfg, Plan.load(paths), get_launcher(cfg)
 
 
-def _statuses(paths: RunPaths):
-    _, plan, launcher = _load(paths)
-    return collect_status(paths, plan, launcher.scheduler_view(paths, plan))
+def _report(paths: RunPaths, plan: Plan, launcher, statuses) -> str:
+    """The status table, then what the launcher adds (its scheduler, its hosts)."""
+    return "\n".join([render_status(paths, statuses), *launcher.status_notes(paths, plan)])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     paths = resolve_run(args.run)
-    statuses = _statuses(paths)
-    print(render_status(paths, statuses))
+    _, plan, launcher = _load(paths)
+    statuses = collect_status(paths, plan, launcher.scheduler_view(paths, plan))
+    print(_report(paths, plan, launcher, statuses))
     return exit_code(statuses)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
+    """Until complete (0), or (1) a failure with nothing running, nothing running or
+    pending, the timeout; where the launcher has a scheduler process of its own (hosts),
+    while it lives (it retries and starts the next stages), and 1 once it is gone."""
     paths = resolve_run(args.run)
+    _, plan, launcher = _load(paths)
     deadline = time.time() + args.timeout if args.timeout else None
     while True:
-        statuses = _statuses(paths)
+        alive = launcher.scheduler_alive(paths)
+        statuses = collect_status(paths, plan, launcher.scheduler_view(paths, plan))
         if all(s.complete for s in statuses):
-            print(render_status(paths, statuses))
+            print(_report(paths, plan, launcher, statuses))
             return 0
-        active = any(s.having(RUNNING) or s.having(PENDING) for s in statuses)
-        if any(s.having(FAILED) for s in statuses) and not any(s.having(RUNNING) for s in statuses):
-            print(render_status(paths, statuses))
+        if alive is False:
+            print(_report(paths, plan, launcher, statuses))
             return 1
-        if not active or (deadline and time.time() > deadline):
-            print(render_status(paths, statuses))
+        active = any(s.having(RUNNING) or s.having(PENDING) for s in statuses)
+        failed = any(s.having(FAILED) for s in statuses)
+        if alive is None and (
+            (failed and not any(s.having(RUNNING) for s in statuses)) or not active
+        ):
+            print(_report(paths, plan, launcher, statuses))
+            return 1
+        if deadline and time.time() > deadline:
+            print(_report(paths, plan, launcher, statuses))
             return 1
         time.sleep(args.interval)
 
@@ -94,15 +106,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     paths = resolve_run(args.run)
-    _, plan, launcher = _load(paths)
-    with run_lock(paths.storage, paths.launcher_lock, enabled=not args.dry_run):
-        result = launcher.launch(paths, plan, dry_run=args.dry_run)
+    cfg, plan, launcher = _load(paths)
+    # cluster=hosts|tpu_vm: detached unless asked now (run.yaml keeps an earlier --attach)
+    cfg.cluster.multihost.attach = bool(args.attach)
+    with run_lock(paths.storage, paths.launcher_lock, enabled=not args.dry_run) as lock:
+        result = launcher.start(paths, plan, dry_run=args.dry_run, lock=lock)
     if result.interrupted is not None:
         return 130  # the launcher said what it stopped
     if result.failed:
         view = launcher.scheduler_view(paths, plan)
         print(render_status(paths, collect_status(paths, plan, view)), file=sys.stderr)
         return 1
+    if result.submitted:
+        print(f"submitted; watch with: python launch.py status {paths.root}")
     return 0
 
 
@@ -143,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         "wait",
         "block until the run completes or a task fails",
         "Poll the run's status until every stage is complete (exit 0), a task failed and "
-        "nothing runs any more, nothing is running or pending, or --timeout passed (exit 1).",
+        "nothing runs any more, nothing is running or pending, or --timeout passed (exit 1). "
+        "cluster=hosts|tpu_vm: while its scheduler lives (it retries failed tasks and starts "
+        "the next stages); exit 1 once it is gone without the run complete.",
     )
     s.add_argument("run", help=RUN_HELP)
     s.add_argument("--timeout", type=seconds, default=None, help="seconds (default: none)")
@@ -175,11 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("run", help=RUN_HELP)
     s.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    s.add_argument(
+        "--attach",
+        action="store_true",
+        help="cluster=hosts|tpu_vm: schedule in the foreground, streaming every task's log "
+        "(default: a detached scheduler; launch.py returns once tasks run)",
+    )
     s.set_defaults(fn=cmd_retry)
     s = add(
         "cancel",
         "stop every running task / job of the run",
-        "Stop every running task (local processes) or job (SLURM, submitit) of the run.",
+        "Stop every running task (local processes) or job (SLURM, submitit) of the run; "
+        "cluster=hosts|tpu_vm: its scheduler first, then the process groups on every host.",
     )
     s.add_argument("run", help=RUN_HELP)
     s.set_defaults(fn=cmd_cancel)

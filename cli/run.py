@@ -309,7 +309,7 @@ def launch_run(
         launcher = get_launcher(cfg)
         # One launcher per run dir, from before run.yaml is written until the launcher
         # returns (a scheduler's: once submitted); a dry run writes nothing.
-        with run_lock(paths.storage, paths.launcher_lock, enabled=not dry_run):
+        with run_lock(paths.storage, paths.launcher_lock, enabled=not dry_run) as lock:
             if not dry_run:
                 save_run_config(paths, cfg)
                 if embed_input is not None and embed_input.sample is not None:
@@ -321,7 +321,8 @@ def launch_run(
                     print(line)
             print(f"embedfleet: {cfg.description or cfg.run.name}")
             print(f"run dir: {run_dir}")
-            result = launcher.launch(paths, plan, dry_run=dry_run)
+            # A launcher that detaches (hosts, tpu_vm) hands the lock to its scheduler.
+            result = launcher.start(paths, plan, dry_run=dry_run, lock=lock)
     except (EmbedfleetError, PermissionError) as exc:
         known = [*environ_secret_values(), *config_secret_values(to_plain(cfg))]
         print(f"error: {mask(str(exc), known)}", file=sys.stderr)
