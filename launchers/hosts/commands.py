@@ -268,6 +268,10 @@ class TpuTarget:
     internal_ip: bool = False
     tunnel_through_iap: bool = False
     gcloud: str = "gcloud"
+    connect_timeout_s: int = 10
+    # More flags for the ``ssh`` gcloud runs (``--ssh-flag=F`` each; gcloud splits F on
+    # whitespace, and its own host-key options come first, so these cannot undo them).
+    ssh_flags: tuple[str, ...] = ()
 
 
 def _gcloud_scope(t: TpuTarget) -> list[str]:
@@ -281,7 +285,11 @@ def _gcloud_scope(t: TpuTarget) -> list[str]:
 
 def gcloud_ssh_argv(target: TpuTarget, remote_command: str) -> list[str]:
     """``gcloud compute tpus tpu-vm ssh [USER@]NAME --worker=i --command=...`` for one
-    worker, with the key and the connection options asked for."""
+    worker, with the key and the connection options asked for. Host keys are checked
+    (``--strict-host-key-checking=yes``: gcloud's known_hosts,
+    ``~/.ssh/google_compute_known_hosts``, under the alias ``tpu.NODE_ID-WORKER``); the
+    ssh never prompts (``BatchMode=yes``) and gives up connecting after
+    ``connect_timeout_s`` (gcloud itself tries 10 times, 5 s apart)."""
     dest = f"{target.user}@{target.name}" if target.user else target.name
     argv = [target.gcloud, "compute", "tpus", "tpu-vm", "ssh", dest, f"--worker={target.worker}"]
     argv += _gcloud_scope(target)
@@ -291,7 +299,13 @@ def gcloud_ssh_argv(target: TpuTarget, remote_command: str) -> list[str]:
         argv.append("--internal-ip")
     if target.tunnel_through_iap:
         argv.append("--tunnel-through-iap")
-    argv += ["--strict-host-key-checking=yes", "--quiet", f"--command={remote_command}"]
+    argv += [
+        "--strict-host-key-checking=yes",
+        "--ssh-flag=-o BatchMode=yes",
+        f"--ssh-flag=-o ConnectTimeout={int(target.connect_timeout_s)}",
+    ]
+    argv += [f"--ssh-flag={f}" for f in target.ssh_flags]
+    argv += ["--quiet", f"--command={remote_command}"]
     return argv
 
 

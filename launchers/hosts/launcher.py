@@ -932,6 +932,8 @@ class TpuVmLauncher(HostsLauncher):
                     internal_ip=bool(self.tpu.internal_ip),
                     tunnel_through_iap=bool(self.tpu.tunnel_through_iap),
                     gcloud=str(self.tpu.gcloud),
+                    connect_timeout_s=int(self.mh.connect_timeout_s),
+                    ssh_flags=tuple(str(f) for f in self.tpu.ssh_flags),
                 )
                 out.append(
                     Worker(

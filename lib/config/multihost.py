@@ -48,6 +48,9 @@ class TpuVmConfig:
     tunnel_through_iap: bool = False
     user: str | None = None  # USER@NAME; null: gcloud's default
     ssh_key_file: str | None = None
+    # More flags for the ssh that gcloud runs, each passed as --ssh-flag=F (e.g. "-p 2222",
+    # "-o ProxyJump=bastion"); host keys stay checked (gcloud's options come first).
+    ssh_flags: list[str] = field(default_factory=list)
     gcloud: str = "gcloud"
     # Before a task starts on a worker: kill processes holding /dev/accel* or /dev/vfio/*
     # and remove /tmp/libtpu_lockfile (what a killed earlier run leaves behind).

@@ -82,7 +82,9 @@ def test_remote_commands_golden():
 
 def test_local_argv_golden():
     ssh = SshTarget("10.0.0.2", 2222, "me", "/k/id key", False, "/kh/known hosts", 5)
-    tpu = TpuTarget("v4-32", 3, "us-central2-b", "proj", "me", "/k/id", True, True)
+    tpu = TpuTarget(
+        "v4-32", 3, "us-central2-b", "proj", "me", "/k/id", True, True, ssh_flags=("-p 2222",)
+    )
     lines = [
         shlex.join(ssh_argv(ssh, "echo " + shlex.quote(HOSTILE))),
         shlex.join(ssh_argv(SshTarget("h", agent=True), "true")),

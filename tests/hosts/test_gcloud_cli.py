@@ -1,0 +1,238 @@
+"""cluster=tpu_vm through the real ``gcloud`` CLI (tier 2 of the TPU tests).
+
+Google's TPU API cannot exist here: ``tests/hosts/fake_tpu_api.py`` stands in for it, a
+small HTTP server on loopback that gcloud is pointed at
+(``CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU``/``_COMPUTE``, no credentials, a throwaway
+``CLOUDSDK_CONFIG``). Everything else is real: the installed ``gcloud`` reads the node
+(``describe``, and before every ``tpu-vm ssh --worker=i``), builds its own ssh command and
+runs the real ``ssh`` to the worker's address, a namespace sshd (n1, n2 of
+scripts/hosts/up.sh; port 2222 through ``cluster.tpu_vm.ssh_flags``). Host keys stay
+strict (``--strict-host-key-checking=yes``): gcloud checks them in
+``~/.ssh/google_compute_known_hosts`` (its fixed path, under ``$HOME``) under the alias
+``tpu.NODE_ID-WORKER``, so the tests set ``HOME`` to a directory of their own and write
+that file there.
+
+gcloud retries a worker whose ssh fails 10 times, 5 s apart (about a minute), so the
+refused-host-key launch starts in the background with the module and is checked last.
+The real ``gcloud`` is on this machine image (the Debian ``google-cloud-cli`` package,
+which ``make install`` cannot install: Google's apt repository): under CI=true a missing
+gcloud or a server that cannot start fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from launchers.hosts.launcher import TpuVmLauncher
+from lib.config.schema import EmbedfleetConfig
+from lib.core.markers import check_marker
+from lib.core.paths import RunPaths
+from lib.plan.spec import ARRAY, Plan, StageSpec
+from lib.remote.errors import RemoteError
+from tests.conftest import REPO
+from tests.hosts.fake_tpu_api import FakeNode, FakeTpuApi
+
+pytestmark = pytest.mark.slow
+
+JOB = "tests.unit.launchers.echo_job"
+PROJECT, ZONE = "ef-test", "us-central2-b"
+NS = ("n1", "n2")  # n3 is cut off by tests/hosts/test_multihost.py, maybe at the same time
+TPU, BADKEY, STOPPED = "ef-tpu", "ef-tpu-badkey", "ef-tpu-stopped"
+IDS = {TPU: "4242", BADKEY: "4343", STOPPED: "4444"}
+
+
+def _need_gcloud() -> str:
+    gcloud = shutil.which("gcloud")
+    version = ""
+    if gcloud:
+        version = subprocess.run(
+            [gcloud, "--version"], capture_output=True, text=True, timeout=120
+        ).stdout
+    if not gcloud or "Google Cloud SDK" not in version:
+        reason = f"the real gcloud CLI is not on PATH (found {gcloud!r}: {version[:200]!r})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return gcloud
+
+
+def _pub(path: Path) -> str:
+    return " ".join(path.read_text().split()[:2])
+
+
+@pytest.fixture(scope="module")
+def ns(ssh_hosts):
+    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
+    assert set(NS) <= set(names), f"up.sh started namespace hosts {names}, not {NS}"
+    return ssh_hosts
+
+
+@pytest.fixture(scope="module")
+def tpu(ns, tmp_path_factory):
+    """The fake API (ef-tpu: n1, n2; ef-tpu-badkey: the same workers, a wrong key for
+    worker 1 in known_hosts; ef-tpu-stopped) and this process's environment pointed at
+    it, with HOME (gcloud's known_hosts) in a directory of the test's."""
+    _need_gcloud()
+    base = tmp_path_factory.mktemp("gcloud")
+    home = base / "home"
+    (home / ".ssh").mkdir(parents=True)
+    other = base / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    lines = []
+    for name in (TPU, BADKEY):
+        for i, h in enumerate(NS):
+            key = other.with_suffix(".pub") if (name, i) == (BADKEY, 1) else ns.host_pub_key(h)
+            lines.append(f"tpu.{IDS[name]}-{i} {_pub(key)}")
+    (home / ".ssh" / "google_compute_known_hosts").write_text("\n".join(lines) + "\n")
+    user = ns.env["EF_NS_USER"]
+    # gcloud looks for `USER:KEYTYPE KEY USER` in the node's ssh-keys (else it PATCHes it in)
+    keys = f"{user}:{_pub(Path(ns.key + '.pub'))} {user}"
+    endpoints = tuple(ns.address(h) for h in NS)
+    nodes = {
+        TPU: FakeNode(IDS[TPU], endpoints, keys),
+        BADKEY: FakeNode(IDS[BADKEY], endpoints, keys),
+        STOPPED: FakeNode(IDS[STOPPED], endpoints, keys, state="STOPPED"),
+    }
+    try:
+        api = FakeTpuApi(PROJECT, ZONE, nodes)
+    except OSError as exc:
+        pytest.fail(f"the fake TPU API could not start on loopback: {exc}")
+    with api, pytest.MonkeyPatch.context() as mp:
+        for k, v in {**api.env(base / "cloudsdk"), "HOME": str(home)}.items():
+            mp.setenv(k, v)
+        yield api
+
+
+def _cfg(ns, name: str, **multihost):
+    return OmegaConf.merge(
+        OmegaConf.structured(EmbedfleetConfig),
+        {
+            "cluster": {
+                "launcher": "tpu_vm",
+                "tpu_vm": {
+                    "name": name,
+                    "zone": ZONE,
+                    "project": PROJECT,
+                    "user": ns.env["EF_NS_USER"],
+                    "ssh_key_file": ns.key,
+                    "ssh_flags": [f"-p {ns.port}"],
+                },
+                "multihost": {"connect_timeout_s": 5, "poll_s": 3, **multihost},
+            }
+        },
+    )
+
+
+REFUSED = """
+import json, sys
+from omegaconf import OmegaConf
+from launchers.hosts.launcher import TpuVmLauncher
+from lib.core.paths import RunPaths
+from lib.plan.spec import Plan, StageSpec
+cfg = OmegaConf.create(json.loads(sys.argv[2]))
+spec = StageSpec("a", "embed", sys.argv[3], "a", "array", 2, "h")
+try:
+    TpuVmLauncher(cfg).launch(RunPaths(sys.argv[1]), Plan([spec], 0))
+except Exception as exc:
+    print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
+    sys.exit(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def refused(ns, tpu, tmp_path_factory):
+    """The launch on ef-tpu-badkey, started now: gcloud retries the refused worker for
+    about a minute, which the other tests do not wait for."""
+    run = tmp_path_factory.mktemp("badkey") / "run"
+    cfg = _cfg(ns, BADKEY, command_timeout_s=300)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REFUSED, str(run), json.dumps(OmegaConf.to_container(cfg)), JOB],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    yield proc, run
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_array_stage_on_tpu_workers_through_real_gcloud(ns, tpu, refused, tmp_path, capsys):
+    """4 tasks on the 2 workers of ef-tpu: describe gives the workers, every call is one
+    `gcloud compute tpus tpu-vm ssh --worker=i` that reaches worker i's own machine, the
+    tasks write their outputs and markers in a run dir whose path would break naive
+    quoting, and gcloud found the key in the node's metadata (no update sent)."""
+    run = tmp_path / "run  dir 'q' $(touch PWNED)"
+    where = tmp_path / "where.txt"
+    setup = (
+        f'echo "$EMBEDFLEET_TASK_INDEX $EMBEDFLEET_HOST '
+        f"$(ip -o -4 addr show dev eth0 | awk '{{print $4}}')\" >> {where}"
+    )
+    cfg = _cfg(ns, TPU, setup=[setup])
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 4, "h")
+    result = TpuVmLauncher(cfg).launch(RunPaths(str(run)), Plan([spec], 0))
+    out = capsys.readouterr().out
+    assert result.complete, out
+    assert "tpu_vm: 2 host(s), 2 slot(s): ef-tpu/w0 x1, ef-tpu/w1 x1" in out, out
+    paths = RunPaths(str(run))
+    addr = {f"{TPU}/w{i}": ns.address(h) for i, h in enumerate(NS)}
+    ran = {}
+    for t in range(4):
+        assert check_marker(paths, "a", t, "h"), f"task {t} has no valid marker"
+        rec = json.loads((run / "a" / "out" / f"{t}.0.json").read_text())
+        assert rec["EMBEDFLEET_LAUNCHER"] == "tpu_vm" and rec["task"] == t
+        attempt = json.loads((run / "a" / "attempts" / f"task_{t:05d}.json").read_text())
+        assert attempt["returncode"] == 0 and attempt["host"] == rec["EMBEDFLEET_HOST"]
+        ran[t] = rec["EMBEDFLEET_HOST"]
+    # each task ran on the machine of its worker (the address its eth0 holds there)
+    seen = {}
+    for ln in where.read_text().splitlines():
+        task, label, ip = ln.split()
+        seen[int(task)] = (label, ip.split("/")[0])
+    assert seen == {t: (label, addr[label]) for t, label in ran.items()}
+    assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
+    node = f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes/{TPU}"
+    gets = tpu.seen("GET", f"^{node}$")
+    guest = tpu.seen("POST", f"^{node}:getGuestAttributes$")
+    # describe + one node read per ssh (preflight, starts, probes): one worker each
+    assert len(gets) == 1 + len(guest) and len(guest) >= 2 + 4
+    assert {json.loads(r.body)["workerIds"][0] for r in guest} == {"0", "1"}
+    assert all(len(json.loads(r.body)["workerIds"]) == 1 for r in guest)
+    assert not tpu.seen("PATCH") and not tpu.seen("PUT")
+    known = (r"^/v2/projects/[^/]+/locations/[^/]+/nodes/[^/]+(:getGuestAttributes)?$|"
+             r"^/compute/v1/projects/[^/]+$")  # fmt: skip
+    assert all(re.match(known, r.path) for r in tpu.seen()), tpu.seen()
+
+
+def test_describe_reads_workers_and_refuses_a_tpu_not_ready(ns, tpu):
+    launcher = TpuVmLauncher(_cfg(ns, TPU))
+    assert launcher.describe(TPU) == [ns.address(h) for h in NS]
+    with pytest.raises(RemoteError, match=f"TPU {STOPPED} is STOPPED, not READY"):
+        launcher.describe(STOPPED)
+    with pytest.raises(RemoteError, match="TPU ef-tpu-missing: .*describe ef-tpu-missing"):
+        launcher.describe("ef-tpu-missing")
+
+
+def test_changed_host_key_of_a_worker_refused_with_its_fingerprint(ns, refused):
+    """ef-tpu-badkey's worker 1 offers n2's key, known_hosts holds another: gcloud's
+    strict check refuses it, the launch stops before any task, naming the worker and
+    the SHA256 fingerprint it offered."""
+    proc, run = refused
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 1, out[-3000:]
+    real = subprocess.run(
+        ["ssh-keygen", "-lf", str(ns.host_pub_key("n2"))], capture_output=True, text=True
+    ).stdout.split()[1]
+    assert f"host {BADKEY}/w1: refused" in out and "differs from known_hosts" in out, out[-3000:]
+    assert real in out, out[-3000:]
+    assert not (run / "a" / "attempts").exists()
