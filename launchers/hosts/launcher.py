@@ -19,6 +19,12 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   record), given as MASTER_ADDR/MASTER_PORT with RANK/WORLD_SIZE (``lib.runtime``).
 - The run dir must be a path every host sees at the same place (a shared home, NFS):
   tasks write outputs, markers, logs and their pid/exit files there.
+- Detached (the default from the command line, ``Launcher.start``): the stage loop runs
+  in a background scheduler process of its own (``launchers.hosts.detached``) and the
+  launch returns once the first tasks run; ``--attach`` (``cluster.multihost.attach``)
+  keeps it in the foreground, streaming every task's log. Whoever runs the loop records
+  itself in ``RunPaths.scheduler`` (host, pid, start, how it ended) for ``status``,
+  ``wait`` and ``cancel``.
 - ``--dry-run`` prints every command it would run, in full.
 """
 
@@ -66,6 +72,7 @@ from launchers.hosts.commands import (
 )
 from lib.config.redact import refuse_secret_literals, task_env
 from lib.core.errors import ConfigError
+from lib.core.locks import RunLock, process_alive, process_start
 from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
@@ -154,6 +161,12 @@ class HostsLauncher(Launcher):
         self._workers: list[Worker] | None = None
         self._signals = 0
         self._lock = threading.Lock()
+        # Set by launchers.hosts.detached: this process is the run's background scheduler,
+        # told (once) when the first tasks of the launch run.
+        self.detached = False
+        self.on_started: Callable[[StageSpec, list[_Unit]], None] | None = None
+        # worker label -> (answered, [what runs there], [what failed there]), by scheduler_view
+        self._host_states: dict[str, tuple[bool, list[str], list[str]]] = {}
 
     # -- machines -----------------------------------------------------------------------
 
@@ -615,6 +628,13 @@ class HostsLauncher(Launcher):
                     else:
                         failed.append(u.task)
                         self._say(f"[{spec.name} {u.task}] FAILED ({why}); log: {log}")
+                if (
+                    self.on_started is not None
+                    and running
+                    and all(u.start_future is None for u in running)
+                ):
+                    tell, self.on_started = self.on_started, None
+                    tell(spec, list(running))  # the first round of starts has answered
         finally:
             ex.shutdown(wait=True)
         return sorted(failed)
@@ -697,7 +717,26 @@ class HostsLauncher(Launcher):
                     return int(rec["master_port"])
         return PORT_BASE + random.randrange(PORT_SPAN)
 
+    def start(
+        self, paths: RunPaths, plan: Plan, *, dry_run: bool = False, lock: RunLock | None = None
+    ) -> LaunchResult:
+        """From the command line: the stage loop in a detached scheduler process that takes
+        over ``lock`` (returns once the first tasks run), or here with ``--attach``."""
+        if self.attach:
+            return self.launch(paths, plan, dry_run=dry_run)
+        from launchers.hosts.detached import scheduler_argv, start_detached
+
+        if dry_run:
+            self._say(
+                "# detached (the default; --attach: in the foreground): a background "
+                f"scheduler runs what follows: {shlex.join(scheduler_argv(str(paths.root)))}"
+            )
+            return self.launch(paths, plan, dry_run=True)
+        self._require_shared(paths)
+        return start_detached(paths, lock, say=self._say)
+
     def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
+        """Run every stage of ``plan`` here, in the foreground, until done or failed."""
         self._require_shared(paths)
         self._env = task_env(
             self.cfg.cluster, literal_secrets=False, launcher=self.name, check_environ=not dry_run
@@ -706,6 +745,44 @@ class HostsLauncher(Launcher):
         if dry_run:
             self._dry_run(paths, plan)
             return LaunchResult(False, False, {})
+        paths.storage.publish_json(
+            paths.scheduler,
+            {
+                "launcher": self.name,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "process_start": process_start(os.getpid()),
+                "started": time.time(),
+                "detached": self.detached,
+                "log": paths.url(paths.scheduler_log) if self.detached else None,
+                "ended": None,
+                "result": None,
+            },
+        )
+        outcome = "error"
+        try:
+            result = self._launch_stages(paths, plan)
+            if result.interrupted is not None:
+                outcome = "stopped (cancel, or a signal): its tasks were stopped"
+            elif result.failed:
+                stage, tasks = next(iter(result.failed.items()))
+                outcome = f"{stage} task(s) {compress_indices(tasks)} failed"
+            else:
+                outcome = "all stages complete"
+            return result
+        except Exception as exc:
+            outcome = f"error: {str(exc)[:500]}"
+            raise
+        finally:
+            self._end_scheduler(paths, outcome)
+
+    def _end_scheduler(self, paths: RunPaths, outcome: str) -> None:
+        rec = paths.storage.read_json(paths.scheduler) or {}
+        if rec.get("pid") == os.getpid() and not rec.get("ended"):
+            rec.update(ended=time.time(), result=outcome)
+            paths.storage.publish_json(paths.scheduler, rec)
+
+    def _launch_stages(self, paths: RunPaths, plan: Plan) -> LaunchResult:
         alive = self.preflight()
         if self.code_sync == "archive":
             self._ship_code(alive)
@@ -793,12 +870,16 @@ class HostsLauncher(Launcher):
         by_stage: dict[str, list] = {}
         for spec, unit, rec in units:
             by_stage.setdefault(spec.name, []).append((spec, unit, rec))
+        self._host_states = {w.label: (True, [], []) for w in self.workers()}
         for entries in by_stage.values():
             spec = entries[0][0]
             probing = [u for _, u, rec in entries if not rec.get("ended")]
             states = self._probe(paths, spec, probing) if probing else {}
+            done = completed_tasks(paths, spec)
             for _, u, rec in entries:
                 hosts = ", ".join(w.label for w in u.workers())
+                if u.task not in done:
+                    self._note_hosts(spec, u, rec, states)
                 if rec.get("ended"):
                     if rec.get("interrupted"):
                         view[(spec.name, u.task)] = (PENDING, "stopped; rerun to resume")
@@ -820,6 +901,83 @@ class HostsLauncher(Launcher):
                     )
         return view
 
+    def _note_hosts(self, spec: StageSpec, u: _Unit, rec: dict, states) -> None:
+        """What ``status_notes`` says per host about the unit ``u`` (a task not done)."""
+        what = f"{spec.name} {u.task}"
+        for w in u.workers():
+            _, running, failed = self._host_states.setdefault(w.label, (True, [], []))
+            if rec.get("ended"):
+                if rec.get("returncode") and not rec.get("interrupted"):
+                    failed.append(what)
+                continue
+            if states.get(w.index) is None:
+                running.append(what)
+                self._host_states[w.label] = (False, running, failed)
+                continue
+            outcome = self._outcome(u, states)
+            (running if outcome is None else failed).append(what)
+
+    def _scheduler_record(self, paths: RunPaths) -> dict | None:
+        rec = paths.storage.read_json(paths.scheduler)
+        return rec if isinstance(rec, dict) and rec.get("pid") else None
+
+    def scheduler_alive(self, paths: RunPaths) -> bool | None:
+        """Whether the process that runs this run's stage loop (detached or not) lives:
+        None without a record, or when it ran on another host (not to be told from here)."""
+        rec = self._scheduler_record(paths)
+        if rec is None:
+            return None
+        if rec.get("ended"):
+            return False
+        if rec.get("host") != socket.gethostname():
+            return None
+        return process_alive(int(rec["pid"]), rec.get("process_start"))
+
+    def status_notes(self, paths: RunPaths, plan: Plan) -> list[str]:
+        """The scheduler (running, ended and how, or gone) and, per host, the tasks that
+        run there, failed there, or that it does not answer about (after scheduler_view)."""
+        lines = []
+        rec = self._scheduler_record(paths)
+        if rec is not None:
+            pid, host = int(rec["pid"]), str(rec.get("host"))
+            when = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))  # noqa: E731
+            how = "detached" if rec.get("detached") else "in the foreground"
+            log = f"; its log: {rec['log']}" if rec.get("log") else ""
+            alive = self.scheduler_alive(paths)
+            if rec.get("ended"):
+                lines.append(
+                    f"scheduler: ended {when(rec['ended'])} ({rec.get('result') or '?'}); "
+                    f"pid {pid} on {host}{log}"
+                )
+            elif alive:
+                lines.append(
+                    f"scheduler: running (pid {pid} on {host}, {how}, since "
+                    f"{when(rec.get('started') or 0)}){log}"
+                )
+            elif alive is None:
+                lines.append(
+                    f"scheduler: pid {pid} on {host} ({how}): on another host, not checked "
+                    "from here"
+                )
+            else:
+                lines.append(
+                    f"scheduler gone: pid {pid} on {host} is no longer running and did not "
+                    f"finish{log}. Relaunch to resume (the same command, or `python launch.py "
+                    f"retry {paths.root}`): tasks still running are adopted"
+                )
+        if any(r or f or not a for a, r, f in self._host_states.values()):
+            lines.append("hosts:")
+            for label, (answered, running, failed) in self._host_states.items():
+                parts = []
+                if not answered:
+                    parts.append("does not answer")
+                if running:
+                    parts.append(("ran " if not answered else "running ") + ", ".join(running))
+                if failed:
+                    parts.append("failed " + ", ".join(failed))
+                lines.append(f"  {label}: {'; '.join(parts) or 'no task running'}")
+        return lines
+
     def _tail(self, paths: RunPaths, spec: StageSpec, task: int, n: int = 3) -> str:
         log = paths.storage.local_file(spec.log(task))
         if not log.exists():
@@ -827,11 +985,50 @@ class HostsLauncher(Launcher):
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-n:]
         return ("; last log lines: " + " | ".join(lines)) if lines else ""
 
+    def _stop_scheduler(self, paths: RunPaths) -> None:
+        """SIGTERM the run's scheduler (it stops its tasks and records them stopped) and
+        wait for it to end; SIGKILL it if it has not within the time a stop may take."""
+        rec = self._scheduler_record(paths)
+        if rec is None or rec.get("ended") or int(rec["pid"]) == os.getpid():
+            return
+        pid, start, host = int(rec["pid"]), rec.get("process_start"), rec.get("host")
+        if host != socket.gethostname():
+            self._say(
+                f"WARNING: the scheduler of the run runs on {host} (pid {pid}): stop it there "
+                f"(kill {pid}); it may start again what this kills"
+            )
+            return
+        if process_alive(pid, start):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.time() + float(self.mh.command_timeout_s) + 30
+            while process_alive(pid, start) and time.time() < deadline:
+                time.sleep(0.1)
+            if process_alive(pid, start):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+                while process_alive(pid, start) and time.time() < deadline + 10:
+                    time.sleep(0.1)
+            self._say(f"stopped the scheduler (pid {pid} on {host})")
+        rec = self._scheduler_record(paths) or rec
+        if not rec.get("ended"):
+            rec.update(ended=time.time(), result="cancelled")
+            paths.storage.publish_json(paths.scheduler, rec)
+
     def cancel(self, paths: RunPaths, plan: Plan) -> int:
-        """Stop the launcher of this run if it runs here (it would retry what is killed),
-        then kill every recorded task process group on every host."""
+        """Stop the scheduler of this run (it would retry what is killed: detached, or a
+        foreground launcher here), then kill every recorded task process group on every
+        host. Returns how many task process groups were stopped."""
+        before = self._live_units(paths, plan)
+        live = {(s.name, u.task, u.attempt) for s, u, rec in before if not rec.get("ended")}
+        self._stop_scheduler(paths)
         launchers = set()
         units = self._live_units(paths, plan)
+        stopped = sum(
+            len(u.placements)
+            for s, u, rec in units
+            if (s.name, u.task, u.attempt) in live and rec.get("interrupted")
+        )
         for _, _, rec in units:
             if rec.get("launcher_host") == socket.gethostname() and rec.get("launcher_pid"):
                 launchers.add(int(rec["launcher_pid"]))
@@ -851,10 +1048,10 @@ class HostsLauncher(Launcher):
                     )
                 )
         if not files:
-            return 0
+            return stopped
         idx = list(files)
         results = self._pool(lambda i: self._run(ws[i], kill_command(files[i]), timeout=60), idx)
-        count = 0
+        count = stopped
         for i, (rc, out, err) in zip(idx, results, strict=True):
             if rc != 0:
                 self._say(f"WARNING: cannot reach {ws[i].label} to stop its tasks: {err.strip()}")
