@@ -26,6 +26,11 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One cache of derived datasets for the whole suite (every worker, every launched task):
+# the builtin corpus is extracted once (~8 CPU s) instead of once per test's run.root.
+os.environ.setdefault(
+    "EMBEDFLEET_CACHE_DIR", str(Path("/tmp") / f"embedfleet-test-cache-{os.getuid()}")
+)
 
 
 def run_launch(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None):

@@ -3,6 +3,7 @@ size) before anything runs, and the columns a task reads."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,10 +18,18 @@ from lib.data.datasets import RowSource, open_source
 from lib.data.params import TextMode
 from lib.data.text import TextDecoding, check_columns, column_texts, required_columns
 
+# A cache shared by every run (the builtin corpus is then extracted once, not once per
+# run.root): a local directory that each machine running tasks can write.
+ENV_CACHE_DIR = "EMBEDFLEET_CACHE_DIR"
+
 
 def cache_dir(cfg: DictConfig) -> Path:
-    """Where derived datasets (the builtin corpus) are cached: ``run.root/.cache`` on a
-    local root, the temp dir when the run lives on an object store."""
+    """Where derived datasets (the builtin corpus, a raw-file dataset's Arrow cache) are
+    cached: ``$EMBEDFLEET_CACHE_DIR`` when set, else ``run.root/.cache`` on a local root,
+    the temp dir when the run lives on an object store."""
+    shared = os.environ.get(ENV_CACHE_DIR)
+    if shared:
+        return Path(shared).expanduser()
     root = str(cfg.run.root)
     if is_url(root):
         return Path(tempfile.gettempdir()) / "embedfleet-cache" / "datasets"

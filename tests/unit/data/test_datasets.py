@@ -134,3 +134,19 @@ def test_fingerprint_ignores_a_touch_but_not_a_same_size_edit(tmp_path):
     with fsspec.open("memory://fp/d.parquet", "wb") as fh:
         fh.write(b"abc")
     assert file_fingerprint("memory://fp/d.parquet")["size"] == 3
+
+
+def test_the_cache_of_derived_datasets_is_the_run_root_unless_the_environment_names_one(
+    tmp_path, monkeypatch
+):
+    from omegaconf import OmegaConf
+
+    from lib.data.columns import ENV_CACHE_DIR, cache_dir
+
+    cfg = OmegaConf.create({"run": {"root": str(tmp_path / "runs")}})
+    monkeypatch.delenv(ENV_CACHE_DIR, raising=False)
+    assert cache_dir(cfg) == tmp_path / "runs" / ".cache"
+    cfg.run.root = "s3://bucket/runs"
+    assert cache_dir(cfg).name == "datasets" and "bucket" not in str(cache_dir(cfg))
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "shared"))
+    assert cache_dir(cfg) == tmp_path / "shared"
