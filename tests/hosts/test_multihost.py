@@ -1,11 +1,14 @@
 """cluster=hosts and cluster=tpu_vm against real sshd hosts, each in its own network
 namespace (scripts/hosts/up.sh: n1..n3 on 10.77.0.0/24).
 
-The quickstart on 3 hosts equals the local launcher's output even when a host is cut off
-mid-stage (its task's process killed, its veth down: ssh then fails with 255); status
-after the launcher was killed -9 still reports the tasks running on their hosts; cancel
-leaves no process of them; a changed host key is refused with its fingerprint; on
-cluster=tpu_vm every call goes through `gcloud compute tpus tpu-vm ssh NAME --worker=i`.
+The quickstart on 3 hosts (in the foreground, --attach) equals the local launcher's
+output even when a host is cut off mid-stage (its task's process killed, its veth down:
+ssh then fails with 255); a detached launch returns with its tasks running, and status
+after its scheduler was killed -9 still reports them running on their hosts (and the
+scheduler gone); cancel leaves no process of them; a changed host key is refused with its
+fingerprint (the detached scheduler's error, printed by the launch); on cluster=tpu_vm
+(detached, then `wait`) every call goes through `gcloud compute tpus tpu-vm ssh NAME
+--worker=i`. tests/hosts/test_detached.py covers the detached scheduler itself.
 
 Google's TPU API cannot exist here: a small fake ``gcloud`` put first on PATH stands in for
 it (``describe`` answers the three namespace hosts as the TPU's networkEndpoints; ``ssh
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lib.core.locks import process_alive
 from lib.formats.arrays import open_embeddings
 from tests.conftest import REPO, run_launch
 
@@ -132,6 +136,7 @@ def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
     run = root / "hosts"
     hold = '[ "$EMBEDFLEET_HOST" != n3 ] || sleep 600'
     proc = _start(
+        "--attach",
         *SLICE,
         *_hosts_args(ns_hosts),
         f"cluster.multihost.setup=['{hold}']",
@@ -167,28 +172,28 @@ def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
     assert np.array_equal(got, reference)
 
 
-def test_status_after_launcher_killed_then_cancel(ns_hosts, root):
-    """Tasks held in a setup line (no model load): kill -9 the launcher, status still
-    reports all three running on their hosts; cancel leaves no process of them; status
-    then says failed with the reason."""
+def test_detached_launch_then_status_after_its_scheduler_killed_then_cancel(ns_hosts, root):
+    """Tasks held in a setup line (no model load): the launch returns with them running;
+    kill -9 its scheduler, status still reports all three running on their hosts and the
+    scheduler gone; cancel leaves no process of them; status then says failed with the
+    reason."""
     run = root / "held"
-    proc = _start(
-        *SLICE,
-        "stages=[embed]",
-        *_hosts_args(ns_hosts),
-        "cluster.multihost.setup=['sleep 600']",
-        f"run.root={root}",
-        "run.name=held",
-    )
-    try:
-        _wait(
-            lambda: all(_pid_file(run, t, 1).exists() for t in range(3)), "three tasks", proc=proc
+    launched = _ok(
+        run_launch(
+            *SLICE,
+            "stages=[embed]",
+            *_hosts_args(ns_hosts),
+            "cluster.multihost.setup=['sleep 600']",
+            f"run.root={root}",
+            "run.name=held",
         )
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    )
+    sched = json.loads((run / "scheduler.json").read_text())
+    assert f"detached: the scheduler (pid {sched['pid']})" in launched.stdout, launched.stdout
+    assert "submitted; watch with: python launch.py status" in launched.stdout
+    _wait(lambda: all(_pid_file(run, t, 1).exists() for t in range(3)), "three tasks")
+    os.kill(sched["pid"], signal.SIGKILL)
+    _wait(lambda: not process_alive(sched["pid"], sched["process_start"]), "the kill")
     pgids = [int(_pid_file(run, t, 1).read_text()) for t in range(3)]
     assert all(_group_alive(p) for p in pgids)
     assert sorted(_attempt(run, t)["host"] for t in range(3)) == list(NS)
@@ -196,6 +201,7 @@ def test_status_after_launcher_killed_then_cancel(ns_hosts, root):
     status = run_launch("status", str(run))
     row = next(ln for ln in status.stdout.splitlines() if ln.startswith("embed "))
     assert row.split()[1:6] == ["3", "0", "3", "0", "0"], status.stdout
+    assert f"scheduler gone: pid {sched['pid']}" in status.stdout, status.stdout
 
     cancel = _ok(run_launch("cancel", str(run)))
     assert "3" in cancel.stdout, cancel.stdout
@@ -278,6 +284,7 @@ def test_tpu_vm_workers_through_gcloud_equal_local(ns_hosts, root, tmp_path, ref
         )
     )
     gcloud.chmod(0o755)
+    path = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     proc = _ok(
         run_launch(
             *SLICE,
@@ -288,10 +295,13 @@ def test_tpu_vm_workers_through_gcloud_equal_local(ns_hosts, root, tmp_path, ref
             "cluster.multihost.poll_s=0.5",
             f"run.root={root}",
             "run.name=tpu",
-            env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"},
+            env=path,
         )
     )
     assert "tpu_vm: 3 host(s)" in proc.stdout, proc.stdout
+    assert "detached: the scheduler" in proc.stdout, proc.stdout
+    # detached: the launch returned once the embed tasks ran; wait for the rest
+    _ok(run_launch("wait", str(root / "tpu"), "--interval", "1", env=path))
     calls = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert calls[0][:5] == ["compute", "tpus", "tpu-vm", "describe", "test-v4-8"]
     workers = {a for c in calls if c[3] == "ssh" for a in c if a.startswith("--worker=")}
