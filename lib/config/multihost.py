@@ -74,7 +74,9 @@ class MultihostConfig:
     max_task_retries: int = bounded(2, ge=0)
     host_failures_to_drop: int = bounded(2, ge=1)
     fail_fast: bool = False  # the first failure stops every task of the run
-    attach: bool = False  # stream every task's log, prefixed with host and task
+    # False: launch.py starts a detached scheduler and returns once tasks run; True
+    # (--attach): the scheduler stays in the foreground, streaming every task's log.
+    attach: bool = False
     poll_s: float = bounded(1.0, ge=0.05)
     # Spacing between task starts and how many starts run at once (a dataset or model
     # server can be overwhelmed by many hosts loading at the same moment).
