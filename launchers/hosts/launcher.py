@@ -70,6 +70,7 @@ from launchers.hosts.commands import (
     start_command,
     unpack_command,
 )
+from launchers.hosts.starts import StartClock
 from lib.config.redact import refuse_secret_literals, task_env
 from lib.core.errors import ConfigError
 from lib.core.locks import RunLock, process_alive, process_start
@@ -158,6 +159,8 @@ class HostsLauncher(Launcher):
         self.code: dict[str, str] = {"sync": self.code_sync}
         self.python = str(c.python or sys.executable)
         self.echo = echo
+        # Sends of task starts, at least start_stagger_s apart (across stages and retries).
+        self._clock = StartClock(float(self.mh.start_stagger_s))
         self._workers: list[Worker] | None = None
         self._signals = 0
         self._lock = threading.Lock()
@@ -433,7 +436,16 @@ class HostsLauncher(Launcher):
         workers = {w.index: w for w in unit.workers()}
 
         def start() -> list[tuple[Worker, int, str]]:
-            return [(workers[i], *self._run(workers[i], cmd)[::2]) for i, cmd in commands.items()]
+            # Its turn (start_stagger_s after the previous send); none if stopped meanwhile.
+            # The start phase, [start_sent, start_answered] in the attempt record, runs on
+            # one of max_concurrent_starts threads.
+            sent = self._clock.turn(lambda: self._signals > 0)
+            if sent is None:
+                return []
+            self._record(paths, spec, unit, start_sent=sent)
+            out = [(workers[i], *self._run(workers[i], cmd)[::2]) for i, cmd in commands.items()]
+            self._record(paths, spec, unit, start_answered=time.time())
+            return out
 
         unit.start_future = ex.submit(start)
 
@@ -539,7 +551,6 @@ class HostsLauncher(Launcher):
         ]
         failed: list[int] = []
         retries = int(self.mh.max_task_retries)
-        stagger = float(self.mh.start_stagger_s)
         ex = ThreadPoolExecutor(int(self.mh.max_concurrent_starts))
         last_poll = 0.0
         try:
@@ -564,8 +575,6 @@ class HostsLauncher(Launcher):
                         busy[w.index] = busy.get(w.index, 0) + 1
                     self._begin(paths, spec, unit, ex)
                     running.append(unit)
-                    if stagger:
-                        time.sleep(stagger)
                 time.sleep(min(0.05, float(self.mh.poll_s)))
                 finished: list[tuple[_Unit, str, list[Worker]]] = []  # (unit, why, bad hosts)
                 for u in running:
