@@ -292,7 +292,12 @@ class HostsLauncher(Launcher):
         return HostKeyError(
             f"host {w.label}: refused: its key {what} known_hosts"
             + (f" (it offered {fp})" if fp else "")
-            + "; if the host was reinstalled, check the fingerprint with its admin, then "
+            + self._host_key_fix(w)
+        )
+
+    def _host_key_fix(self, w: Worker) -> str:
+        return (
+            "; if the host was reinstalled, check the fingerprint with its admin, then "
             f"replace its line (ssh-keygen -R, then ssh-keyscan {w.address} >> known_hosts)"
         )
 
@@ -1082,6 +1087,16 @@ class TpuVmLauncher(HostsLauncher):
         super().__init__(cfg, echo=echo)
         self.tpu = cfg.cluster.tpu_vm
         self.clear_accelerator = bool(self.tpu.clear_accelerator_holders)
+
+    def _host_key_fix(self, w: Worker) -> str:
+        name, worker = w.label.rsplit("/w", 1)
+        return (
+            "; gcloud checks it in ~/.ssh/google_compute_known_hosts under the alias "
+            f"tpu.NODE_ID-{worker}: if the worker was recreated, check the fingerprint, "
+            f"delete that line, and connect once with `gcloud compute tpus tpu-vm ssh {name} "
+            f"--worker={worker} --command=true` (without --strict-host-key-checking) to "
+            "record its new key"
+        )
 
     def _names(self) -> list[str]:
         names = [str(n) for n in (self.tpu.names or [])] or (

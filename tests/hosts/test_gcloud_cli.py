@@ -235,4 +235,6 @@ def test_changed_host_key_of_a_worker_refused_with_its_fingerprint(ns, refused):
     ).stdout.split()[1]
     assert f"host {BADKEY}/w1: refused" in out and "differs from known_hosts" in out, out[-3000:]
     assert real in out, out[-3000:]
+    assert "google_compute_known_hosts under the alias tpu.NODE_ID-1" in out, out[-3000:]
+    assert f"gcloud compute tpus tpu-vm ssh {BADKEY} --worker=1 --command=true" in out
     assert not (run / "a" / "attempts").exists()
