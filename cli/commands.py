@@ -45,6 +45,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return exit_code(statuses)
 
 
+SCHEDULER_END_GRACE_S = 60.0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     """Until complete (0), or (1) a failure with nothing running, nothing running or
     pending, the timeout; where the launcher has a scheduler process of its own (hosts),
@@ -56,6 +59,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
         alive = launcher.scheduler_alive(paths)
         statuses = collect_status(paths, plan, launcher.scheduler_view(paths, plan))
         if all(s.complete for s in statuses):
+            # A scheduler of its own ends right after the last marker: let it (and release
+            # the run lock, so the next launch is not refused), within a bound.
+            grace = time.time() + SCHEDULER_END_GRACE_S
+            while launcher.scheduler_alive(paths) and time.time() < grace:
+                time.sleep(0.2)
             print(_report(paths, plan, launcher, statuses))
             return 0
         if alive is False:

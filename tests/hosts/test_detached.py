@@ -190,3 +190,12 @@ def test_kill_9_of_the_scheduler_then_a_relaunch_adopts_and_finishes(ns, tmp_pat
         assert rec["attempt"] == 1 and rec["returncode"] == 0, rec
     assert len(list((run / "a" / "out").glob("*.json"))) == 3  # each task ran once
     assert _scheduler(run)["result"] == "all stages complete"
+
+
+def test_dry_run_names_the_scheduler_and_prints_every_ssh_command(ns, tmp_path):
+    run = tmp_path / "run"
+    _make_run(ns, run)
+    out = _ok(run_launch("retry", str(run), "--dry-run"))
+    assert f"-m launchers.hosts.detached {run}" in out, out
+    assert len([ln for ln in out.splitlines() if ln.startswith("$ ssh ")]) == 4, out
+    assert not (run / "scheduler.json").exists() and not (run / "a").exists()
