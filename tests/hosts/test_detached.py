@@ -40,7 +40,7 @@ def ns(ssh_hosts):
     return ssh_hosts
 
 
-def _make_run(ns, run: Path) -> Path:
+def _make_run(ns, run: Path, *overrides: str) -> Path:
     """A run dir of two echo-job stages, ``a`` (3 tasks) then ``b`` (1), on n1 and n2 (one
     slot each); every task waits in its setup line until the returned gate file exists."""
     env = ns.env
@@ -59,6 +59,7 @@ def _make_run(ns, run: Path) -> Path:
             "cluster.multihost.connect_timeout_s=2",
             "cluster.multihost.poll_s=0.2",
             f"cluster.multihost.setup=['while [ ! -e {gate} ]; do sleep 0.1; done']",
+            *overrides,
         ]
     )
     cfg.run.root, cfg.run.name, cfg.run.dir = str(run.parent), run.name, str(run)
@@ -199,3 +200,18 @@ def test_dry_run_names_the_scheduler_and_prints_every_ssh_command(ns, tmp_path):
     assert f"-m launchers.hosts.detached {run}" in out, out
     assert len([ln for ln in out.splitlines() if ln.startswith("$ ssh ")]) == 4, out
     assert not (run / "scheduler.json").exists() and not (run / "a").exists()
+
+
+def test_a_task_failing_everywhere_ends_the_scheduler_and_wait_says_why(ns, tmp_path):
+    """Task 1 exits 3 on every host: the scheduler retries it on the other host, then
+    gives up; wait exits 1 with the reason, the task's last log lines and the host."""
+    run = tmp_path / "run"
+    gate = _make_run(ns, run, "+cluster.env.ECHO_FAIL_TASK=1")
+    gate.touch()
+    _ok(run_launch("retry", str(run)))
+    out = _ok(run_launch("wait", str(run), "--interval", "0.5", "--timeout", "300"), 1)
+    assert "failed a tasks 1:" in out, out
+    assert "exit code 3 on " in out and "failing on purpose" in out
+    assert "(a task(s) 1 failed)" in out
+    assert _attempt(run, "a", 1)["attempt"] == 3  # the first try and max_task_retries (2)
+    assert any(f"  {h}: failed a 1" in out for h in HOSTS), out
