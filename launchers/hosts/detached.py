@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def started(spec, units) -> None:
         hosts = sorted({w.label for u in units for w in u.workers()})
-        tasks = sorted(u.task for u in units)
+        tasks = sorted({u.task for u in units})
         print(
-            f"{spec.name}: task(s) {compress_indices(tasks)} running on {', '.join(hosts)}",
+            f"{spec.name}: task(s) {compress_indices(tasks)} started on {', '.join(hosts)}",
             flush=True,
         )
         notify.send({"event": "started", "stage": spec.name, "tasks": tasks})

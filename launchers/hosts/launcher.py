@@ -546,8 +546,10 @@ class HostsLauncher(Launcher):
             )
         running: list[_Unit] = []
         busy: dict[int, int] = {}
+        started_units: list[_Unit] = []  # for on_started: started (or adopted) here
         for u in self._adopt(paths, spec, pending):
             running.append(u)
+            started_units.append(u)
             for w, _ in u.placements:
                 busy[w.index] = busy.get(w.index, 0) + 1
         adopted = {u.task for u in running}
@@ -586,7 +588,8 @@ class HostsLauncher(Launcher):
                     f = u.start_future
                     if f is not None and f.done():
                         u.start_future = None
-                        for w, rc, err in f.result():
+                        answers = f.result()
+                        for w, rc, err in answers:
                             if rc != 0:
                                 key_error = self._host_key_error(w, err)
                                 if key_error:
@@ -594,6 +597,9 @@ class HostsLauncher(Launcher):
                                 why = f"could not start on {w.label} (exit {rc}: {err.strip()[-200:]})"
                                 finished.append((u, why, [w] if rc == SSH_FAILED else []))
                                 break
+                        else:
+                            if answers:
+                                started_units.append(u)
                 if time.time() - last_poll >= float(self.mh.poll_s):
                     last_poll = time.time()
                     started = [
@@ -644,11 +650,14 @@ class HostsLauncher(Launcher):
                         self._say(f"[{spec.name} {u.task}] FAILED ({why}); log: {log}")
                 if (
                     self.on_started is not None
-                    and running
+                    and started_units
                     and all(u.start_future is None for u in running)
                 ):
+                    # The starts sent so far have answered and some task started (it may
+                    # have ended already: a fast task, or one that failed and waits to
+                    # be retried).
                     tell, self.on_started = self.on_started, None
-                    tell(spec, list(running))  # the first round of starts has answered
+                    tell(spec, list(started_units))
         finally:
             ex.shutdown(wait=True)
         return sorted(failed)

@@ -106,7 +106,7 @@ def test_launch_returns_while_tasks_run_then_wait_until_every_stage(ns, tmp_path
     sched = _scheduler(run)
     pid = sched["pid"]
     assert f"detached: the scheduler (pid {pid})" in out, out
-    assert "a: task(s) 0-1 running on n1, n2" in out and "submitted; watch with" in out
+    assert "a: task(s) 0-1 started on n1, n2" in out and "submitted; watch with" in out
     assert sched["detached"] and sched["ended"] is None
     assert process_alive(pid, sched["process_start"])
     assert not (run / "a" / "completions").exists()  # launch returned; tasks are at the gate
