@@ -354,8 +354,9 @@ class StreamSource:
     """A Hugging Face dataset read with ``datasets``' streaming mode (``dataset.streaming``):
     never materialised, rows decoded as they are read. A read of rows ``start..stop``
     iterates the stream from its beginning and skips the rows before ``start`` (a stream
-    has no random access: they are read, not kept); a warning says so, and that a local
-    export as parquet files (``dataset.format=auto``) is read by row group instead."""
+    has no random access: they are read, not kept); a warning says so, and that an
+    export as parquet files is read by row group instead. Only datasets whose files are
+    not parquet get here (``hf_stream_source``)."""
 
     description: str
     dataset: Any  # datasets.IterableDataset
@@ -375,8 +376,8 @@ class StreamSource:
         if start > 0 and not self._warned:
             log.warning(
                 "%s: streaming reads and skips the %d rows before this task's range "
-                "(a stream has no random access); export the dataset as parquet files and "
-                "point dataset.path at them (format=auto) to skip by row group",
+                "(a stream has no random access): its files are not parquet. Export it as "
+                "parquet files and point dataset.path at them to skip by row group",
                 self.description,
                 start,
             )
@@ -401,22 +402,116 @@ class StreamSource:
         return table.take(pa.array(rows - first, pa.int64()))
 
 
+@dataclass
+class HubFiles:
+    """A Hugging Face hub dataset's data files for one split, found without reading them."""
+
+    where: str  # the snapshot directory in the local hub cache, or the hub name (online)
+    files: list[str]  # local paths in the snapshot, or hf:// URLs, sorted
+    rows: int | None  # the split's row count in the dataset card, when it has one
+
+
+def _hub_snapshot(path: str) -> str | None:
+    """The local hub cache's snapshot of dataset ``path`` (``HF_HUB_CACHE``), or None."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return huggingface_hub.snapshot_download(path, repo_type="dataset", local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def hub_files(
+    path: str, split: str, subset: str | None, cache_dir: Path | None = None
+) -> HubFiles | None:
+    """The data files of split ``split`` of hub dataset ``path`` (a name such as
+    ``HuggingFaceFW/fineweb-edu``, config ``subset``), resolved as ``datasets`` does (the
+    dataset card's ``configs:``, else the repository layout) without downloading: from
+    the snapshot in the local hub cache, else, only when ``datasets`` is online
+    (``HF_DATASETS_OFFLINE=0``), from the hub as ``hf://`` URLs. None when neither has
+    the dataset. Raises ``DatasetError`` for a split or config it does not have."""
+    if _is_url(path) or os.path.exists(path) or "/" not in path:
+        return None
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    where = _hub_snapshot(path)
+    if where is None:
+        if datasets.config.HF_HUB_OFFLINE:
+            return None
+        where = path
+    base = cache_dir or Path(tempfile.gettempdir()) / "embedfleet-cache"
+    try:
+        builder = datasets.load_dataset_builder(
+            where, subset, cache_dir=str(Path(base) / "hf-datasets")
+        )
+    except Exception as exc:
+        raise DatasetError(
+            f"Hugging Face dataset {path!r} (config {subset!r}, from {where}): its data files "
+            f"could not be resolved ({exc}); set dataset.subset to one of its configs"
+        ) from exc
+    data_files = builder.config.data_files or {}
+    if split not in data_files:
+        raise DatasetError(
+            f"Hugging Face dataset {path!r} (config {builder.config.name!r}) has no split "
+            f"{split!r}; available: {', '.join(data_files) or 'none'} (dataset.split=...)"
+        )
+    splits = getattr(builder.info, "splits", None) or {}
+    rows = splits[split].num_examples if split in splits else None
+    return HubFiles(where, sorted(str(f) for f in data_files[split]), rows or None)
+
+
 def hf_stream_source(
-    path: str, split: str, subset: str | None, expected_rows: int | None
+    path: str,
+    split: str,
+    subset: str | None,
+    expected_rows: int | None,
+    files: dict | None = None,
+    cache_dir: Path | None = None,
 ) -> RowSource:
-    """``path`` (a hub name in the local cache, or a directory of raw files) streamed.
-    A local directory of parquet files is read directly, by row group (``MultiSource``).
-    Raises ``DatasetError`` when the row count is unknown and ``expected_rows`` unset."""
+    """``path`` (a hub name, or a directory of raw files) for ``dataset.streaming``.
+
+    Parquet is read by row group (``MultiSource``: each file's rows from its footer, a
+    task opens only the files its range touches, ``files`` being the launch's record):
+    a local directory of parquet files, and a hub dataset whose split's data files are
+    all parquet, in the local hub cache (or through ``hf://`` when ``datasets`` is
+    online). Anything else is streamed with ``datasets`` (``StreamSource``), a task
+    reading and skipping the rows before its range. Raises ``DatasetError`` when the row
+    count is unknown and ``expected_rows`` unset, or when the cache holds fewer rows than
+    the dataset card says (a partial download)."""
+    where = path
     if not _is_url(path) and os.path.isdir(path) and not is_hf_saved_dir(path):
-        files = dataset_files(path)
-        if all(suffix_format(f) == DatasetFormat.parquet for f in files):
+        names = dataset_files(path)
+        if all(suffix_format(f) == DatasetFormat.parquet for f in names):
             log.info("%s: parquet files, read by row group (no stream needed)", path)
-            return many_files(path, files, DatasetFormat.auto, "utf-8", EncodingErrors.error)
+            return many_files(path, names, DatasetFormat.auto, "utf-8", EncodingErrors.error, files)
+    elif (hub := hub_files(path, split, subset, cache_dir)) is not None:
+        where = hub.where
+        if hub.files and all(suffix_format(f) == DatasetFormat.parquet for f in hub.files):
+            description = f"hf:{path}[{split}]"
+            source = many_files(
+                description, hub.files, DatasetFormat.parquet, "utf-8", EncodingErrors.error, files
+            )
+            if hub.rows is not None and source.num_rows != hub.rows:
+                raise DatasetError(
+                    f"{description}: its {len(hub.files)} parquet file(s) in {hub.where} hold "
+                    f"{source.num_rows} rows, its dataset card says {hub.rows}: the download "
+                    "is partial or changed. Download the split's missing files, or point "
+                    "dataset.path at the files you mean to embed (a glob, format=auto)"
+                )
+            log.info(
+                "%s: %d parquet file(s) from %s, read by row group (not streamed)",
+                description,
+                len(hub.files),
+                hub.where,
+            )
+            return source
     import datasets
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        ds = datasets.load_dataset(path, subset, split=split, streaming=True)
+        ds = datasets.load_dataset(where, subset, split=split, streaming=True)
     except Exception as exc:
         raise DatasetError(
             f"Hugging Face dataset {path!r} (split {split!r}) could not be streamed from the "
@@ -615,7 +710,7 @@ def open_source(
         return ParquetSource(str(builtin_corpus_path(name, cache_dir or Path(".cache"))))
     if fmt == DatasetFormat.hf:
         if streaming:
-            return hf_stream_source(path, split, subset, expected_rows)
+            return hf_stream_source(path, split, subset, expected_rows, files, cache_dir)
         return hf_source(path, split, subset, cache_dir)
     if is_glob(path):
         return many_files(path, glob_files(path, requested), fmt, encoding, encoding_errors, files)

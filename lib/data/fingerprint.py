@@ -14,7 +14,9 @@ Per data file (``{file: {...}}``):
 - object store (fsspec): the size and the object's version stamp (ETag, generation,
   md5/crc32c, ...) from ``fs.info``; the head/tail hash when the store has none.
 - the builtin corpus: the Python version it is extracted from and its file's hash.
-- Hugging Face datasets: the ``datasets`` library's own fingerprint of the table.
+- Hugging Face datasets: the ``datasets`` library's own fingerprint of the table; a
+  streamed hub dataset: its data files (in the local hub cache: each blob's content-hash
+  name and size).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from lib.data.datasets import (
     dataset_files,
     glob_files,
     hf_source,
+    hub_files,
     is_dir,
     is_file_list,
     is_glob,
@@ -44,7 +47,16 @@ from lib.data.params import DatasetFormat
 FULL_HASH_BYTES = 64 << 20
 EDGE_BYTES = 4 << 20
 # Version stamps object stores report in fs.info, most specific first.
-_STAMP_KEYS = ("generation", "version_id", "VersionId", "ETag", "etag", "md5Hash", "crc32c")
+_STAMP_KEYS = (
+    "generation",
+    "version_id",
+    "VersionId",
+    "ETag",
+    "etag",
+    "md5Hash",
+    "crc32c",
+    "blob_id",  # the hub (hf://)
+)
 
 Fingerprint = dict[str, dict[str, Any]]
 
@@ -77,6 +89,16 @@ def file_fingerprint(path: str) -> dict[str, Any]:
     with fs.open(p, "rb") as fh:
         sha, scope = _hash_edges(fh, size)
     return {"size": size, "sha256": sha, "hashed": scope}
+
+
+def _hub_file_fingerprint(path: str) -> dict[str, Any]:
+    """A file of a snapshot in the local hub cache is a link to a blob named by the hash
+    of its content (git's, or the LFS sha256): that name and the size, nothing read."""
+    if "://" not in path and os.path.islink(path):
+        blob = os.path.realpath(path)
+        if os.path.basename(os.path.dirname(blob)) == "blobs":
+            return {"size": os.path.getsize(blob), "hub_blob": os.path.basename(blob)}
+    return file_fingerprint(path)
 
 
 # A launch computes the fingerprint twice (the plan's hash, then the relaunch check):
@@ -122,6 +144,9 @@ def _fingerprint(cfg: DictConfig) -> Fingerprint:
         return {path: {"python": platform.python_version(), **file_fingerprint(str(local))}}
     if fmt == DatasetFormat.hf:
         if d.get("streaming") and not os.path.isdir(path):
+            hub = hub_files(path, d.split, d.subset, cache_dir(cfg))
+            if hub is not None:  # its data files, as open_dataset reads them
+                return {f: _hub_file_fingerprint(f) for f in hub.files}
             # Not materialised to hash: the hub's info of the cached dataset.
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never the hub at run time
             import datasets

@@ -271,3 +271,39 @@ def test_append_refuses_a_shrunk_dataset(grown):
     assert "now has 900 rows to embed, fewer than the 1500 this run embedded" in proc.stderr
     assert _sha(run / "merge" / "embeddings.safetensors") == merged
     assert (run / "merge" / "completions" / "task_00000.json").exists()
+
+
+# -- a hub dataset streamed by row group ---------------------------------------------------
+
+
+def test_launch_embeds_a_streamed_hub_dataset_by_row_group(tmp_path):
+    """testorg/tiny (4 parquet files, 33 rows) in an offline hub cache, streamed by 2
+    tasks: the plan records each file's rows, no task reads and skips rows."""
+    from tests.unit.data.hub_cache import SIZES, build_hub_cache
+
+    cache = build_hub_cache(tmp_path / "hf")
+    proc = run_launch(
+        "dataset.path=testorg/tiny",
+        "dataset.format=hf",
+        "dataset.streaming=true",
+        "embed.device=cpu",
+        "embed.num_shards=2",
+        "model.max_length=16",
+        "stages=[embed]",
+        f"run.root={tmp_path}",
+        "run.name=hub",
+        env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    _ok(proc)
+    run = tmp_path / "hub"
+    plan = json.loads((run / "plan.json").read_text())
+    recorded = plan["extra"]["dataset_files"]["files"]
+    assert [n for _, n in recorded] == SIZES
+    assert all(str(cache) in f for f, _ in recorded)
+    logs = "".join(p.read_text() for p in run.rglob("*.log"))
+    assert "read by row group (not streamed)" in proc.stderr + logs
+    assert "skips the" not in proc.stderr + logs
+    markers = sorted((run / "embed" / "completions").glob("task_*.json"))
+    assert [json.loads(m.read_text())["row_range"] for m in markers] == [[0, 17], [17, 33]]
+    ids = pq.read_table(run / "embed" / "shards" / "shard_00001.parquet").column("id")
+    assert ids.to_pylist() == [f"r{i}" for i in range(17, 33)]
