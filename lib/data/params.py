@@ -100,7 +100,8 @@ class DatasetParams:
     # Keep the embedded text in metadata.parquet: ``text`` (field/template modes), or
     # user_prompt, think_text, response_text and num_turns (chat mode).
     keep_text: bool = True
-    # format=hf: read with datasets' streaming mode, never materialised (lib.data.datasets
-    # StreamSource); needs expected_rows when the dataset's info has no row count. A
-    # local directory of parquet files is read by row group instead.
+    # format=hf: never materialised. Parquet (a local directory, or a hub dataset whose
+    # split's files are parquet, from the local hub cache) is read by row group; other
+    # files with datasets' streaming mode (lib.data.datasets StreamSource), which needs
+    # expected_rows when the dataset's info has no row count.
     streaming: bool = False
