@@ -2,8 +2,10 @@
 as size-capped, optionally zstd-compressed safetensors shards (local, ``gs://``, ``s3://``).
 
 ``params`` (the ``extract`` node), ``plan`` (one array task per contiguous slice of
-samples, then one task merging their metadata), ``model`` (load a causal LM, run it only
-up to the last requested layer, capture layers with forward hooks), ``samples`` (rows ->
+samples, then one task merging their metadata), ``forward`` (the backend's forward pass:
+``model``, torch: load a causal LM, run it only up to the last requested layer, capture
+layers with forward hooks; ``jax_model`` + ``jax_forward``, jax: a Llama/Qwen2 decoder in
+plain JAX, jit-compiled once, sharded over the local ``mesh``), ``samples`` (rows ->
 token sequences: truncate or pack), ``shardfile`` (the shard format: safetensors, zstd,
 byte-shuffle), ``writer`` (size-capped shards written by a thread), ``task`` (what the
 jobs run), ``reader`` (``ActivationReader``), ``summary``. Imports the shared layers, never

@@ -1,6 +1,6 @@
-"""The causal LM of the extract stage (torch backend): found on local disk, loaded with
-``AutoModelForCausalLM``, run only up to the last requested layer, its hidden states
-captured with forward hooks.
+"""The causal LM of the extract stage: found on local disk (both backends); for the torch
+backend loaded with ``AutoModelForCausalLM``, run only up to the last requested layer, its
+hidden states captured with forward hooks (``TorchForward``).
 
 Hidden state ``k`` is what ``model(..., output_hidden_states=True).hidden_states[k]``
 holds: 0 the embedding output, ``k`` the output of decoder layer ``k`` (1-based), and
@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lib.compute.models import force_offline
 from lib.core.errors import ConfigError, ModelError
@@ -215,3 +217,74 @@ def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_cod
     except Exception as exc:
         raise ModelError(f"{source.describe()}: cannot load the model ({exc})") from exc
     return model.to(device).eval()
+
+
+def torch_device(setting: str) -> str:
+    """``extract.device`` for torch: auto is CUDA when a GPU is visible. Raises
+    ``ConfigError`` for cuda without one."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("extract.device=cuda but no GPU is visible; use extract.device=cpu")
+    return setting
+
+
+def to_store(x: Any, dtype: str) -> np.ndarray:
+    """A (tokens, hidden) torch tensor as the numpy array stored (bf16 as its bits)."""
+    import torch
+
+    if dtype == "bf16":
+        return x.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+    if dtype == "fp16":
+        return x.to(torch.float16).cpu().numpy()
+    return x.to(torch.float32).cpu().numpy()
+
+
+class TorchForward:
+    """The torch backend: ``__call__(batch)`` pads the batch's samples to its longest,
+    runs the model up to the last of ``layers`` and returns {layer: (tokens, hidden)}
+    of the non-padding tokens, samples one after another, in the stored dtype."""
+
+    name = "torch"
+
+    def __init__(self, source: ModelSource, p: Any, pad_id: int) -> None:
+        import torch
+
+        self.device = torch_device(str(p.device))
+        self.compute_dtype = str(p.compute_dtype or ("bf16" if self.device == "cuda" else "fp32"))
+        if p.torch_threads:
+            torch.set_num_threads(int(p.torch_threads))
+        self.model = load_model(
+            source,
+            device=self.device,
+            dtype=self.compute_dtype,
+            trust_remote_code=bool(p.trust_remote_code),
+        )
+        config = self.model.config
+        self.layers = check_layers(list(p.layers), int(config.num_hidden_layers), source.describe())
+        self.hidden_size = int(config.hidden_size)
+        self.store_dtype = str(p.dtype)
+        self.pad_id = pad_id
+        self.capture = HiddenStates(self.model, self.layers)
+
+    def _padded(self, batch: list) -> tuple[Any, Any]:
+        import torch
+
+        longest = max(len(s.token_ids) for s in batch)
+        ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, s in enumerate(batch):
+            ids[i, : len(s.token_ids)] = torch.from_numpy(s.token_ids.astype(np.int64))
+            mask[i, : len(s.token_ids)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def __call__(self, batch: list) -> dict[int, np.ndarray]:
+        ids, mask = self._padded(batch)
+        captured = self.capture(ids, mask)
+        keep = mask.bool()
+        return {k: to_store(captured[k][keep], self.store_dtype) for k in self.layers}
+
+    def close(self) -> None:
+        self.capture.close()

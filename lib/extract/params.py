@@ -71,9 +71,17 @@ class ExtractParams:
     # the raw file must undo it: ActivationReader does).
     byte_shuffle: bool = False
     add_special_tokens: bool = True  # truncate mode: the tokenizer's BOS/EOS per document
+    # torch: transformers' AutoModelForCausalLM (GPU, CPU). jax: the Llama/Qwen2-family
+    # forward of lib/extract/jax_model.py (TPU, CPU), weights from the model's safetensors.
     backend: ExtractBackend = ExtractBackend.torch
+    # JAX: 1d, the model's heads and MLP columns split over all local devices; 2d, a data
+    # axis x a model axis of mesh_model_axis devices (devices / mesh_model_axis copies of
+    # the model, each on a slice of the batch; batch_size must divide by that).
     mesh: str = unhashed("1d")  # 1d | 2d (MESHES)
-    device: str = unhashed("auto")  # auto | cpu | cuda
+    mesh_model_axis: int | None = unhashed(None, ge=1)
+    # auto | cpu | cuda. jax: auto is JAX's default platform (TPU where there is one); the
+    # forward pass runs in compute_dtype (null: fp32 on CPU, bf16 on an accelerator).
+    device: str = unhashed("auto")
     torch_threads: int | None = unhashed(None, ge=1)
     # Batches waiting for the writer thread (compression and upload) at once.
     queue_batches: int = unhashed(4, ge=1)

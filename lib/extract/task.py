@@ -3,11 +3,13 @@
 ``extract`` task ``i`` reads rows ``contiguous_range(rows, i, num_tasks)``, turns them into
 samples (``lib.extract.samples``), runs the model up to the last requested layer in
 batches and hands each batch's activations (non-padding tokens only, flattened in sample
-order) to the writer thread (``lib.extract.writer``). Every shard holds, for the samples
-it covers: ``layer_<k>`` (tokens, hidden) per requested hidden state in ``extract.dtype``,
-``token_ids``, ``doc_ids``, ``positions`` (tokens,), ``sample_ids`` and ``lengths``
-(samples,). After the last shard the task publishes ``extract/task_XXXXX/metadata.json``
-and its completion marker, naming every shard and the metadata with sizes and sha256.
+order) to the writer thread (``lib.extract.writer``). The forward pass is the backend's
+(``lib.extract.forward``: torch or jax); all the rest is shared. Every shard holds, for
+the samples it covers: ``layer_<k>`` (tokens, hidden) per requested hidden state in
+``extract.dtype``, ``token_ids``, ``doc_ids``, ``positions`` (tokens,), ``sample_ids``
+and ``lengths`` (samples,). After the last shard the task publishes
+``extract/task_XXXXX/metadata.json`` (with the backend that ran) and its completion
+marker, naming every shard and the metadata with sizes and sha256.
 
 Resume: a task first reads its shards' checkpoint markers in order; it continues after
 the last valid one (shards after a gap, and stale markers, are redone). Samples and
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from lib.core.errors import ConfigError, DatasetError, UpstreamIncompleteError
+from lib.core.errors import DatasetError, UpstreamIncompleteError
 from lib.core.markers import (
     CompletionMarker,
     discard_marker,
@@ -40,13 +42,8 @@ from lib.core.sharding import contiguous_range
 from lib.core.storage import OutputFile
 from lib.data.columns import open_dataset
 from lib.extract.checks import check_backend
-from lib.extract.model import (
-    HiddenStates,
-    check_layers,
-    load_model,
-    load_tokenizer,
-    resolve_model,
-)
+from lib.extract.forward import open_forward
+from lib.extract.model import load_tokenizer, resolve_model
 from lib.extract.params import ExtractParams, Packing
 from lib.extract.plan import extract_params, planned_rows
 from lib.extract.samples import (
@@ -65,27 +62,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ID_TENSORS = ("token_ids", "doc_ids", "positions", "sample_ids", "lengths")
-
-
-def _device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("extract.device=cuda but no GPU is visible; use extract.device=cpu")
-    return setting
-
-
-def _to_store(x: Any, dtype: str) -> np.ndarray:
-    """A (tokens, hidden) torch tensor as the numpy array stored (bf16 as its bits)."""
-    import torch
-
-    if dtype == "bf16":
-        return x.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
-    if dtype == "fp16":
-        return x.to(torch.float16).cpu().numpy()
-    return x.to(torch.float32).cpu().numpy()
 
 
 def tensor_layout(layers: list[int], hidden: int, dtype: str, shuffle: bool) -> dict:
@@ -150,29 +126,14 @@ def _samples(cfg: DictConfig, p: ExtractParams, task: int, num_tasks: int, rows:
     return truncate_samples(cfg, source, tok, (start, stop_), n, counts)
 
 
-def _batch_arrays(
-    batch: list[Sample], captured: dict[int, Any], mask: Any, layers: list[int], dtype: str
-) -> dict[str, np.ndarray]:
-    keep = mask.bool()
-    arrays = {layer_tensor(k): _to_store(captured[k][keep], dtype) for k in layers}
+def _batch_arrays(batch: list[Sample], acts: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    arrays = {layer_tensor(k): a for k, a in acts.items()}
     arrays["token_ids"] = np.concatenate([s.token_ids for s in batch])
     arrays["doc_ids"] = np.concatenate([s.doc_ids for s in batch])
     arrays["positions"] = np.concatenate([s.positions for s in batch])
     arrays["sample_ids"] = np.asarray([s.sample_id for s in batch], dtype=np.int64)
     arrays["lengths"] = np.asarray([len(s.token_ids) for s in batch], dtype=np.int32)
     return arrays
-
-
-def _padded(batch: list[Sample], pad_id: int, device: str):
-    import torch
-
-    longest = max(len(s.token_ids) for s in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for i, s in enumerate(batch):
-        ids[i, : len(s.token_ids)] = torch.from_numpy(s.token_ids.astype(np.int64))
-        mask[i, : len(s.token_ids)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def run_extract_task(
@@ -188,8 +149,6 @@ def run_extract_task(
     """Extract task ``task``'s slice of ``rows`` planned rows and publish its shards,
     metadata and marker. Raises ``ConfigError`` (layers), ``ModelError``, ``DatasetError``;
     ``StopRequested`` at a batch boundary when the scheduler asks (finished shards kept)."""
-    import torch
-
     t0 = time.monotonic()
     p = extract_params(cfg)
     check_backend(str(p.backend))
@@ -197,18 +156,10 @@ def run_extract_task(
     storage.clean_temporaries(paths.extract_task_dir(task) + "/")
     source = resolve_model(str(p.model), p.gguf_file)
     tokenizer = load_tokenizer(source, bool(p.trust_remote_code))
-    device = _device(str(p.device))
-    compute = p.compute_dtype or ("bf16" if device == "cuda" else "fp32")
-    if p.torch_threads:
-        torch.set_num_threads(int(p.torch_threads))
     resume = _Resume(paths, task, config_hash)
-    model = load_model(
-        source, device=device, dtype=str(compute), trust_remote_code=bool(p.trust_remote_code)
-    )
-    layers = check_layers(list(p.layers), int(model.config.num_hidden_layers), source.describe())
-    hidden = int(model.config.hidden_size)
-    capture = HiddenStates(model, layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    forward = open_forward(p, source, int(pad_id))
+    layers, hidden, compute = forward.layers, forward.hidden_size, forward.compute_dtype
     dtype, compressed = str(p.dtype), str(p.compression) == "zstd"
     layout = tensor_layout(layers, hidden, dtype, bool(p.byte_shuffle))
     header_meta = {
@@ -279,9 +230,7 @@ def run_extract_task(
             _skip(samples, resume.next_position), int(p.batch_size), p.max_tokens_per_batch
         ):
             tf = time.monotonic()
-            ids, mask = _padded(batch, int(pad_id), device)
-            captured = capture(ids, mask)
-            arrays = _batch_arrays(batch, captured, mask, layers, dtype)
+            arrays = _batch_arrays(batch, forward(batch))
             forward_seconds += time.monotonic() - tf
             n_tokens = int(arrays["lengths"].sum())
             writer.put(
@@ -315,7 +264,7 @@ def run_extract_task(
         writer.abort()
         raise
     finally:
-        capture.close()
+        forward.close()
     records = [*resume.records, *stats.records]
     if not records:
         raise DatasetError(
@@ -336,6 +285,7 @@ def run_extract_task(
         "layers": layers,
         "hidden_size": hidden,
         "dtype": dtype,
+        "backend": forward.name,
         "compute_dtype": str(compute),
         "packing": str(p.packing),
         "max_seq_length": int(p.max_seq_length),

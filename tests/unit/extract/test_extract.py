@@ -23,7 +23,7 @@ from lib.extract import ActivationReader
 from lib.extract import writer as writer_mod
 from lib.extract.model import resolve_model
 from lib.extract.task import merge_metadata, run_extract_task
-from tests.unit.extract.helpers import SMOL_PKG, smol_dir, smol_gguf, texts, tiny_qwen2, write_jsonl
+from tests.unit.extract.helpers import SMOL_PKG, texts, tiny_qwen2, write_jsonl
 
 N_ROWS = 12
 
@@ -223,41 +223,53 @@ def test_crash_mid_task_resumes_identical(env, monkeypatch):
 
 
 def test_real_smollm2_parity(env, monkeypatch):
-    """The real SmolLM2-135M (GGUF, loaded once: by the stage; the spy keeps the loaded
-    model for the reference forward pass)."""
-    from transformers import AutoTokenizer
-
+    """The real SmolLM2-135M (GGUF, loaded once, with its tokenizer: by the stage; the
+    spies keep them for the reference forward pass and hand the same model to the JAX
+    backend, which takes a GGUF model's weights from its state dict): both backends'
+    activations equal a direct forward pass. SmolLM2 has activations up to ~2.4e4 (its
+    first token's), so the JAX forward, whose sums run in another order than torch's,
+    is held to 1e-4 relative to each token's largest activation (~1e-6 measured)."""
+    from lib.extract import model as model_mod
     from lib.extract import task as task_mod
 
     loaded = {}
-    real_load = task_mod.load_model
+    real_load, real_tok = model_mod.load_model, task_mod.load_tokenizer
 
     def spy(*args, **kwargs):
-        loaded["model"] = real_load(*args, **kwargs)
+        assert kwargs["dtype"] == "fp32" and kwargs["device"] == "cpu"
+        if "model" not in loaded:
+            loaded["model"] = real_load(*args, **kwargs)
         return loaded["model"]
 
-    monkeypatch.setattr(task_mod, "load_model", spy)
-    paths = _run(
-        env,
-        "smol",
+    def tok_spy(*args, **kwargs):
+        if "tok" not in loaded:
+            loaded["tok"] = real_tok(*args, **kwargs)
+        return loaded["tok"]
+
+    monkeypatch.setattr(model_mod, "load_model", spy)
+    monkeypatch.setattr(task_mod, "load_tokenizer", tok_spy)
+    smol = (
         f"extract.model={SMOL_PKG}",
         "extract.layers=[15,18]",
         "extract.max_seq_length=12",
         "extract.dtype=fp32",
-        rows=2,
     )
-    model = loaded["model"]
+    paths = _run(env, "smol", *smol, rows=2)
+    model, tok = loaded["model"], loaded["tok"]
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
-    tok = AutoTokenizer.from_pretrained(smol_dir(), gguf_file=smol_gguf())
-    reader = ActivationReader(paths)
-    assert reader.hidden_size == 576
+    jax_paths = _run(env, "smol-jax", *smol, "extract.backend=jax", rows=2)
+    assert jax_paths.storage.read_json(jax_paths.extract_task_metadata(0))["backend"] == "jax"
+    reader, jax_reader = ActivationReader(paths), ActivationReader(jax_paths)
+    assert reader.hidden_size == jax_reader.hidden_size == 576
     for sid in range(2):
         ids = tok(env["texts"][sid])["input_ids"][:12]
         want = _direct(model, ids)
         for layer in (15, 18):
-            torch.testing.assert_close(
-                reader.sample(sid, layer), want[layer][0], atol=1e-4, rtol=1e-4
-            )
+            w = want[layer][0]
+            torch.testing.assert_close(reader.sample(sid, layer), w, atol=1e-4, rtol=1e-4)
+            diff = (jax_reader.sample(sid, layer) - w).abs().amax(dim=1)
+            scale = w.abs().amax(dim=1).clamp(min=1.0)
+            assert bool((diff <= 1e-4 * scale).all()), (diff / scale).max()
 
 
 def test_layer_out_of_range_names_the_count_before_writing(env):

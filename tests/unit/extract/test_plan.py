@@ -1,6 +1,7 @@
 """The extract stage's plan: the seed experiment composes (Qwen2.5-7B, FineWeb-Edu
-sample-10BT, layers 15-18, batch 16, 512 tokens, 32 tasks, gs://, cluster=tpu_vm) and
-plans 32 array tasks tiling the rows, then the metadata merge; what the hash covers."""
+sample-10BT, layers 15-18, batch 16, 512 tokens, 32 tasks, gs://, cluster=tpu_vm, the JAX
+backend on a 1d mesh) and plans 32 array tasks tiling the rows, then the metadata merge;
+what the hash covers."""
 
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def test_fineweb_activations_composes_and_plans_32_tasks():
     ranges = all_ranges(ROWS, extract.num_tasks)
     assert ranges[0][0] == 0 and ranges[-1][1] == ROWS
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-    # The JAX backend is not there yet: a real launch refuses it by name.
-    with pytest.raises(ConfigError, match="extract.backend=jax is not available"):
-        check_backend(str(x.backend))
+    # The TPU path: the JAX backend, the model sharded over the machine's chips.
+    assert (x.backend, x.mesh) == ("jax", "1d")
+    check_backend(str(x.backend))  # installed by make install
 
 
 def _hash(*overrides: str) -> str:
