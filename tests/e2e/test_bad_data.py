@@ -20,6 +20,8 @@ from tests.conftest import run_launch
 pytestmark = pytest.mark.slow
 
 BASE = ["+experiment=quickstart", "embed.num_shards=2"]
+# Where a test needs no second shard: every task process costs ~10 CPU s of start-up.
+ONE = ["+experiment=quickstart", "embed.num_shards=1"]
 
 
 def _ok(proc):
@@ -45,7 +47,7 @@ def test_non_utf8_csv_is_an_error_then_decoded_with_dataset_encoding(tmp_path, s
         b"id,text\na,caf\xe9 au lait with cream\nb,the weather is nice today\n"
         b"c,a third row of plain text\nd,and a fourth one\n"
     )
-    args = [*BASE, f"dataset.path={path}", f"run.root={tmp_path / 'out'}"]
+    args = [*ONE, f"dataset.path={path}", f"run.root={tmp_path / 'out'}"]
     out = _failed(run_launch(*args))
     assert f"{path}: row 0, column 'text': byte offset 3" in out
     assert "dataset.encoding" in out and "dataset.encoding_errors=replace" in out
@@ -203,7 +205,7 @@ def test_a_dataset_changed_in_place_is_an_error_until_force_replan(tmp_path, st_
         pq.write_table(pa.table({"id": [f"r{i}" for i in range(6)], "text": rows}), path)
 
     write(texts)
-    args = [*BASE, f"dataset.path={path}", f"run.root={tmp_path / 'out'}", "run.name=inplace"]
+    args = [*ONE, f"dataset.path={path}", f"run.root={tmp_path / 'out'}", "run.name=inplace"]
     _ok(run_launch(*args))
     run = tmp_path / "out" / "inplace"
     markers = sorted(run.glob("embed/completions/task_*.json"))
@@ -212,7 +214,7 @@ def test_a_dataset_changed_in_place_is_an_error_until_force_replan(tmp_path, st_
     # A touch (same bytes, new mtime) is not a change: nothing is redone.
     os.utime(path, (1_000_000_000, 1_000_000_000))
     again = _ok(run_launch(*args))
-    assert "embed: all 2 task(s) already complete" in again.stdout
+    assert "embed: all 1 task(s) already complete" in again.stdout
     assert {m: m.read_bytes() for m in markers} == before
 
     texts[4] = "a completely different sentence about mountains"

@@ -63,11 +63,13 @@ def hf_run(shared_root) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_one(root) -> Path:
-    proc = _ok(
-        run_launch(*SLICE, *VLLM, "embed.num_shards=1", f"run.root={root}", "run.name=v_one")
-    )
+    proc = _ok(run_launch(*ONE, f"run.root={root}", "run.name=v_one"))
     assert "vLLM" in proc.stdout and "engine for all-MiniLM-L6-v2 ready" in proc.stdout
     return root / "v_one"
+
+
+# One engine over one shard in 40-row parts (the kill test below kills it after a part).
+ONE = [*SLICE, *VLLM, "embed.num_shards=1", "embed.part_rows=40"]
 
 
 # Two data-parallel engines, one per shard, each bound to its own core (the local
@@ -108,30 +110,30 @@ def test_two_data_parallel_engines_equal_one(vllm_one, vllm_two):
     assert "CPU cores 0," in logs[0] and "CPU cores 1," in logs[1]
 
 
-def test_kill_mid_shard_and_resume_equals_uninterrupted(vllm_two, root):
+def test_kill_mid_shard_and_resume_equals_uninterrupted(vllm_one, root):
     run = root / "v_killed"
-    args = [*DP, f"run.root={root}", "run.name=v_killed"]
+    args = [*ONE, f"run.root={root}", "run.name=v_killed"]
     proc = start_launch(*args)
-    # Task 1 has published its first part of 40 rows and is embedding the next.
-    first_part = run / "embed" / "parts" / "shard_00001" / "part_00000.json"
+    # The task has published its first part of 40 rows and is embedding the next.
+    first_part = run / "embed" / "parts" / "shard_00000" / "part_00000.json"
     killed_pid = kill_task_when(
-        proc, run / "embed" / "attempts" / "task_00001.json", first_part.exists, timeout=400
+        proc, run / "embed" / "attempts" / "task_00000.json", first_part.exists, timeout=400
     )
     out, _ = proc.communicate(timeout=400)
-    assert killed_pid is not None, f"task 1 never published a part:\n{out[-4000:]}"
+    assert killed_pid is not None, f"the task never published a part:\n{out[-4000:]}"
     assert proc.returncode != 0 and "FAILED (killed by SIGKILL)" in out
-    assert not (run / "embed" / "completions" / "task_00001.json").exists()
+    assert not (run / "embed" / "completions" / "task_00000.json").exists()
     assert not (run / "merge" / "embeddings.safetensors").exists()
     # The killed task's vLLM engine processes went with it (the launcher reaps the task's
     # process group), instead of holding a GB of RAM and a core each.
     assert _processes_of(run) == []
 
     resumed = _ok(run_launch(*args))
-    assert "running 1" in resumed.stdout  # only the killed task
-    log = (run / "embed" / "logs" / "task_00001.log").read_text()
+    assert "running 1" in resumed.stdout
+    log = (run / "embed" / "logs" / "task_00000.log").read_text()
     assert "already done" in log  # it kept the parts it had published
     a, a_meta = _merged(run)
-    b, b_meta = _merged(vllm_two)
+    b, b_meta = _merged(vllm_one)
     assert a_meta.equals(b_meta)
     assert np.array_equal(a, b)
 
