@@ -3,6 +3,7 @@ test SLURM cluster, a real S3 server and a real GCS emulator on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -159,49 +160,68 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """moto's S3 server on 127.0.0.1 with one bucket; yields the environment that points
-    botocore/s3fs at it (also set in this process for the session)."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+def _serve(argv: list[str], log: Path, probe: str, what: str) -> subprocess.Popen:
+    """Start a loopback server and wait (60 s at most) until ``probe`` answers; fail the
+    test, naming the server and its log, when it does not."""
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while True:
         try:
-            urllib.request.urlopen(endpoint, timeout=2).read()
-            break
+            urllib.request.urlopen(probe, timeout=2).read()
+            return proc
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                pytest.fail(f"moto's S3 server did not start on {endpoint}:\n{log.read_text()}")
-            time.sleep(0.2)
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+                pytest.fail(f"{what} did not start on {probe}:\n{log.read_text()}")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` set in this process while the block runs, the old values back after."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        import s3fs
-
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
-        yield env
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        # Only the server this fixture started, by its own pid.
+
+
+def _fresh_prefix(scheme: str, bucket: str, request) -> str:
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return f"{scheme}://{bucket}/{name}-{os.getpid()}-{int(time.time() * 1000)}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with one bucket; yields the environment that points
+    botocore/s3fs at it (also set in this process for the session)."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = _serve(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        tmp_path_factory.mktemp("moto") / "moto.log",
+        endpoint,
+        "moto's S3 server",
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        with _environment(env):
+            import s3fs
+
+            s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
+            yield env
+    finally:  # only the server this fixture started, by its own pid
         proc.terminate()
         proc.wait(timeout=30)
 
@@ -209,8 +229,7 @@ def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def s3_root(s3_server, request) -> str:
     """A fresh ``s3://`` prefix for one test."""
-    name = request.node.name.replace("[", "-").replace("]", "")
-    return f"s3://{S3_BUCKET}/{name}-{os.getpid()}-{int(time.time() * 1000)}"
+    return _fresh_prefix("s3", S3_BUCKET, request)
 
 
 # A real GCS emulator on loopback: Google's fake-gcs-server (Go), the binary bundled in the
@@ -256,52 +275,34 @@ def gcs_server(tmp_path_factory) -> Iterator[GcsServer]:
     port = _free_port()
     top = tmp_path_factory.mktemp("fake-gcs")
     (top / "data").mkdir()
-    log = top / "server.log"
     endpoint = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [
-                str(_fake_gcs_binary()),
-                "-scheme", "http",
-                "-backend", "filesystem",
-                "-filesystem-root", str(top / "data"),
-                "-host", "127.0.0.1",
-                "-port", str(port),
-                "-external-url", endpoint,
-                "-log-level", "warn",
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"fake-gcs-server did not start on {endpoint}:\n{log.read_text()}")
-            time.sleep(0.1)
+    proc = _serve(
+        [
+            str(_fake_gcs_binary()),
+            "-scheme", "http",
+            "-backend", "filesystem",
+            "-filesystem-root", str(top / "data"),
+            "-host", "127.0.0.1",
+            "-port", str(port),
+            "-external-url", endpoint,
+            "-log-level", "warn",
+        ],
+        top / "server.log",
+        f"{endpoint}/storage/v1/b",
+        "fake-gcs-server",
+    )  # fmt: skip
     env = {
         "STORAGE_EMULATOR_HOST": endpoint,
         # gcsfs hangs against an emulator unless this is set before it is imported.
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        import gcsfs
+        with _environment(env):
+            import gcsfs
 
-        gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True).mkdir(GCS_BUCKET)
-        yield GcsServer(env, top / "data", proc.pid)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        # Only the server this fixture started, by its own pid.
+            gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True).mkdir(GCS_BUCKET)
+            yield GcsServer(env, top / "data", proc.pid)
+    finally:  # only the server this fixture started, by its own pid
         proc.terminate()
         proc.wait(timeout=30)
 
@@ -309,8 +310,7 @@ def gcs_server(tmp_path_factory) -> Iterator[GcsServer]:
 @pytest.fixture
 def gcs_root(gcs_server, request) -> str:
     """A fresh ``gs://`` prefix for one test."""
-    name = request.node.name.replace("[", "-").replace("]", "")
-    return f"gs://{GCS_BUCKET}/{name}-{os.getpid()}-{int(time.time() * 1000)}"
+    return _fresh_prefix("gs", GCS_BUCKET, request)
 
 
 # `make test` runs the suite on pytest-xdist workers with --dist loadgroup: the tests of a
