@@ -18,6 +18,8 @@ class Forward(Protocol):
     layers: list[int]  # checked against the model, sorted
     hidden_size: int
     compute_dtype: str
+    # CUDA out-of-memory halvings of this task ({rows, tokens, retry_rows}), for its metadata
+    oom_halvings: list[dict[str, int]]
 
     def __call__(self, batch: list) -> dict[int, np.ndarray]:
         """{layer: (tokens, hidden)} for the batch's samples one after another, in the

@@ -97,6 +97,7 @@ class JaxForward:
         devices = local_devices(str(p.device))
         platform = devices[0].platform
         self.compute_dtype = str(p.compute_dtype or ("fp32" if platform == "cpu" else "bf16"))
+        self.oom_halvings: list[dict[str, int]] = []  # the torch backend's; none here
         torch_lm = None
         if source.gguf_file:
             # GGUF: transformers dequantizes it; its state dict is the checkpoint.

@@ -242,16 +242,63 @@ def to_store(x: Any, dtype: str) -> np.ndarray:
     return x.to(torch.float32).cpu().numpy()
 
 
+class PinnedHost:
+    """CUDA to host copies through pinned buffers: each layer's device tensor is copied
+    with ``non_blocking=True`` into a page-locked host buffer (allocated for the largest
+    batch seen and reused), then one event on the current stream is waited for before the
+    host reads it. The arrays returned are fresh copies (the writer thread queues them
+    while the next batch reuses the buffers). ``.cpu()`` of a device tensor copies through
+    pageable memory instead (measured for the issue: 1.5 GB/s vs 55 GB/s pinned)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.buffers: dict[int, Any] = {}
+
+    def fetch(self, tensors: dict[int, Any]) -> dict[int, np.ndarray]:
+        torch = self.torch
+        staged = {}
+        for k, x in tensors.items():
+            buf = self.buffers.get(k)
+            if buf is None or buf.dtype != x.dtype or buf.numel() < x.numel():
+                buf = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
+                self.buffers[k] = buf
+            dst = buf[: x.numel()].view(x.shape)
+            dst.copy_(x, non_blocking=True)
+            staged[k] = dst
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream())
+        done.synchronize()  # every copy above has landed in host memory
+        return {k: dst.numpy().copy() for k, dst in staged.items()}
+
+
+def _device_store(x: Any, dtype: str) -> Any:
+    """``x`` in the stored dtype, still on its device (bf16 as int16 bits)."""
+    import torch
+
+    if dtype == "bf16":
+        return x.to(torch.bfloat16).contiguous().view(torch.int16)
+    return x.to(torch.float16 if dtype == "fp16" else torch.float32).contiguous()
+
+
 class TorchForward:
     """The torch backend: ``__call__(batch)`` pads the batch's samples to its longest,
     runs the model up to the last of ``layers`` and returns {layer: (tokens, hidden)}
-    of the non-padding tokens, samples one after another, in the stored dtype."""
+    of the non-padding tokens, samples one after another, in the stored dtype.
+
+    A CUDA out-of-memory error halves the batch and retries both halves (down to one
+    sample, then ``ModelError`` naming extract.batch_size / max_seq_length); the smaller
+    size is kept for the rest of the task, and every halving is logged and listed in
+    ``oom_halvings`` (the task's metadata records it). The rows and their order are those
+    of the un-halved batch."""
 
     name = "torch"
 
     def __init__(self, source: ModelSource, p: Any, pad_id: int) -> None:
         import torch
 
+        self.torch = torch
         self.device = torch_device(str(p.device))
         self.compute_dtype = str(p.compute_dtype or ("bf16" if self.device == "cuda" else "fp32"))
         if p.torch_threads:
@@ -267,7 +314,12 @@ class TorchForward:
         self.hidden_size = int(config.hidden_size)
         self.store_dtype = str(p.dtype)
         self.pad_id = pad_id
+        self.batch_size = int(p.batch_size)
+        self.max_seq_length = int(p.max_seq_length)
         self.capture = HiddenStates(self.model, self.layers)
+        self.max_rows: int | None = None  # set by the first OOM halving
+        self.oom_halvings: list[dict[str, int]] = []
+        self.pinned = PinnedHost() if self.device == "cuda" else None
 
     def _padded(self, batch: list) -> tuple[Any, Any]:
         import torch
@@ -280,11 +332,55 @@ class TorchForward:
             mask[i, : len(s.token_ids)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def __call__(self, batch: list) -> dict[int, np.ndarray]:
+    def _once(self, batch: list) -> dict[int, np.ndarray]:
         ids, mask = self._padded(batch)
         captured = self.capture(ids, mask)
         keep = mask.bool()
-        return {k: to_store(captured[k][keep], self.store_dtype) for k in self.layers}
+        if self.pinned is None:
+            return {k: to_store(captured[k][keep], self.store_dtype) for k in self.layers}
+        stored = {k: _device_store(captured[k][keep], self.store_dtype) for k in self.layers}
+        out = self.pinned.fetch(stored)
+        if self.store_dtype == "bf16":
+            out = {k: a.view(np.uint16) for k, a in out.items()}
+        return out
+
+    def _rows(self, batch: list) -> dict[int, np.ndarray]:
+        if self.max_rows is not None and len(batch) > self.max_rows:
+            parts = [batch[i : i + self.max_rows] for i in range(0, len(batch), self.max_rows)]
+            return _concat([self._rows(part) for part in parts], self.layers)
+        try:
+            return self._once(batch)
+        except self.torch.cuda.OutOfMemoryError as exc:
+            if self.device == "cuda":
+                self.torch.cuda.empty_cache()
+            longest = max(len(s.token_ids) for s in batch)
+            if len(batch) == 1:
+                raise ModelError(
+                    f"{self.device} out of memory on a single sample of {longest} tokens "
+                    f"(extract.batch_size={self.batch_size} was halved down to 1): lower "
+                    f"extract.max_seq_length={self.max_seq_length}, request fewer or earlier "
+                    "extract.layers, or use a device with more memory"
+                ) from exc
+            half = (len(batch) + 1) // 2
+            self.max_rows = half
+            self.oom_halvings.append({"rows": len(batch), "tokens": longest, "retry_rows": half})
+            log.warning(
+                "%s out of memory on a batch of %d x %d tokens: halved to %d samples a "
+                "pass for the rest of the task (extract.batch_size=%d)",
+                self.device,
+                len(batch),
+                longest,
+                half,
+                self.batch_size,
+            )
+            return self._rows(batch)
+
+    def __call__(self, batch: list) -> dict[int, np.ndarray]:
+        return self._rows(batch)
 
     def close(self) -> None:
         self.capture.close()
+
+
+def _concat(parts: list[dict[int, np.ndarray]], layers: list[int]) -> dict[int, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in layers}

@@ -297,6 +297,8 @@ def run_extract_task(
         "tokens": tokens,
         "bytes": sum(r.bytes for r in records),
         "shards": [r.to_json() for r in records],
+        # batches halved after a CUDA out-of-memory error (this attempt of the task)
+        "oom_halvings": list(forward.oom_halvings),
     }
     meta_out = storage.publish_json(paths.extract_task_metadata(task), meta)
     outputs = [OutputFile(r.name, r.bytes, r.sha256) for r in records] + [meta_out]

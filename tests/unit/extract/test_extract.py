@@ -272,6 +272,72 @@ def test_real_smollm2_parity(env, monkeypatch):
             assert bool((diff <= 1e-4 * scale).all()), (diff / scale).max()
 
 
+def _inject_oom(monkeypatch, above_rows: int) -> list[int]:
+    """A real CUDA out-of-memory error cannot be produced on this CPU-only machine, so it
+    is injected: a forward pre-hook on the embeddings of the model the task loads raises
+    ``torch.cuda.OutOfMemoryError`` for passes of more than ``above_rows`` samples. Returns
+    the list of pass sizes seen."""
+    from lib.extract import model as model_mod
+
+    real = model_mod.load_model
+    seen: list[int] = []
+
+    def load_with_oom(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def hook(_module, inputs):
+            seen.append(int(inputs[0].shape[0]))
+            if inputs[0].shape[0] > above_rows:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+        model.get_decoder().embed_tokens.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(model_mod, "load_model", load_with_oom)
+    return seen
+
+
+def test_cuda_oom_halves_the_batch_and_keeps_the_outputs(env, monkeypatch):
+    seen = _inject_oom(monkeypatch, above_rows=1)
+    opts = ("extract.dtype=fp32", "extract.compression=none", "extract.shard_size_mb=0.02")
+    halved = _run(env, "oom-halved", *opts)
+    monkeypatch.undo()
+    plain = _run(env, "oom-plain", *opts)
+    # 4 rows refused, halved to 2, refused, halved to 1; then 1 row a pass to the end.
+    assert seen[:3] == [4, 2, 1] and set(seen[3:]) == {1} and len(seen) == 2 + N_ROWS
+    meta = halved.storage.read_json(halved.extract_task_metadata(0))
+    assert meta["oom_halvings"] == [
+        {"rows": 4, "tokens": 32, "retry_rows": 2},
+        {"rows": 2, "tokens": 32, "retry_rows": 1},
+    ]
+    assert plain.storage.read_json(plain.extract_task_metadata(0))["oom_halvings"] == []
+    a, b = ActivationReader(halved), ActivationReader(plain)
+    assert len(a.shards) == len(b.shards) > 1  # same batches, so the same shard cuts
+    for sa, sb in zip(a.shards, b.shards, strict=True):
+        for name in ("sample_ids", "lengths", "token_ids", "positions"):
+            np.testing.assert_array_equal(a.tensor(sa, name), b.tensor(sb, name))
+        for k in (1, 3, 6):
+            # Each half padded to its own longest sample: equal up to fp32 rounding.
+            np.testing.assert_allclose(
+                a.tensor(sa, f"layer_{k}"), b.tensor(sb, f"layer_{k}"), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_cuda_oom_on_one_sample_names_the_settings(env, monkeypatch):
+    _inject_oom(monkeypatch, above_rows=0)
+    cfg = _cfg(env, "extract.max_samples=4")
+    paths = RunPaths(env["root"] / "runs" / "oom-one")
+    with pytest.raises(
+        ModelError,
+        match=r"single sample of \d+ tokens \(extract.batch_size=4 was halved down to 1\)",
+    ) as err:
+        run_extract_task(
+            cfg, paths, stage="extract", task=0, num_tasks=1, rows=N_ROWS, config_hash="h"
+        )
+    assert "extract.max_seq_length=32" in str(err.value)
+    assert not [n for n in paths.storage.list("extract/") if "shard_" in n]
+
+
 def test_layer_out_of_range_names_the_count_before_writing(env):
     cfg = _cfg(env, "extract.layers=[3,9]")
     paths = RunPaths(env["root"] / "runs" / "badlayer")
