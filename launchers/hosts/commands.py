@@ -98,11 +98,20 @@ def task_script(task: RemoteTask) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_command(tasks: Sequence[RemoteTask]) -> str:
+def start_command(tasks: Sequence[RemoteTask], stdin_env: Sequence[str] = ()) -> str:
     """The remote command that starts ``tasks`` detached (each in its own session, output
-    appended to its log, stdin from /dev/null) and returns at once."""
+    appended to its log, stdin from /dev/null) and returns at once.
+
+    ``stdin_env``: names of variables (secrets, ``cluster.pass_env``) whose values come on
+    the command's stdin as ``NAME=VALUE`` assignments (``env_stdin``), read into the shell
+    and exported before the tasks start, so that no value is on a command line (``ps``)
+    or in a file; the tasks inherit them."""
     q = shlex.quote
     parts = []
+    if stdin_env:
+        _check_env(dict.fromkeys(stdin_env, ""))
+        # eval of what env_stdin wrote: NAME=<shlex.quote(value)> lines only.
+        parts.append(f'eval "$(cat)" && export {" ".join(sorted(stdin_env))}')
     for t in tasks:
         dirs = sorted({_parent(t.log_file), _parent(t.pid_file), _parent(t.exit_file)})
         parts.append(
@@ -111,6 +120,13 @@ def start_command(tasks: Sequence[RemoteTask]) -> str:
             "< /dev/null & }"
         )
     return " && ".join(parts) + " && echo started"
+
+
+def env_stdin(values: Mapping[str, str]) -> bytes:
+    """The stdin of a ``start_command(..., stdin_env=names)``: one ``NAME=VALUE`` line per
+    variable, the value quoted with ``shlex.quote`` (a newline in it stays inside quotes)."""
+    _check_env(values)
+    return "".join(f"{k}={shlex.quote(values[k])}\n" for k in sorted(values)).encode()
 
 
 def _parent(path: str) -> str:
@@ -198,24 +214,41 @@ def _dest(target: SshTarget) -> str:
     return f"{target.user}@{target.address}" if target.user else target.address
 
 
+def _ssh_transport(target: SshTarget, *, stdin: bool) -> list[str]:
+    mux = []
+    if target.control_path:
+        mux = ["-o", "ControlMaster=no", "-o", f"ControlPath={target.control_path}"]
+    no_stdin = [] if stdin else ["-n"]
+    return ["ssh", "-T", *no_stdin, *_ssh_options(target), *mux]
+
+
 def ssh_argv(target: SshTarget, remote_command: str, *, stdin: bool = False) -> list[str]:
     """``ssh`` with the host key checked (StrictHostKeyChecking=yes: an unknown or changed
     key is refused, never added), no prompts, no tty, no stdin unless ``stdin`` (a copy
     fed to the remote command), then the remote command as one argument (ssh hands it to
     the remote login shell as it is)."""
-    mux = []
-    if target.control_path:
-        mux = ["-o", "ControlMaster=no", "-o", f"ControlPath={target.control_path}"]
-    no_stdin = [] if stdin else ["-n"]
+    return [*_ssh_transport(target, stdin=stdin), "--", _dest(target), remote_command]
+
+
+def rsync_argv(target: SshTarget, source_dir: str, remote_dir: str) -> list[str]:
+    """``rsync`` of the files listed NUL-separated on its stdin (``--files-from=- --from0``,
+    paths relative to ``source_dir``) into ``remote_dir`` on ``target`` (created if
+    missing), over the same ``ssh`` as ``ssh_argv`` (host key checked, the same
+    known_hosts, key, port and control socket) given as ``-e`` with ``shlex.join``.
+    Times and permissions are kept, so a second sync sends only what changed; the remote
+    path is passed to the remote rsync as one argument (rsync >= 3.2.4 protects it)."""
+    ssh = shlex.join(_ssh_transport(target, stdin=True))
     return [
-        "ssh",
-        "-T",
-        *no_stdin,
-        *_ssh_options(target),
-        *mux,
+        "rsync",
+        "--archive",
+        "--mkpath",
+        "--files-from=-",
+        "--from0",
+        "-e",
+        ssh,
         "--",
-        _dest(target),
-        remote_command,
+        source_dir.rstrip("/") + "/",
+        f"{_dest(target)}:{remote_dir.rstrip('/')}/",
     ]
 
 

@@ -25,7 +25,14 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   keeps it in the foreground, streaming every task's log. Whoever runs the loop records
   itself in ``RunPaths.scheduler`` (host, pid, start, how it ended) for ``status``,
   ``wait`` and ``cancel``.
-- ``--dry-run`` prints every command it would run, in full.
+- Code (``cluster.multihost.code_sync``): ``none`` (a shared tree), ``archive`` (``git
+  archive HEAD`` unpacked as ``workdir/COMMIT``), ``rsync`` (the working tree's tracked
+  files, committed or not, rsync'ed into ``workdir`` over the same ssh; ssh hosts only).
+- Secrets (``cluster.pass_env``, and the ``cluster.env`` secrets a reloaded run.yaml
+  redacted): read from this process's environment and written on the stdin of each start
+  command, which exports them before it starts the tasks; never on a command line, in a
+  file or a log. A name not set is an error at launch.
+- ``--dry-run`` prints every command it would run, in full (secrets by name only).
 """
 
 from __future__ import annotations
@@ -61,10 +68,12 @@ from launchers.hosts.commands import (
     RemoteTask,
     SshTarget,
     TpuTarget,
+    env_stdin,
     gcloud_describe_argv,
     gcloud_ssh_argv,
     kill_command,
     probe_command,
+    rsync_argv,
     ssh_argv,
     ssh_master_argv,
     start_command,
@@ -98,6 +107,8 @@ class Worker:
     # (remote command, stdin wanted) -> the local argv that runs it
     argv: Callable[..., list[str]]
     master: list[str] | None = None  # opens a multiplexed connection (ssh only)
+    # (local dir, remote dir) -> the rsync argv that copies files there (ssh only)
+    rsync: Callable[[str, str], list[str]] | None = None
     failures: int = 0
     dropped: bool = False
 
@@ -138,17 +149,16 @@ class HostsLauncher(Launcher):
         c = cfg.cluster
         self.mh = c.multihost
         refuse_secret_literals(c, self.name)
-        if list(c.get("pass_env") or []):
-            raise ConfigError(
-                f"cluster.pass_env is not supported by cluster={self.name}: a value would have "
-                "to travel on the remote command line; put `export NAME=...` in a file only you "
-                "can read on every host and set cluster.env_file=FILE (the tasks source it)"
-            )
         self.code_sync = str(self.mh.code_sync)
         if self.code_sync == "archive" and not self.mh.workdir:
             raise ConfigError(
                 "cluster.multihost.code_sync=archive unpacks `git archive HEAD` under "
                 "cluster.multihost.workdir on every host: set it (e.g. ~/embedfleet-code)"
+            )
+        if self.code_sync == "rsync" and not self.mh.workdir:
+            raise ConfigError(
+                "cluster.multihost.code_sync=rsync copies this checkout's tracked files into "
+                "cluster.multihost.workdir on every host: set it (e.g. /home/me/embedfleet-code)"
             )
         self.workdir = str(self.mh.workdir or REPO_ROOT)
         if not self.workdir.startswith("/"):
@@ -209,6 +219,7 @@ class HostsLauncher(Launcher):
                     {str(k): str(v) for k, v in (h.env or {}).items()},
                     lambda cmd, stdin=False, t=target: ssh_argv(t, cmd, stdin=stdin),
                     ssh_master_argv(target),
+                    lambda src, dest, t=target: rsync_argv(t, src, dest),
                 )
             )
         return out
@@ -218,21 +229,79 @@ class HostsLauncher(Launcher):
             self._workers = self.make_workers()
         return self._workers
 
-    def _run(self, w: Worker, command: str, timeout: float | None = None) -> tuple[int, str, str]:
-        argv = w.argv(command)
+    def _run(
+        self, w: Worker, command: str, timeout: float | None = None, stdin: bytes | None = None
+    ) -> tuple[int, str, str]:
+        """Run ``command`` on ``w``; ``stdin``: bytes fed to it (else none: ``ssh -n``)."""
+        argv = w.argv(command, stdin=stdin is not None)
         try:
             p = subprocess.run(
                 argv,
-                stdin=subprocess.DEVNULL,
+                input=stdin,
+                stdin=None if stdin is not None else subprocess.DEVNULL,
                 capture_output=True,
-                text=True,
                 timeout=timeout or float(self.mh.command_timeout_s),
             )
         except subprocess.TimeoutExpired:
             return SSH_FAILED, "", f"no answer within {timeout or self.mh.command_timeout_s} s"
         except FileNotFoundError as exc:
             raise ConfigError(f"cannot run {argv[0]!r}: {exc}; is it installed?") from None
-        return p.returncode, p.stdout, p.stderr
+        return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+
+    def _tracked_files(self) -> tuple[str, bool, bytes]:
+        """(HEAD commit, whether the tracked files differ from it, their paths NUL-separated)
+        of this checkout's working tree (``git ls-files``; deleted ones left out)."""
+
+        def git(*args: str) -> bytes:
+            try:
+                return subprocess.run(
+                    ["git", "-C", str(REPO_ROOT), *args], capture_output=True, check=True
+                ).stdout
+            except (OSError, subprocess.CalledProcessError) as exc:
+                raise ConfigError(
+                    f"cluster.multihost.code_sync=rsync needs this checkout to be a git "
+                    f"repository ({REPO_ROOT}): git {' '.join(args)} failed: {exc}"
+                ) from None
+
+        commit = git("rev-parse", "HEAD").decode().strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+        names = [n for n in git("ls-files", "-z").split(b"\0") if n]
+        present = [n for n in names if os.path.lexists(os.path.join(str(REPO_ROOT), n.decode()))]
+        return commit, dirty, b"".join(n + b"\0" for n in present)
+
+    def _rsync_code(self, ws: list[Worker]) -> None:
+        """``code_sync=rsync``: the working tree's tracked files (committed or not) copied
+        into ``workdir`` on every host at once (only what changed since the last sync); a
+        host that fails it leaves the pool. The commit (and whether the tree differed from
+        it) goes into every attempt record."""
+        commit, dirty, files = self._tracked_files()
+
+        def sync(w: Worker) -> tuple[int, str]:
+            assert w.rsync is not None
+            argv = w.rsync(str(REPO_ROOT), self.workdir)
+            try:
+                p = subprocess.run(
+                    argv, input=files, capture_output=True, timeout=float(self.mh.command_timeout_s)
+                )
+            except subprocess.TimeoutExpired:
+                return SSH_FAILED, "timed out"
+            except FileNotFoundError:
+                raise ConfigError(
+                    "cluster.multihost.code_sync=rsync: no rsync on this machine; install it "
+                    "(`make install` does, or apt-get install rsync) or use code_sync=archive"
+                ) from None
+            return p.returncode, p.stderr.decode(errors="replace").strip()
+
+        for w, (rc, err) in zip(ws, self._pool(sync, ws), strict=True):
+            if rc != 0:
+                w.dropped = True
+                self._say(f"WARNING: host {w.label}: rsync of the code failed ({err}); left out")
+        self.code = {"sync": "rsync", "commit": commit, "dirty": dirty, "dir": self.workdir}
+        self._say(
+            f"code: the tracked files of {REPO_ROOT} (commit {commit[:12]}"
+            + (", with uncommitted changes" if dirty else "")
+            + f") rsynced to {self.workdir} on the hosts"
+        )
 
     def _archive(self) -> tuple[str, bytes]:
         """(commit, tar bytes) of ``git archive HEAD`` of this checkout; warns when the
@@ -389,7 +458,13 @@ class HostsLauncher(Launcher):
             by_worker.setdefault(w.index, []).append(
                 self._remote_task(paths, spec, unit, w, rank, self._env.plain)
             )
-        return {i: start_command(ts) for i, ts in by_worker.items()}
+        names = sorted({*self._env.secret, *self._env.forwarded})
+        return {i: start_command(ts, stdin_env=names) for i, ts in by_worker.items()}
+
+    def _start_stdin(self) -> bytes | None:
+        """What the start commands read on stdin: the secrets (``cluster.pass_env``, and
+        those a reloaded run.yaml redacted), never on a command line or in a file."""
+        return env_stdin(self._env.secret) if self._env.secret else None
 
     # -- the stage loop -----------------------------------------------------------------
 
@@ -448,7 +523,11 @@ class HostsLauncher(Launcher):
             if sent is None:
                 return []
             self._record(paths, spec, unit, start_sent=sent)
-            out = [(workers[i], *self._run(workers[i], cmd)[::2]) for i, cmd in commands.items()]
+            stdin = self._start_stdin()
+            out = [
+                (workers[i], *self._run(workers[i], cmd, stdin=stdin)[::2])
+                for i, cmd in commands.items()
+            ]
             self._record(paths, spec, unit, start_answered=time.time())
             return out
 
@@ -756,6 +835,8 @@ class HostsLauncher(Launcher):
             )
             return self.launch(paths, plan, dry_run=True)
         self._require_shared(paths)
+        # A cluster.pass_env name not set here is an error now, not in the scheduler.
+        task_env(self.cfg.cluster, literal_secrets=False, launcher=self.name)
         return start_detached(paths, lock, say=self._say)
 
     def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
@@ -810,6 +891,11 @@ class HostsLauncher(Launcher):
         if self.code_sync == "archive":
             self._ship_code(alive)
             alive = [w for w in alive if not w.dropped]
+        elif self.code_sync == "rsync":
+            self._rsync_code(alive)
+            alive = [w for w in alive if not w.dropped]
+        if not alive:
+            raise RemoteError("no host is left to run tasks on (see the warnings above)")
         self._say(
             f"{self.name}: {len(alive)} host(s), {sum(w.slots for w in alive)} slot(s): "
             + ", ".join(f"{w.label} x{w.slots}" for w in alive)
@@ -847,6 +933,21 @@ class HostsLauncher(Launcher):
                     f"$ git archive --format=tar HEAD | {shlex.join(w.argv(cmd, stdin=True))}"
                 )
             self.workdir = f"{self.workdir.rstrip('/')}/COMMIT"
+        elif self.code_sync == "rsync":
+            self._say(f"# code: the tracked files of {REPO_ROOT}, copied to each host:")
+            for w in ws:
+                assert w.rsync is not None
+                argv = w.rsync(str(REPO_ROOT), self.workdir)
+                self._say(
+                    f"$ git -C {shlex.quote(str(REPO_ROOT))} ls-files -z | {shlex.join(argv)}"
+                )
+        secrets = sorted({*self._env.secret, *self._env.forwarded})
+        if secrets:
+            names = secrets
+            self._say(
+                "# each start command reads on its stdin, from this environment: "
+                + " ".join(f"{n}=<value of ${n}>" for n in names)
+            )
         for spec in plan.stages:
             done = completed_tasks(paths, spec)
             pending = [t for t in range(spec.num_tasks) if t not in done]
@@ -862,7 +963,12 @@ class HostsLauncher(Launcher):
                 placed = [slots[(n * world + r) % len(slots)] for r in range(world)]
                 unit = _Unit(task, 1, 1, [(w, r) for r, w in enumerate(placed)])
                 for i, cmd in self._start_commands(paths, spec, unit).items():
-                    self._say(f"$ {shlex.join(ws[i].argv(cmd))}")
+                    if secrets:
+                        self._say(
+                            f"$ <the NAME=VALUE lines> | {shlex.join(ws[i].argv(cmd, stdin=True))}"
+                        )
+                    else:
+                        self._say(f"$ {shlex.join(ws[i].argv(cmd))}")
 
     # -- watching -----------------------------------------------------------------------
 
@@ -1094,6 +1200,13 @@ class TpuVmLauncher(HostsLauncher):
 
     def __init__(self, cfg, *, echo: bool = True) -> None:
         super().__init__(cfg, echo=echo)
+        if self.code_sync == "rsync":
+            raise ConfigError(
+                "cluster.multihost.code_sync=rsync is not supported by cluster=tpu_vm: its "
+                "workers are reached only through `gcloud compute tpus tpu-vm ssh/scp`, which "
+                "cannot carry rsync; use cluster.multihost.code_sync=archive (git archive of "
+                "HEAD unpacked on every worker) or none (a shared file system)"
+            )
         self.tpu = cfg.cluster.tpu_vm
         self.clear_accelerator = bool(self.tpu.clear_accelerator_holders)
 

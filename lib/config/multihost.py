@@ -17,6 +17,8 @@ from lib.config.fields import bounded
 class CodeSync(StrEnum):
     none = "none"  # the hosts see the same tree (a shared home, NFS): nothing is copied
     archive = "archive"  # `git archive HEAD` unpacked under the remote workdir, per host
+    # the working tree's git-tracked files rsync'ed into the remote workdir (ssh hosts only)
+    rsync = "rsync"
 
 
 @dataclass
@@ -60,7 +62,8 @@ class TpuVmConfig:
 @dataclass
 class MultihostConfig:
     # Where tasks run on the hosts (absolute); null: this checkout's path (a shared file
-    # system). code_sync=archive unpacks HEAD as workdir/COMMIT and runs there.
+    # system). code_sync=archive unpacks HEAD as workdir/COMMIT and runs there;
+    # code_sync=rsync copies the tracked files of the working tree into workdir itself.
     workdir: str | None = None
     # Shell lines run before every task (venv activation, module load): shell, as written.
     setup: list[str] = field(default_factory=list)

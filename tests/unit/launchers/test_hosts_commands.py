@@ -16,10 +16,12 @@ from launchers.hosts.commands import (
     RemoteTask,
     SshTarget,
     TpuTarget,
+    env_stdin,
     gcloud_describe_argv,
     gcloud_ssh_argv,
     kill_command,
     probe_command,
+    rsync_argv,
     ssh_argv,
     ssh_master_argv,
     start_command,
@@ -73,6 +75,10 @@ def test_remote_commands_golden():
             kill_command([t.pid_file, "/runs/x y/p"]),
             "# unpack_command",
             unpack_command("/srv/code dir", "0123456789abcdef0123456789abcdef01234567"),
+            "# start_command with secrets on stdin",
+            start_command([t], stdin_env=["HF_TOKEN", "WANDB_API_KEY"]),
+            "# env_stdin",
+            env_stdin({"HF_TOKEN": HOSTILE, "WANDB_API_KEY": "k"}).decode(),
             "# clear_accelerator",
             task_script(RemoteTask(("python",), "/w", "/l", "/p", "/e", clear_accelerator=True)),
         ]
@@ -93,6 +99,8 @@ def test_local_argv_golden():
         shlex.join(gcloud_ssh_argv(tpu, "echo " + shlex.quote(HOSTILE))),
         shlex.join(gcloud_ssh_argv(TpuTarget("t", 0), "true")),
         shlex.join(gcloud_describe_argv("v4-32", "us-central2-b", "proj")),
+        shlex.join(rsync_argv(ssh, "/src/my checkout", f"/srv/code {HOSTILE}")),
+        shlex.join(rsync_argv(SshTarget("h", control_path="/tmp/efssh-x/0"), "/s/", "/w")),
     ]
     check_golden("hosts_argv.txt", "\n".join(lines) + "\n")
 
@@ -188,3 +196,45 @@ def test_failing_setup_line_fails_the_task(tmp_path):
         time.sleep(0.05)
     assert _read(t.exit_file).strip() == "1"
     assert "ran" not in _read(t.log_file)
+
+
+def test_rsync_uses_the_same_ssh_as_ssh_argv():
+    t = SshTarget("10.0.0.2", 2222, "me", "/k/id key", False, "/kh/known hosts", 5, "/tmp/c/0")
+    argv = rsync_argv(t, "/src", "/dst dir")
+    transport = shlex.split(argv[argv.index("-e") + 1])
+    assert transport == ssh_argv(t, "x", stdin=True)[:-3]  # all but `-- DEST COMMAND`
+    assert (
+        "StrictHostKeyChecking=yes" in transport
+        and "UserKnownHostsFile=/kh/known hosts" in transport
+    )
+    assert argv[-3:] == ["--", "/src/", "me@10.0.0.2:/dst dir/"]
+
+
+def test_secrets_on_stdin_reach_the_task_and_not_its_command_line(tmp_path):
+    """Through the real ``sh`` as ssh would, stdin fed: the task sees the exact values
+    (quotes, ``$()``, a newline), the command line holds none, nothing runs from them."""
+    out = tmp_path / "env.json"
+    code = (
+        "import json, os, sys; json.dump({k: os.environ.get(k) for k in ('A_TOKEN', 'B_KEY')},"
+        " open(sys.argv[1], 'w'))"
+    )
+    t = _task(tmp_path, [sys.executable, "-c", code, str(out)])
+    command = start_command([t], stdin_env=["A_TOKEN", "B_KEY"])
+    values = {"A_TOKEN": HOSTILE, "B_KEY": "plain-value-1234"}
+    assert HOSTILE not in command and "plain-value-1234" not in command
+    proc = subprocess.run(
+        ["sh", "-c", command],
+        cwd=tmp_path,
+        input=env_stdin(values),
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.time() + 30
+    while not os.path.exists(t.exit_file) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _read(t.exit_file).strip() == "0", _read(t.log_file)
+    assert json.loads(out.read_text()) == values
+    assert not list(tmp_path.glob("PWNED*")) and not list(tmp_path.parent.glob("PWNED*"))
+    with pytest.raises(ValueError, match="not a shell name"):
+        env_stdin({"A;B": "x"})
