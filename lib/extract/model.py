@@ -295,7 +295,9 @@ class TorchForward:
 
     name = "torch"
 
-    def __init__(self, source: ModelSource, p: Any, pad_id: int) -> None:
+    def __init__(self, source: ModelSource | None, p: Any, pad_id: int, model: Any = None) -> None:
+        """``model``: an already loaded ``AutoModelForCausalLM`` on ``p.device`` in
+        ``p.compute_dtype`` (bench/gpu/extract.py's random-weight model), else loaded."""
         import torch
 
         self.torch = torch
@@ -303,14 +305,15 @@ class TorchForward:
         self.compute_dtype = str(p.compute_dtype or ("bf16" if self.device == "cuda" else "fp32"))
         if p.torch_threads:
             torch.set_num_threads(int(p.torch_threads))
-        self.model = load_model(
+        self.model = model or load_model(
             source,
             device=self.device,
             dtype=self.compute_dtype,
             trust_remote_code=bool(p.trust_remote_code),
         )
         config = self.model.config
-        self.layers = check_layers(list(p.layers), int(config.num_hidden_layers), source.describe())
+        where = source.describe() if source is not None else type(self.model).__name__
+        self.layers = check_layers(list(p.layers), int(config.num_hidden_layers), where)
         self.hidden_size = int(config.hidden_size)
         self.store_dtype = str(p.dtype)
         self.pad_id = pad_id
