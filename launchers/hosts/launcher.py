@@ -95,6 +95,20 @@ from lib.runtime.identity import TaskIdentity, identity_env
 SSH_FAILED = 255  # ssh's own failure (cannot connect, host key refused), not the command's
 
 
+def _git(mode: str, *args: str) -> bytes:
+    """``git ARGS`` in this checkout (for ``code_sync=MODE``); a ConfigError naming the
+    option when this is no git checkout or git fails."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ConfigError(
+            f"cluster.multihost.code_sync={mode} needs this checkout to be a git "
+            f"repository ({REPO_ROOT}): git {' '.join(args)} failed: {exc}"
+        ) from None
+
+
 @dataclass
 class Worker:
     """A machine tasks run on: one SSH host, or one worker of a TPU VM."""
@@ -253,15 +267,7 @@ class HostsLauncher(Launcher):
         of this checkout's working tree (``git ls-files``; deleted ones left out)."""
 
         def git(*args: str) -> bytes:
-            try:
-                return subprocess.run(
-                    ["git", "-C", str(REPO_ROOT), *args], capture_output=True, check=True
-                ).stdout
-            except (OSError, subprocess.CalledProcessError) as exc:
-                raise ConfigError(
-                    f"cluster.multihost.code_sync=rsync needs this checkout to be a git "
-                    f"repository ({REPO_ROOT}): git {' '.join(args)} failed: {exc}"
-                ) from None
+            return _git("rsync", *args)
 
         commit = git("rev-parse", "HEAD").decode().strip()
         dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
@@ -308,15 +314,7 @@ class HostsLauncher(Launcher):
         tree has changes that are not committed (they are not shipped)."""
 
         def git(*args: str) -> bytes:
-            try:
-                return subprocess.run(
-                    ["git", "-C", str(REPO_ROOT), *args], capture_output=True, check=True
-                ).stdout
-            except (OSError, subprocess.CalledProcessError) as exc:
-                raise ConfigError(
-                    f"cluster.multihost.code_sync=archive needs this checkout to be a git "
-                    f"repository ({REPO_ROOT}): git {' '.join(args)} failed: {exc}"
-                ) from None
+            return _git("archive", *args)
 
         commit = git("rev-parse", "HEAD").decode().strip()
         if git("status", "--porcelain", "--untracked-files=no").strip():
