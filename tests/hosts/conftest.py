@@ -56,6 +56,33 @@ class Hosts:
     def host_pub_key(self, host: str) -> Path:
         return Path(self.env["EF_HOSTS_DIR"]) / host / "ssh_host_ed25519_key.pub"
 
+    def hosts_config(self, hosts: list[dict], **multihost):
+        """A ``cluster=hosts`` config over the namespace hosts ``hosts`` (each a dict with
+        ``name`` and optional ``slots``/``env``), the test user's key and known_hosts, short
+        timeouts; ``multihost`` overrides ``cluster.multihost`` keys."""
+        from omegaconf import OmegaConf
+
+        from lib.config.schema import EmbedfleetConfig
+
+        entries = [{"address": self.address(h["name"]), "port": self.port, **h} for h in hosts]
+        return OmegaConf.merge(
+            OmegaConf.structured(EmbedfleetConfig),
+            {
+                "cluster": {
+                    "launcher": "hosts",
+                    "hosts": entries,
+                    "multihost": {
+                        "user": self.env["EF_NS_USER"],
+                        "key_file": self.key,
+                        "known_hosts": self.known_hosts,
+                        "connect_timeout_s": 2,
+                        "poll_s": 0.2,
+                        **multihost,
+                    },
+                }
+            },
+        )
+
     def data_dir(self, name: str) -> Path:
         """A fresh directory the test users can read (the state dir's data/)."""
         d = Path(self.env["EF_HOSTS_DATA"]) / f"{name}-{uuid.uuid4().hex[:8]}"

@@ -47,25 +47,7 @@ def ns(ssh_hosts):
 
 
 def _cfg(ssh_hosts, **multihost):
-    env = ssh_hosts.env
-    entries = [{"address": env[f"EF_HOST_{h}"], "port": ssh_hosts.port, "name": h} for h in HOSTS]
-    return OmegaConf.merge(
-        OmegaConf.structured(EmbedfleetConfig),
-        {
-            "cluster": {
-                "launcher": "hosts",
-                "hosts": entries,
-                "multihost": {
-                    "user": env["EF_NS_USER"],
-                    "key_file": ssh_hosts.key,
-                    "known_hosts": ssh_hosts.known_hosts,
-                    "connect_timeout_s": 2,
-                    "poll_s": 0.2,
-                    **multihost,
-                },
-            }
-        },
-    )
+    return ssh_hosts.hosts_config([{"name": h} for h in HOSTS], **multihost)
 
 
 def _git(*args: str) -> str:

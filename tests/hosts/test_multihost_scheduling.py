@@ -13,7 +13,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from launchers.hosts.launcher import HostsLauncher
-from lib.config.schema import EmbedfleetConfig
 from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec
 from tests.conftest import REPO
@@ -23,25 +22,7 @@ GLOO_JOB = "tests.hosts.gloo_job"
 
 
 def _cfg(ssh_hosts, hosts: list[dict], **multihost):
-    env = ssh_hosts.env
-    entries = [{"address": env[f"EF_HOST_{h['name']}"], "port": ssh_hosts.port, **h} for h in hosts]
-    return OmegaConf.merge(
-        OmegaConf.structured(EmbedfleetConfig),
-        {
-            "cluster": {
-                "launcher": "hosts",
-                "hosts": entries,
-                "multihost": {
-                    "user": env["EF_NS_USER"],
-                    "key_file": ssh_hosts.key,
-                    "known_hosts": ssh_hosts.known_hosts,
-                    "connect_timeout_s": 2,
-                    "poll_s": 0.2,
-                    **multihost,
-                },
-            }
-        },
-    )
+    return ssh_hosts.hosts_config(hosts, **multihost)
 
 
 def _records(run, stage: str) -> dict[tuple[int, int], dict]:

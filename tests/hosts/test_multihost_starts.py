@@ -32,28 +32,9 @@ JOB = "tests.unit.launchers.echo_job"
 
 
 def _cfg(ssh_hosts, slots: int, **multihost):
-    env = ssh_hosts.env
-    hosts = [
-        {"address": env[f"EF_HOST_{h}"], "port": ssh_hosts.port, "name": h, "slots": slots}
-        for h in ("n1", "n2")  # n3 may be cut off by tests/hosts/test_multihost.py
-    ]
-    return OmegaConf.merge(
-        OmegaConf.structured(EmbedfleetConfig),
-        {
-            "cluster": {
-                "launcher": "hosts",
-                "hosts": hosts,
-                "multihost": {
-                    "user": env["EF_NS_USER"],
-                    "key_file": ssh_hosts.key,
-                    "known_hosts": ssh_hosts.known_hosts,
-                    "connect_timeout_s": 2,
-                    "poll_s": 0.2,
-                    **multihost,
-                },
-            }
-        },
-    )
+    # n3 may be cut off by tests/hosts/test_multihost.py
+    hosts = [{"name": h, "slots": slots} for h in ("n1", "n2")]
+    return ssh_hosts.hosts_config(hosts, **multihost)
 
 
 def _attempts(run, n: int) -> list[dict]:
