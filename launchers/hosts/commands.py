@@ -111,7 +111,7 @@ def start_command(tasks: Sequence[RemoteTask], stdin_env: Sequence[str] = ()) ->
     if stdin_env:
         _check_env(dict.fromkeys(stdin_env, ""))
         # eval of what env_stdin wrote: NAME=<shlex.quote(value)> lines only.
-        parts.append(f'eval "$(cat)" && export {" ".join(sorted(stdin_env))}')
+        parts.append(f'eval "$(cat)" && export {shlex.join(sorted(stdin_env))}')
     for t in tasks:
         dirs = sorted({_parent(t.log_file), _parent(t.pid_file), _parent(t.exit_file)})
         parts.append(

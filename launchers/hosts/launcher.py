@@ -941,10 +941,9 @@ class HostsLauncher(Launcher):
                 )
         secrets = sorted({*self._env.secret, *self._env.forwarded})
         if secrets:
-            names = secrets
             self._say(
                 "# each start command reads on its stdin, from this environment: "
-                + " ".join(f"{n}=<value of ${n}>" for n in names)
+                + " ".join(f"{n}=<value of ${n}>" for n in secrets)
             )
         for spec in plan.stages:
             done = completed_tasks(paths, spec)
