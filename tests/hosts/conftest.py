@@ -83,6 +83,21 @@ class Hosts:
             },
         )
 
+    def hosts_overrides(self, names) -> list[str]:
+        """The launch.py overrides of ``hosts_config`` for hosts ``names`` (one slot each)."""
+        hosts = ", ".join(
+            f"{{address: {self.address(h)}, port: {self.port}, name: {h}}}" for h in names
+        )
+        return [
+            "cluster=hosts",
+            f"cluster.hosts=[{hosts}]",
+            f"cluster.multihost.user={self.env['EF_NS_USER']}",
+            f"cluster.multihost.key_file={self.key}",
+            f"cluster.multihost.known_hosts={self.known_hosts}",
+            "cluster.multihost.connect_timeout_s=2",
+            "cluster.multihost.poll_s=0.2",
+        ]
+
     def data_dir(self, name: str) -> Path:
         """A fresh directory the test users can read (the state dir's data/)."""
         d = Path(self.env["EF_HOSTS_DATA"]) / f"{name}-{uuid.uuid4().hex[:8]}"

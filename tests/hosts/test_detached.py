@@ -43,21 +43,11 @@ def ns(ssh_hosts):
 def _make_run(ns, run: Path, *overrides: str) -> Path:
     """A run dir of two echo-job stages, ``a`` (3 tasks) then ``b`` (1), on n1 and n2 (one
     slot each); every task waits in its setup line until the returned gate file exists."""
-    env = ns.env
     gate = run.parent / f"{run.name}.gate"
-    hosts = ", ".join(
-        f"{{address: {env[f'EF_HOST_{h}']}, port: {ns.port}, name: {h}}}" for h in HOSTS
-    )
     cfg = compose(
         [
             "+experiment=quickstart",
-            "cluster=hosts",
-            f"cluster.hosts=[{hosts}]",
-            f"cluster.multihost.user={env['EF_NS_USER']}",
-            f"cluster.multihost.key_file={ns.key}",
-            f"cluster.multihost.known_hosts={ns.known_hosts}",
-            "cluster.multihost.connect_timeout_s=2",
-            "cluster.multihost.poll_s=0.2",
+            *ns.hosts_overrides(HOSTS),
             f"cluster.multihost.setup=['while [ ! -e {gate} ]; do sleep 0.1; done']",
             *overrides,
         ]

@@ -96,20 +96,10 @@ def test_code_sync_rsync_is_refused_for_tpu_vm(tmp_path):
 
 
 def _make_run(ns, run: Path, *overrides: str) -> None:
-    env = ns.env
-    hosts = ", ".join(
-        f"{{address: {env[f'EF_HOST_{h}']}, port: {ns.port}, name: {h}}}" for h in HOSTS
-    )
     cfg = compose(
         [
             "+experiment=quickstart",
-            "cluster=hosts",
-            f"cluster.hosts=[{hosts}]",
-            f"cluster.multihost.user={env['EF_NS_USER']}",
-            f"cluster.multihost.key_file={ns.key}",
-            f"cluster.multihost.known_hosts={ns.known_hosts}",
-            "cluster.multihost.connect_timeout_s=2",
-            "cluster.multihost.poll_s=0.2",
+            *ns.hosts_overrides(HOSTS),
             *overrides,
         ]
     )
