@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_launch
+from tests.e2e.test_extract import _args as extract_args
 from tests.unit.extract.helpers import texts, tiny_qwen2, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -202,20 +203,10 @@ def extract_inputs(root) -> tuple[Path, Path]:
 
 
 def _extract_args(inputs, *extra: str) -> list[str]:
+    # The settings of tests/e2e/test_extract.py's runs (its local-launcher parallelism is
+    # ignored by the hosts launcher), single-threaded here.
     model, data = inputs
-    return [
-        "dataset=files",
-        f"dataset.path={data}",
-        "stages=[extract]",
-        f"extract.model={model}",
-        "extract.layers=[2,4]",
-        "extract.max_seq_length=32",
-        "extract.batch_size=2",
-        "extract.shard_size_mb=0.004",
-        "extract.num_tasks=2",
-        *THREADS,
-        *extra,
-    ]
+    return extract_args((None, model, data), *THREADS, *extra)
 
 
 @pytest.fixture(scope="module")
