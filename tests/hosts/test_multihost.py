@@ -162,9 +162,10 @@ def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
-    assert re.search(rf"\[embed {task}\] failed on n3 \(host n3 does not answer\); retry 1", out), (
-        out
-    )
+    # Either is a right account of a host that died; CI once saw the second (a probe
+    # answered after the kill), so the test takes both.
+    why = r"(host n3 does not answer|its process on n3 is gone without an exit code)"
+    assert re.search(rf"\[embed {task}\] failed on n3 \({why}\); retry 1", out), out
     rec = _attempt(run, task)
     assert rec["attempt"] == 2 and rec["host"] in ("n1", "n2") and rec["returncode"] == 0
     got = np.asarray(open_embeddings(run / "merge" / "embeddings.safetensors"))
