@@ -221,3 +221,29 @@ def pick_dtype(dtype: ModelDtype | str, device: torch.device) -> torch.dtype:
     if dtype == ModelDtype.auto:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype.value)
+
+
+# cuBLAS/cuDNN report a failed allocation as a plain RuntimeError.
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says a device allocation failed (torch, cuBLAS or cuDNN)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+def free_device_memory(device: torch.device | str) -> None:
+    """Return what the last (failed) forward pass held to the device's allocator. Call it
+    after leaving the ``except`` block: the exception's traceback holds that pass's
+    tensors while the handler runs (a retry inside it runs out of memory again)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lib.compute.devices import free_device_memory, is_out_of_memory
 from lib.compute.models import force_offline
 from lib.core.errors import ConfigError, ModelError
 
@@ -353,9 +354,9 @@ class TorchForward:
             return _concat([self._rows(part) for part in parts], self.layers)
         try:
             return self._once(batch)
-        except self.torch.cuda.OutOfMemoryError as exc:
-            if self.device == "cuda":
-                self.torch.cuda.empty_cache()
+        except (self.torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
             longest = max(len(s.token_ids) for s in batch)
             if len(batch) == 1:
                 raise ModelError(
@@ -364,19 +365,22 @@ class TorchForward:
                     f"extract.max_seq_length={self.max_seq_length}, request fewer or earlier "
                     "extract.layers, or use a device with more memory"
                 ) from exc
-            half = (len(batch) + 1) // 2
-            self.max_rows = half
-            self.oom_halvings.append({"rows": len(batch), "tokens": longest, "retry_rows": half})
-            log.warning(
-                "%s out of memory on a batch of %d x %d tokens: halved to %d samples a "
-                "pass for the rest of the task (extract.batch_size=%d)",
-                self.device,
-                len(batch),
-                longest,
-                half,
-                self.batch_size,
-            )
-            return self._rows(batch)
+        # The retry runs here, outside the handler: while it ran, the exception's traceback
+        # held the failed pass's activations (on a real GPU every halving ran out again).
+        free_device_memory(self.device)
+        half = (len(batch) + 1) // 2
+        self.max_rows = half
+        self.oom_halvings.append({"rows": len(batch), "tokens": longest, "retry_rows": half})
+        log.warning(
+            "%s out of memory on a batch of %d x %d tokens: halved to %d samples a "
+            "pass for the rest of the task (extract.batch_size=%d)",
+            self.device,
+            len(batch),
+            longest,
+            half,
+            self.batch_size,
+        )
+        return self._rows(batch)
 
     def __call__(self, batch: list) -> dict[int, np.ndarray]:
         return self._rows(batch)

@@ -16,7 +16,6 @@ been left, so the failed forward's tensors (held by the traceback) can be freed 
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lib.compute.devices import pick_dtype, resolve_device
+from lib.compute.devices import free_device_memory, is_out_of_memory, pick_dtype, resolve_device
 from lib.compute.models import force_offline, resolve_model_path
 from lib.core.errors import ModelError
 from lib.embed.params import Pooling
@@ -280,22 +279,3 @@ class HFEmbedder:
             padded,
             self.max_tokens,
         )
-
-
-# cuBLAS/cuDNN report a failed allocation as a plain RuntimeError.
-_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says a device allocation failed (torch, cuBLAS or cuDNN)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MESSAGES)
-
-
-def free_device_memory(device: torch.device) -> None:
-    """Return what the last (failed) forward pass held to the device's allocator."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
