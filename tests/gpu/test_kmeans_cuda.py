@@ -81,4 +81,7 @@ def test_local_launcher_runs_two_gpu_ranks_each_on_its_own_device(tmp_path):
     assert "kmeans_level1: ranks on GPUs" in gpu.stdout
     cpu = run_launch(*common, "run.name=cpu", "kmeans.device=cpu")
     assert cpu.returncode == 0, cpu.stdout[-4000:]
-    assert _inertia(gpu.stdout) == pytest.approx(_inertia(cpu.stdout), rel=1e-2)
+    # Not equal: k-means++ draws from potentials that differ in the last bits between
+    # devices, and the runs end in different local minima (on an H200: 2.29e6 on the two
+    # GPU ranks, 2.57e6 on that machine's CPU, 2.65e6 on another CPU). Compare quality.
+    assert _inertia(gpu.stdout) <= _inertia(cpu.stdout) * 1.05
