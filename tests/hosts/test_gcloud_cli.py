@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, Plan, StageSpec
 from lib.remote.errors import RemoteError
-from tests.conftest import REPO
+from tests.conftest import REPO, run_launch
 from tests.hosts.fake_tpu_api import FakeNode, FakeTpuApi
 
 pytestmark = pytest.mark.slow
@@ -209,6 +210,75 @@ def test_array_stage_on_tpu_workers_through_real_gcloud(ns, tpu, refused, tmp_pa
     known = (r"^/v2/projects/[^/]+/locations/[^/]+/nodes/[^/]+(:getGuestAttributes)?$|"
              r"^/compute/v1/projects/[^/]+$")  # fmt: skip
     assert all(re.match(known, r.path) for r in tpu.seen()), tpu.seen()
+
+
+def _group_alive(pgid: int) -> bool:
+    out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True)
+    return any(not s.startswith("Z") for s in out.stdout.split())
+
+
+def _until(cond, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_launch_py_status_and_cancel_on_tpu_workers_through_real_gcloud(ns, tpu, tmp_path):
+    """``launch.py`` itself on cluster=tpu_vm through the real gcloud: the detached launch
+    returns with the quickstart's two embed tasks held in a setup line on ef-tpu's two
+    workers (no model loaded), ``status`` reconnects through gcloud and reports both
+    running on their workers, ``cancel`` kills both remote process groups through gcloud
+    (nothing of them is left), and ``status`` then says the scheduler stopped them (pending
+    again: a relaunch runs them)."""
+    run = tmp_path / "runs" / "held"
+    user = ns.env["EF_NS_USER"]
+    launched = run_launch(
+        "+experiment=quickstart",
+        "dataset.limit=8",
+        "embed.num_shards=2",
+        "stages=[embed]",
+        "cluster=tpu_vm",
+        f"cluster.tpu_vm.name={TPU}",
+        f"cluster.tpu_vm.zone={ZONE}",
+        f"cluster.tpu_vm.project={PROJECT}",
+        f"cluster.tpu_vm.user={user}",
+        f"cluster.tpu_vm.ssh_key_file={ns.key}",
+        f"cluster.tpu_vm.ssh_flags=['-p {ns.port}']",
+        "cluster.multihost.setup=['sleep 600']",
+        "cluster.multihost.connect_timeout_s=5",
+        "cluster.multihost.poll_s=1",
+        f"run.root={tmp_path / 'runs'}",
+        "run.name=held",
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert "tpu_vm: 2 host(s)" in launched.stdout, launched.stdout
+    attempts = run / "embed" / "attempts"
+    pid_files = [attempts / f"task_{t:05d}.rank0.a1.pid" for t in range(2)]
+    _until(lambda: all(f.exists() and f.read_text().strip() for f in pid_files), "both tasks")
+    pgids = [int(f.read_text()) for f in pid_files]
+    assert all(_group_alive(p) for p in pgids)
+    guest = f"^/v2/projects/{PROJECT}/locations/{ZONE}/nodes/{TPU}:getGuestAttributes$"
+    before = len(tpu.seen("POST", guest))
+
+    status = run_launch("status", str(run))
+    row = next(ln for ln in status.stdout.splitlines() if ln.startswith("embed "))
+    assert row.split()[1:6] == ["2", "0", "2", "0", "0"], status.stdout
+    hosts = {json.loads((attempts / f"task_{t:05d}.json").read_text())["host"] for t in range(2)}
+    assert hosts == {f"{TPU}/w0", f"{TPU}/w1"}
+    assert f"{TPU}/w0: running embed" in status.stdout, status.stdout
+    probed = len(tpu.seen("POST", guest))
+    assert probed > before, "status did not reach the workers through gcloud"
+
+    cancel = run_launch("cancel", str(run))
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    _until(lambda: not any(_group_alive(p) for p in pgids), "no process left", timeout=60)
+    assert len(tpu.seen("POST", guest)) > probed, "cancel did not go through gcloud"
+    after = run_launch("status", str(run))
+    row = next(ln for ln in after.stdout.splitlines() if ln.startswith("embed "))
+    # the scheduler, alive, stopped its tasks itself: pending again, for a relaunch
+    assert row.split()[1:6] == ["2", "0", "0", "0", "2"], after.stdout
+    assert "its tasks were stopped" in after.stdout, after.stdout
 
 
 def test_describe_reads_workers_and_refuses_a_tpu_not_ready(ns, tpu):
