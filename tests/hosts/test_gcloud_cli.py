@@ -21,6 +21,7 @@ gcloud or a server that cannot start fails these tests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -210,6 +211,32 @@ def test_array_stage_on_tpu_workers_through_real_gcloud(ns, tpu, refused, tmp_pa
     known = (r"^/v2/projects/[^/]+/locations/[^/]+/nodes/[^/]+(:getGuestAttributes)?$|"
              r"^/compute/v1/projects/[^/]+$")  # fmt: skip
     assert all(re.match(known, r.path) for r in tpu.seen()), tpu.seen()
+
+
+def test_pass_env_reaches_tpu_workers_through_gcloud_stdin(ns, tpu, tmp_path, capsys, monkeypatch):
+    """cluster.pass_env on cluster=tpu_vm: the secret's NAME=VALUE lines go on the stdin of
+    `gcloud compute tpus tpu-vm ssh --worker=i`, which hands it to its ssh; the tasks on
+    both workers see the exact value (a hostile one, several lines), no process's argv on
+    the worker holds it, and nothing in the run dir or the output does."""
+    from tests.hosts.test_multihost_code_env import SECRET, SECRET_JOB, SECRET_VAR, _files_with
+
+    monkeypatch.setenv(SECRET_VAR, SECRET)
+    cfg = OmegaConf.merge(_cfg(ns, TPU), {"cluster": {"pass_env": [SECRET_VAR]}})
+    run = tmp_path / "run"
+    spec = StageSpec("a", "embed", SECRET_JOB, "a", ARRAY, 2, "h")
+    result = TpuVmLauncher(cfg).launch(RunPaths(str(run)), Plan([spec], 0))
+    out = capsys.readouterr().out
+    assert result.complete, out
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    hosts = set()
+    for t in (0, 1):
+        rec = json.loads((run / "a" / "out" / f"{t}.json").read_text())
+        assert rec["sha256"] == digest and rec["in_ps"] is False and rec["saw_task_shell"]
+        hosts.add(json.loads((run / "a" / "attempts" / f"task_{t:05d}.json").read_text())["host"])
+    assert hosts == {f"{TPU}/w0", f"{TPU}/w1"}  # one task a worker: both got it
+    needles = [part.encode() for part in SECRET.splitlines()]
+    assert _files_with(run, needles) == [] and not any(n.decode() in out for n in needles)
+    assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
 
 
 def _group_alive(pgid: int) -> bool:
