@@ -195,15 +195,19 @@ def _declared_rows(cfg: DictConfig, exc: DatasetError, dry_run: bool) -> int:
     return int(min(sizes))
 
 
-def extract_rows(cfg: DictConfig, dry_run: bool = False) -> int:
+def extract_rows(cfg: DictConfig, dry_run: bool = False) -> tuple[int, dict | None]:
     """Rows the extract stage reads when no embed stage counts them (as ``dataset_input``
-    does: checked columns and size; a dry run may plan from ``dataset.expected_rows``)."""
+    does: checked columns and size; a dry run may plan from ``dataset.expected_rows``),
+    and a many-file dataset's record (``MultiSource.record()``, else None)."""
     from lib.data.columns import check_dataset, open_dataset
+    from lib.data.datasets import MultiSource
 
     try:
-        return check_dataset(open_dataset(cfg), cfg)
+        source = open_dataset(cfg)
+        rows = check_dataset(source, cfg)
     except DatasetError as exc:
-        return _declared_rows(cfg, exc, dry_run)
+        return _declared_rows(cfg, exc, dry_run), None
+    return rows, source.record() if isinstance(source, MultiSource) else None
 
 
 def recorded_overrides(overrides: list[str]) -> list[str]:
@@ -248,8 +252,9 @@ def launch_run(
         cfg.stages = [*added, *requested]
         embed_input = dataset_input(cfg, dry_run)
         rows = embed_input.rows if embed_input is not None else 0
+        files_record = None
         if embed_input is None and "extract" in cfg.stages:
-            rows = extract_rows(cfg, dry_run)
+            rows, files_record = extract_rows(cfg, dry_run)
         if "embed" in cfg.stages:
             from lib.compute.models import resolve_model_path
             from lib.embed.checks import check_max_length
@@ -270,6 +275,10 @@ def launch_run(
                     raise
                 print(f"warning: {exc}", file=sys.stderr)
         plan = build_plan(cfg, rows)
+        if files_record is not None:
+            from lib.data.datasets import FILES_RECORD_KEY
+
+            plan.extra[FILES_RECORD_KEY] = files_record
         grown = False
         if plan.group("embed"):
             from lib.embed.append import appends, apply_append

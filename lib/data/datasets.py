@@ -253,6 +253,11 @@ class TableSource:
         return t.select(columns) if columns else t
 
 
+# Where Plan.extra keeps a many-file dataset's record (MultiSource.record()): the embed and
+# extract tasks pass it to open_dataset, so each opens only the files of its rows.
+FILES_RECORD_KEY = "dataset_files"
+
+
 @dataclass
 class MultiSource:
     """Many files read as one dataset (a directory, a glob or a list): the files' rows one
@@ -316,7 +321,8 @@ class MultiSource:
         return self._sources[i]
 
     def record(self) -> dict:
-        """Each file's rows and the columns, for ``plan.json`` (``open_source(files=...)``)."""
+        """Each file's rows and the columns, for ``plan.json`` (``open_source(files=...)``;
+        kept in ``Plan.extra[FILES_RECORD_KEY]`` for the stages that read the dataset)."""
         return {
             "files": [[f, n] for f, n in zip(self.files, self._counts, strict=True)],
             "columns": list(self.columns),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lib.data.datasets import FILES_RECORD_KEY
 from lib.embed.checks import FINGERPRINT_KEY, check_input_at_task
 from lib.embed.shard import ShardTask, run_embed_shard
 from lib.runtime.context import TaskContext
@@ -9,7 +10,7 @@ from lib.runtime.context import TaskContext
 # Where Plan.extra keeps what the launch decided for the embed tasks.
 SAMPLE_KEY = "sample"  # the sample's summary (lib.data.sampling.Sample.summary)
 RANGES_KEY = "embed_ranges"  # each task's [start, stop) (a run grown by embed.append)
-FILES_KEY = "dataset_files"  # a many-file dataset's files, row counts, columns
+FILES_KEY = FILES_RECORD_KEY  # a many-file dataset's files, row counts, columns
 
 
 def run(ctx: TaskContext) -> None:

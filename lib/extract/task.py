@@ -41,6 +41,7 @@ from lib.core.paths import EXTRACT_DIR, EXTRACT_MERGED_DIR, EXTRACT_METADATA_STA
 from lib.core.sharding import contiguous_range
 from lib.core.storage import OutputFile
 from lib.data.columns import open_dataset
+from lib.data.datasets import FILES_RECORD_KEY
 from lib.extract.checks import check_backend
 from lib.extract.forward import open_forward
 from lib.extract.model import load_tokenizer, resolve_model
@@ -108,8 +109,17 @@ class _Resume:
                     discard_marker(storage, name)
 
 
-def _samples(cfg: DictConfig, p: ExtractParams, task: int, num_tasks: int, rows: int, tok, counts):
-    source = open_dataset(cfg)
+def _samples(
+    cfg: DictConfig,
+    p: ExtractParams,
+    task: int,
+    num_tasks: int,
+    rows: int,
+    tok,
+    counts,
+    files: dict | None = None,
+):
+    source = open_dataset(cfg, files)
     start, stop_ = contiguous_range(rows, task, num_tasks)
     if source.num_rows < stop_:
         raise DatasetError(
@@ -145,9 +155,11 @@ def run_extract_task(
     num_tasks: int,
     rows: int,
     config_hash: str,
+    files: dict | None = None,
 ) -> CompletionMarker:
     """Extract task ``task``'s slice of ``rows`` planned rows and publish its shards,
-    metadata and marker. Raises ``ConfigError`` (layers), ``ModelError``, ``DatasetError``;
+    metadata and marker. ``files``: the launch's record of a many-file dataset (the task
+    then opens only the files of its rows). Raises ``ConfigError`` (layers), ``ModelError``, ``DatasetError``;
     ``StopRequested`` at a batch boundary when the scheduler asks (finished shards kept)."""
     t0 = time.monotonic()
     p = extract_params(cfg)
@@ -224,7 +236,7 @@ def run_extract_task(
             resume.next_position,
         )
     try:
-        samples = _samples(cfg, p, task, num_tasks, rows, tokenizer, counts)
+        samples = _samples(cfg, p, task, num_tasks, rows, tokenizer, counts, files)
         forward_seconds = 0.0
         for batch in batches(
             _skip(samples, resume.next_position), int(p.batch_size), p.max_tokens_per_batch
@@ -434,4 +446,5 @@ def run(ctx: TaskContext) -> None:
         num_tasks=spec.num_tasks,
         rows=planned_rows(ctx.cfg, ctx.plan.dataset_rows),
         config_hash=spec.config_hash,
+        files=ctx.plan.extra.get(FILES_RECORD_KEY),
     )

