@@ -13,7 +13,6 @@ the CPU, bf16 compute gave >= 0.99994 on this model)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from lib.extract import ActivationReader
 from lib.extract.model import TorchForward, resolve_model
 from lib.extract.samples import Sample
 from tests.conftest import run_launch
-from tests.unit.extract.helpers import texts, tiny_qwen2, write_jsonl
+from tests.unit.extract.helpers import forward_params, texts, tiny_qwen2, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
@@ -32,20 +31,9 @@ LAYERS = [0, 2, 5, 6]  # 0: the embeddings, 6: the last layer after the final no
 
 
 def _p(**kw):
-    base = {
-        "device": "cuda",
-        "compute_dtype": "fp32",
-        "torch_threads": None,
-        "trust_remote_code": False,
-        "layers": LAYERS,
-        "dtype": "fp32",
-        "batch_size": 4,
-        "max_seq_length": 48,
-        "mesh": "1d",
-        "mesh_model_axis": None,
-    }
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return forward_params(
+        **{"device": "cuda", "compute_dtype": "fp32", "layers": LAYERS, "max_seq_length": 48, **kw}
+    )
 
 
 @pytest.fixture(scope="module")

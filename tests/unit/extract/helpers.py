@@ -99,3 +99,24 @@ def tiny_qwen2(root: Path, layers: int = 6) -> Path:
     Qwen2ForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def forward_params(**kw):
+    """The ``extract.*`` values a backend's forward reads (``TorchForward``, ``JaxForward``),
+    for building one without a composed config: fp32 on the CPU, 1d mesh, then ``kw``."""
+    from types import SimpleNamespace
+
+    base = {
+        "device": "cpu",
+        "compute_dtype": None,
+        "torch_threads": None,
+        "trust_remote_code": False,
+        "layers": [0],
+        "dtype": "fp32",
+        "batch_size": 4,
+        "max_seq_length": 24,
+        "mesh": "1d",
+        "mesh_model_axis": None,
+    }
+    base.update(kw)
+    return SimpleNamespace(**base)

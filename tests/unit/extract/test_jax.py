@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -30,7 +29,7 @@ from lib.extract.jax_model import DecoderSpec
 from lib.extract.mesh import mesh_layout
 from lib.extract.model import TorchForward, resolve_model
 from lib.extract.samples import Sample, batches
-from tests.unit.extract.helpers import texts, tiny_qwen2
+from tests.unit.extract.helpers import forward_params, texts, tiny_qwen2
 
 REPO = Path(__file__).resolve().parents[3]
 LAYERS = [0, 1, 3, 6]  # 0: embeddings, 6: the last layer after the final norm
@@ -39,20 +38,7 @@ BATCH = 4
 
 
 def _p(**kw):
-    base = {
-        "device": "cpu",
-        "compute_dtype": None,
-        "torch_threads": None,
-        "trust_remote_code": False,
-        "layers": LAYERS,
-        "dtype": "fp32",
-        "batch_size": BATCH,
-        "max_seq_length": SEQ,
-        "mesh": "1d",
-        "mesh_model_axis": None,
-    }
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return forward_params(**{"layers": LAYERS, "batch_size": BATCH, "max_seq_length": SEQ, **kw})
 
 
 @pytest.fixture(scope="module")
