@@ -21,6 +21,14 @@ class CodeSync(StrEnum):
     rsync = "rsync"
 
 
+class RunStorage(StrEnum):
+    shared = "shared"  # the run dir is at the same path on every host (a shared home, NFS)
+    # each host keeps its own run dir, <its workdir>/runs/<run name>: the launcher pushes
+    # the completed outputs there before each stage (rsync over ssh) and pulls each task's
+    # outputs and markers back over SFTP (verified, resumable) when it ends (ssh hosts only)
+    sync = "sync"
+
+
 @dataclass
 class HostEntry:
     """One SSH machine. Unset values come from ``cluster.multihost``'s defaults."""
@@ -34,6 +42,7 @@ class HostEntry:
     known_hosts: str | None = None  # null: cluster.multihost.known_hosts
     slots: int = bounded(1, ge=1)  # tasks it runs at once (one rank each in a distributed stage)
     env: dict[str, str] = field(default_factory=dict)  # e.g. {CUDA_VISIBLE_DEVICES: "0"}
+    workdir: str | None = None  # null: cluster.multihost.workdir (absolute)
 
 
 @dataclass
@@ -68,6 +77,9 @@ class MultihostConfig:
     # Shell lines run before every task (venv activation, module load): shell, as written.
     setup: list[str] = field(default_factory=list)
     code_sync: CodeSync = CodeSync.none
+    # Where the run dir is on the hosts: shared (the local run dir's path, seen by every
+    # host) or sync (each host's own <workdir>/runs/<run name>, copied both ways).
+    storage: RunStorage = RunStorage.shared
     known_hosts: str = "~/.ssh/known_hosts"  # host keys are checked; an unknown key is refused
     user: str | None = None
     key_file: str | None = None
