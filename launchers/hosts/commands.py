@@ -252,6 +252,42 @@ def rsync_argv(target: SshTarget, source_dir: str, remote_dir: str) -> list[str]
     ]
 
 
+# What a push of the run dir (``run_dir_rsync_argv``) leaves out: the launcher's own
+# records (its lock, the scheduler's record and log), attempt records and the pid/exit
+# files of tasks, task logs, and downloads in progress.
+RUN_DIR_PUSH_EXCLUDES = (
+    "/launcher.lock",
+    "/scheduler.json",
+    "/scheduler.log",
+    "attempts/",
+    "logs/",
+    "*.part",
+)
+
+
+def run_dir_rsync_argv(target: SshTarget, local_dir: str, remote_dir: str) -> list[str]:
+    """``rsync`` of the local run dir ``local_dir`` into ``remote_dir`` on ``target``
+    (``cluster.multihost.storage=sync``), less ``RUN_DIR_PUSH_EXCLUDES``, over the same
+    ``ssh`` as ``ssh_argv`` (host key checked). Times are kept, so a second push sends
+    only what is missing or changed (a file pulled from a host has the same time here and
+    there: ``launchers.hosts.pull``); nothing there is deleted."""
+    ssh = shlex.join(_ssh_transport(target, stdin=True))
+    return [
+        "rsync",
+        "--recursive",
+        "--links",
+        "--times",
+        "--perms",
+        "--mkpath",
+        *[f"--exclude={e}" for e in RUN_DIR_PUSH_EXCLUDES],
+        "-e",
+        ssh,
+        "--",
+        local_dir.rstrip("/") + "/",
+        f"{_dest(target)}:{remote_dir.rstrip('/')}/",
+    ]
+
+
 def unpack_command(workdir: str, commit: str) -> str:
     """Unpack the tar on stdin (``git archive`` of ``commit``) as ``workdir/commit`` once:
     into a fresh temporary directory first, renamed into place when complete, so hosts
