@@ -17,8 +17,16 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
 - Distributed stages: one rank per slot across hosts; the rendezvous is the first
   placement's host address at a port chosen once per run (recorded in the attempt
   record), given as MASTER_ADDR/MASTER_PORT with RANK/WORLD_SIZE (``lib.runtime``).
-- The run dir must be a path every host sees at the same place (a shared home, NFS):
-  tasks write outputs, markers, logs and their pid/exit files there.
+- The run dir (``cluster.multihost.storage``): ``shared``, a path every host sees at the
+  same place (a shared home, NFS): tasks write outputs, markers, logs and their pid/exit
+  files there. ``sync`` (ssh hosts, a local run.root): each host has its own run dir,
+  ``<its workdir>/runs/<run name>``, where its tasks write all of that; before each
+  stage the local run dir's files (previous stages' outputs and markers, run.yaml,
+  plan.json) are rsync'ed there over the same ssh (only what is missing or changed), and
+  when a task exits 0 its outputs, then its marker, are pulled back over SFTP
+  (``launchers.hosts.pull``: sha256-verified against the marker, resumable), with its
+  log. A pull that fails counts as the task failing on that host. ``status`` reads the
+  local run dir (and probes the hosts' pid/exit files).
 - Detached (the default from the command line, ``Launcher.start``): the stage loop runs
   in a background scheduler process of its own (``launchers.hosts.detached``) and the
   launch returns once the first tasks run; ``--attach`` (``cluster.multihost.attach``)
@@ -38,6 +46,7 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import random
@@ -52,6 +61,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import paramiko
 
 from launchers.base import (
     FAILED,
@@ -74,11 +85,13 @@ from launchers.hosts.commands import (
     kill_command,
     probe_command,
     rsync_argv,
+    run_dir_rsync_argv,
     ssh_argv,
     ssh_master_argv,
     start_command,
     unpack_command,
 )
+from launchers.hosts.pull import pull_file, pull_task
 from launchers.hosts.starts import StartClock
 from lib.config.redact import refuse_secret_literals, task_env
 from lib.core.errors import ConfigError
@@ -88,7 +101,9 @@ from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
 from lib.core.sharding import compress_indices
 from lib.plan.spec import DISTRIBUTED, Plan, StageSpec, completed_tasks
+from lib.remote.credentials import Login
 from lib.remote.errors import HostKeyError, RemoteError
+from lib.remote.ssh import Host, connect
 from lib.runtime.environment import PORT_BASE, PORT_SPAN
 from lib.runtime.identity import TaskIdentity, identity_env
 
@@ -125,6 +140,13 @@ class Worker:
     rsync: Callable[[str, str], list[str]] | None = None
     failures: int = 0
     dropped: bool = False
+    workdir: str = ""  # where its tasks run (code_sync=archive: workdir/COMMIT)
+    home: str = ""  # its configured workdir (storage=sync: the run dir is home/runs/NAME)
+    # storage=sync (ssh hosts): (local run dir, remote run dir) -> the rsync argv of a push,
+    # and where SFTP pulls connect
+    push: Callable[[str, str], list[str]] | None = None
+    sftp_host: Host | None = None
+    login: Login | None = None
 
 
 @dataclass
@@ -155,6 +177,12 @@ def _key(task: int, rank: int) -> str:
     return f"t{task}r{rank}"
 
 
+def _dirs(ws: list[Worker]) -> str | dict[str, str]:
+    """The workers' code dirs: one path when they share it, else per host label."""
+    dirs = {w.label: w.workdir for w in ws}
+    return next(iter(dirs.values())) if len(set(dirs.values())) == 1 else dirs
+
+
 class HostsLauncher(Launcher):
     name = "hosts"
 
@@ -164,12 +192,16 @@ class HostsLauncher(Launcher):
         self.mh = c.multihost
         refuse_secret_literals(c, self.name)
         self.code_sync = str(self.mh.code_sync)
-        if self.code_sync == "archive" and not self.mh.workdir:
+        self.storage = str(self.mh.storage)
+        entries = list(c.hosts or []) if self.name == "hosts" else []
+        # every host names its own workdir (cluster.hosts[i].workdir)
+        own_dirs = bool(entries) and all(h.get("workdir") for h in entries)
+        if self.code_sync == "archive" and not (self.mh.workdir or own_dirs):
             raise ConfigError(
                 "cluster.multihost.code_sync=archive unpacks `git archive HEAD` under "
                 "cluster.multihost.workdir on every host: set it (e.g. ~/embedfleet-code)"
             )
-        if self.code_sync == "rsync" and not self.mh.workdir:
+        if self.code_sync == "rsync" and not (self.mh.workdir or own_dirs):
             raise ConfigError(
                 "cluster.multihost.code_sync=rsync copies this checkout's tracked files into "
                 "cluster.multihost.workdir on every host: set it (e.g. /home/me/embedfleet-code)"
@@ -180,7 +212,13 @@ class HostsLauncher(Launcher):
                 f"cluster.multihost.workdir={self.workdir} must be an absolute path (it is "
                 "quoted on the remote command line, so ~ and $HOME are not expanded there)"
             )
-        self.code: dict[str, str] = {"sync": self.code_sync}
+        if self.storage == "sync" and self.name == "hosts" and not (self.mh.workdir or own_dirs):
+            raise ConfigError(
+                "cluster.multihost.storage=sync keeps each host's run dir under its workdir "
+                "(WORKDIR/runs/RUN_NAME): set cluster.multihost.workdir (or "
+                "cluster.hosts[i].workdir on every host), an absolute path"
+            )
+        self.code: dict = {"sync": self.code_sync}
         self.python = str(c.python or sys.executable)
         self.echo = echo
         # Sends of task starts, at least start_stagger_s apart (across stages and retries).
@@ -224,19 +262,55 @@ class HostsLauncher(Launcher):
                 control_path=f"{mux}/{i}",
             )
             label = str(h.name or (h.address if int(h.port) == 22 else f"{h.address}:{h.port}"))
-            out.append(
-                Worker(
-                    i,
-                    label,
-                    str(h.address),
-                    int(h.slots),
-                    {str(k): str(v) for k, v in (h.env or {}).items()},
-                    lambda cmd, stdin=False, t=target: ssh_argv(t, cmd, stdin=stdin),
-                    ssh_master_argv(target),
-                    lambda src, dest, t=target: rsync_argv(t, src, dest),
+            home = str(h.get("workdir") or self.workdir)
+            if not home.startswith("/"):
+                raise ConfigError(
+                    f"cluster.hosts[{i}].workdir={home} must be an absolute path (it is quoted "
+                    "on the remote command line, so ~ and $HOME are not expanded there)"
                 )
+            w = Worker(
+                i,
+                label,
+                str(h.address),
+                int(h.slots),
+                {str(k): str(v) for k, v in (h.env or {}).items()},
+                lambda cmd, stdin=False, t=target: ssh_argv(t, cmd, stdin=stdin),
+                ssh_master_argv(target),
+                lambda src, dest, t=target: rsync_argv(t, src, dest),
+                workdir=home,
+                home=home,
             )
+            if self.storage == "sync":
+                w.push = lambda src, dest, t=target: run_dir_rsync_argv(t, src, dest)
+                w.sftp_host = Host(
+                    target.address,
+                    target.port,
+                    label=f"host {label}",
+                    known_hosts=target.known_hosts,
+                    connect_timeout=float(target.connect_timeout_s),
+                )
+                w.login = self._sftp_login(i, target)
+            out.append(w)
         return out
+
+    @staticmethod
+    def _sftp_login(i: int, t: SshTarget) -> Login:
+        """How the SFTP pulls of ``storage=sync`` log in: the host's key file, else its
+        ssh-agent, else the first of ssh's default keys (as OpenSSH would)."""
+        user = t.user or getpass.getuser()
+        if t.key_file:
+            return Login(user, f"key file {t.key_file}", key_file=t.key_file)
+        if t.agent:
+            return Login(user, "ssh-agent", agent=True)
+        for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+            key = os.path.expanduser(f"~/.ssh/{name}")
+            if os.path.isfile(key):
+                return Login(user, f"key file {key}", key_file=key)
+        raise ConfigError(
+            f"cluster.hosts[{i}] ({t.address}): cluster.multihost.storage=sync pulls outputs "
+            "over SFTP and needs a key: set cluster.hosts[i].key_file (or "
+            "cluster.multihost.key_file), or agent: true"
+        )
 
     def workers(self) -> list[Worker]:
         if self._workers is None:
@@ -284,7 +358,7 @@ class HostsLauncher(Launcher):
 
         def sync(w: Worker) -> tuple[int, str]:
             assert w.rsync is not None
-            argv = w.rsync(str(REPO_ROOT), self.workdir)
+            argv = w.rsync(str(REPO_ROOT), w.workdir)
             try:
                 p = subprocess.run(
                     argv, input=files, capture_output=True, timeout=float(self.mh.command_timeout_s)
@@ -302,11 +376,11 @@ class HostsLauncher(Launcher):
             if rc != 0:
                 w.dropped = True
                 self._say(f"WARNING: host {w.label}: rsync of the code failed ({err}); left out")
-        self.code = {"sync": "rsync", "commit": commit, "dirty": dirty, "dir": self.workdir}
+        self.code = {"sync": "rsync", "commit": commit, "dirty": dirty, "dir": _dirs(ws)}
         self._say(
             f"code: the tracked files of {REPO_ROOT} (commit {commit[:12]}"
             + (", with uncommitted changes" if dirty else "")
-            + f") rsynced to {self.workdir} on the hosts"
+            + f") rsynced to {_dirs(ws)} on the hosts"
         )
 
     def _archive(self) -> tuple[str, bytes]:
@@ -328,12 +402,11 @@ class HostsLauncher(Launcher):
         """``code_sync=archive``: unpack HEAD as ``workdir/COMMIT`` on every host, all
         hosts at once; a host that fails it leaves the pool. Tasks then run there."""
         commit, tar = self._archive()
-        cmd = unpack_command(self.workdir, commit)
 
         def ship(w: Worker) -> tuple[int, str]:
             try:
                 p = subprocess.run(
-                    w.argv(cmd, stdin=True),
+                    w.argv(unpack_command(w.workdir, commit), stdin=True),
                     input=tar,
                     capture_output=True,
                     timeout=float(self.mh.command_timeout_s),
@@ -347,8 +420,10 @@ class HostsLauncher(Launcher):
                 w.dropped = True
                 self._say(f"WARNING: host {w.label}: unpacking the code failed ({err}); left out")
         self.workdir = f"{self.workdir.rstrip('/')}/{commit}"
-        self.code = {"sync": "archive", "commit": commit, "dir": self.workdir}
-        self._say(f"code: commit {commit[:12]} unpacked as {self.workdir} on the hosts")
+        for w in ws:
+            w.workdir = f"{w.workdir.rstrip('/')}/{commit}"
+        self.code = {"sync": "archive", "commit": commit, "dir": _dirs(ws)}
+        self._say(f"code: commit {commit[:12]} unpacked as {_dirs(ws)} on the hosts")
 
     def _host_key_error(self, w: Worker, stderr: str) -> HostKeyError | None:
         if "Host key verification failed" not in stderr and "HOST IDENTIFICATION" not in stderr:
@@ -418,14 +493,15 @@ class HostsLauncher(Launcher):
         self, paths: RunPaths, spec: StageSpec, unit: _Unit, w: Worker, rank: int, env: dict
     ) -> RemoteTask:
         world = len(unit.placements)
-        local = paths.storage.local_file
-        identity = TaskIdentity(paths.root, spec.name, unit.task, spec.num_tasks, rank, world)
+        here = lambda name: self._rpath(paths, w, name)  # noqa: E731
+        run_dir = self._host_root(paths, w) or paths.root
+        identity = TaskIdentity(run_dir, spec.name, unit.task, spec.num_tasks, rank, world)
         full_env = {
             **env,
             **w.env,
             **identity_env(identity, self.name),
             "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": self.workdir,
+            "PYTHONPATH": w.workdir,
             "EMBEDFLEET_HOST": w.label,
         }
         if world > 1:
@@ -433,14 +509,12 @@ class HostsLauncher(Launcher):
             full_env.update(MASTER_ADDR=first.address, MASTER_PORT=str(self._port))
         log_rank = rank if spec.kind == DISTRIBUTED else None
         return RemoteTask(
-            argv=tuple(spec.command(self.python, paths.root)),
-            workdir=self.workdir,
-            log_file=str(local(RunPaths.log(spec.stage_dir, unit.task, log_rank))),
-            pid_file=str(
-                local(paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "pid"))
-            ),
-            exit_file=str(
-                local(paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "exit"))
+            argv=tuple(spec.command(self.python, run_dir)),
+            workdir=w.workdir,
+            log_file=here(RunPaths.log(spec.stage_dir, unit.task, log_rank)),
+            pid_file=here(paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "pid")),
+            exit_file=here(
+                paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "exit")
             ),
             env=full_env,
             setup=tuple(str(s) for s in self.mh.setup),
@@ -449,6 +523,89 @@ class HostsLauncher(Launcher):
         )
 
     clear_accelerator = False
+
+    # -- storage=sync: each host's own run dir ------------------------------------------
+
+    def _host_root(self, paths: RunPaths, w: Worker) -> str | None:
+        """``w``'s own run dir under ``storage=sync`` (``HOME/runs/RUN_NAME``, a sweep
+        point's sub-dir kept), else None (the run dir is shared)."""
+        if self.storage != "sync":
+            return None
+        name = str(self.cfg.run.name).strip("/")
+        base = os.path.basename(str(paths.root).rstrip("/"))
+        if base != name.rsplit("/", 1)[-1]:
+            name = f"{name}/{base}"
+        return f"{w.home.rstrip('/')}/runs/{name}"
+
+    def _rpath(self, paths: RunPaths, w: Worker, name: str) -> str:
+        """Where the run-dir file ``name`` is on ``w``: in its own run dir under
+        ``storage=sync``, else the local path (shared)."""
+        root = self._host_root(paths, w)
+        return f"{root}/{name}" if root else str(paths.storage.local_file(name))
+
+    def _push(self, paths: RunPaths, ws: list[Worker]) -> None:
+        """``storage=sync``: rsync the local run dir (less the launcher's records, attempts,
+        logs and ``.part`` files) into every host's own run dir, all hosts at once; only
+        what is missing or changed travels. A host that fails it leaves the pool."""
+        local = str(paths.storage.local_file(""))
+
+        def push(w: Worker) -> tuple[int, str]:
+            assert w.push is not None
+            try:
+                p = subprocess.run(
+                    w.push(local, self._host_root(paths, w) or ""),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=float(self.mh.command_timeout_s),
+                )
+            except subprocess.TimeoutExpired:
+                return SSH_FAILED, "timed out"
+            except FileNotFoundError:
+                raise ConfigError(
+                    "cluster.multihost.storage=sync: no rsync on this machine; install it "
+                    "(`make install` does, or apt-get install rsync)"
+                ) from None
+            return p.returncode, p.stderr.decode(errors="replace").strip()
+
+        for w, (rc, err) in zip(ws, self._pool(push, ws), strict=True):
+            if rc != 0:
+                key_error = self._host_key_error(w, err)
+                if key_error:
+                    raise key_error
+                w.dropped = True
+                self._say(
+                    f"WARNING: host {w.label}: copying the run dir there failed ({err[-300:]}); "
+                    "left out"
+                )
+
+    def _pull(self, paths: RunPaths, spec: StageSpec, u: _Unit, ok: bool) -> str:
+        """``storage=sync``, after ``u`` ended: its logs, and (``ok``: it exited 0) its
+        outputs and marker, pulled from its first host's run dir into the local one. ""
+        when done, else why not (the task then counts as failed on that host)."""
+        w = u.placements[0][0]
+        assert w.sftp_host is not None and w.login is not None
+        root = self._host_root(paths, w) or ""
+        try:
+            with connect(w.sftp_host, w.login) as conn:
+                sftp = conn.sftp()
+                try:
+                    for x, rank in u.placements:
+                        if x.index != w.index:
+                            continue
+                        name = RunPaths.log(
+                            spec.stage_dir, u.task, rank if spec.kind == DISTRIBUTED else None
+                        )
+                        with contextlib.suppress(RemoteError, OSError):
+                            pull_file(sftp, f"{root}/{name}", paths.storage.local_file(name))
+                    if ok:
+                        pull_task(sftp, root, paths, paths.marker(spec.stage_dir, u.task))
+                finally:
+                    sftp.close()
+        except HostKeyError:
+            raise
+        except (RemoteError, OSError, paramiko.SSHException) as exc:
+            return f"pulling its outputs from {w.label} failed: {str(exc)[-300:]}"
+        return ""
 
     def _start_commands(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> dict[int, str]:
         by_worker: dict[int, list[RemoteTask]] = {}
@@ -555,10 +712,10 @@ class HostsLauncher(Launcher):
     def _kill_unit(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> None:
         files: dict[int, list[str]] = {}
         for w, rank in unit.placements:
-            pf = paths.storage.local_file(
-                paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "pid")
+            pf = self._rpath(
+                paths, w, paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "pid")
             )
-            files.setdefault(w.index, []).append(str(pf))
+            files.setdefault(w.index, []).append(pf)
         ws = {w.index: w for w in unit.workers()}
         self._pool(lambda i: self._run(ws[i], kill_command(files[i]), timeout=30), list(files))
 
@@ -569,10 +726,8 @@ class HostsLauncher(Launcher):
         for u in units:
             for w, rank in u.placements:
                 ws[w.index] = w
-                proc = lambda kind, u=u, rank=rank: str(  # noqa: E731
-                    paths.storage.local_file(
-                        paths.remote_proc(spec.stage_dir, u.task, rank, u.attempt, kind)
-                    )
+                proc = lambda kind, u=u, w=w, rank=rank: self._rpath(  # noqa: E731
+                    paths, w, paths.remote_proc(spec.stage_dir, u.task, rank, u.attempt, kind)
                 )
                 entries.setdefault(w.index, []).append(
                     (_key(u.task, rank), proc("pid"), proc("exit"))
@@ -694,6 +849,11 @@ class HostsLauncher(Launcher):
                     running.remove(u)
                     for w in u.workers():
                         busy[w.index] -= sum(1 for x, _ in u.placements if x.index == w.index)
+                    if self.storage == "sync":
+                        pulled = self._pull(paths, spec, u, why == "")
+                        u.log_offsets.clear()  # its log came whole from the host
+                        if pulled and why == "":
+                            why, bad = pulled, [u.placements[0][0]]
                     self._echo_logs(paths, spec, u)
                     ok = why == "" and check_marker(paths, spec.stage_dir, u.task, spec.config_hash)
                     if why == "" and not ok:
@@ -800,12 +960,20 @@ class HostsLauncher(Launcher):
     # -- launch -------------------------------------------------------------------------
 
     def _require_shared(self, paths: RunPaths) -> None:
-        if "://" in str(paths.root):
+        if "://" not in str(paths.root):
+            return
+        if self.storage == "sync":
             raise ConfigError(
-                f"cluster={self.name} needs the run dir on a file system every host mounts at "
-                f"the same path (run.root=/shared/...), not {paths.root}: object-store run "
-                "dirs and per-host run dirs are not supported by this launcher yet"
+                f"cluster.multihost.storage=sync copies each host's run dir back into a local "
+                f"run dir, not {paths.root}: set run.root to a local path (run.root=/data/runs), "
+                "or use storage=shared with a run dir every host mounts"
             )
+        raise ConfigError(
+            f"cluster={self.name} needs the run dir on a file system every host mounts at "
+            f"the same path (run.root=/shared/...), not {paths.root}: object-store run "
+            "dirs are not supported by this launcher yet; with a local run.root, "
+            "cluster.multihost.storage=sync gives each host a run dir of its own"
+        )
 
     def _choose_port(self, paths: RunPaths, plan: Plan) -> int:
         """The rendezvous port of this run: the one an earlier attempt recorded, else a
@@ -911,6 +1079,8 @@ class HostsLauncher(Launcher):
                         "task(s) on the hosts"
                     )
                     t0 = time.time()
+                    if self.storage == "sync":
+                        self._push(paths, [w for w in self.workers() if not w.dropped])
                     bad = self._run_stage(paths, spec, pending)
                     if bad:
                         return LaunchResult(False, False, {spec.name: bad})
@@ -925,20 +1095,31 @@ class HostsLauncher(Launcher):
         slots = [w for w in ws for _ in range(w.slots)]
         if self.code_sync == "archive":
             self._say("# code: git archive --format=tar HEAD, fed to each host:")
-            cmd = unpack_command(self.workdir, "0" * 40)
             for w in ws:
+                cmd = unpack_command(w.workdir, "0" * 40)
                 self._say(
                     f"$ git archive --format=tar HEAD | {shlex.join(w.argv(cmd, stdin=True))}"
                 )
+                w.workdir = f"{w.workdir.rstrip('/')}/COMMIT"
             self.workdir = f"{self.workdir.rstrip('/')}/COMMIT"
         elif self.code_sync == "rsync":
             self._say(f"# code: the tracked files of {REPO_ROOT}, copied to each host:")
             for w in ws:
                 assert w.rsync is not None
-                argv = w.rsync(str(REPO_ROOT), self.workdir)
+                argv = w.rsync(str(REPO_ROOT), w.workdir)
                 self._say(
                     f"$ git -C {shlex.quote(str(REPO_ROOT))} ls-files -z | {shlex.join(argv)}"
                 )
+        if self.storage == "sync":
+            self._say(
+                "# storage=sync: before each stage the local run dir is copied into each "
+                "host's own; when a task exits 0 its outputs, then its marker, are pulled "
+                "back over SFTP (sha256-verified against the marker)"
+            )
+            local = str(paths.storage.local_file(""))
+            for w in ws:
+                assert w.push is not None
+                self._say(f"$ {shlex.join(w.push(local, self._host_root(paths, w) or ''))}")
         secrets = sorted({*self._env.secret, *self._env.forwarded})
         if secrets:
             self._say(
@@ -1167,10 +1348,8 @@ class HostsLauncher(Launcher):
             for w, rank in u.placements:
                 ws[w.index] = w
                 files.setdefault(w.index, []).append(
-                    str(
-                        paths.storage.local_file(
-                            paths.remote_proc(spec.stage_dir, u.task, rank, u.attempt, "pid")
-                        )
+                    self._rpath(
+                        paths, w, paths.remote_proc(spec.stage_dir, u.task, rank, u.attempt, "pid")
                     )
                 )
         if not files:
@@ -1203,6 +1382,13 @@ class TpuVmLauncher(HostsLauncher):
                 "workers are reached only through `gcloud compute tpus tpu-vm ssh/scp`, which "
                 "cannot carry rsync; use cluster.multihost.code_sync=archive (git archive of "
                 "HEAD unpacked on every worker) or none (a shared file system)"
+            )
+        if self.storage == "sync":
+            raise ConfigError(
+                "cluster.multihost.storage=sync is not supported by cluster=tpu_vm: its "
+                "workers are reached only through `gcloud compute tpus tpu-vm ssh/scp`, which "
+                "carry neither the rsync push nor the SFTP pull; use "
+                "cluster.multihost.storage=shared with a run dir every worker mounts"
             )
         self.tpu = cfg.cluster.tpu_vm
         self.clear_accelerator = bool(self.tpu.clear_accelerator_holders)
@@ -1283,6 +1469,8 @@ class TpuVmLauncher(HostsLauncher):
                         1,
                         {},
                         lambda cmd, stdin=False, t=t: gcloud_ssh_argv(t, cmd),
+                        workdir=self.workdir,
+                        home=self.workdir,
                     )
                 )
         return out
