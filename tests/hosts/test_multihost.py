@@ -312,3 +312,71 @@ def test_tpu_vm_workers_through_gcloud_equal_local(ns_hosts, root, tmp_path, ref
     assert rec["launcher"] == "tpu_vm" and rec["host"].startswith("test-v4-8/w")
     got = np.asarray(open_embeddings(root / "tpu" / "merge" / "embeddings.safetensors"))
     assert np.array_equal(got, reference)
+
+
+def _sync_hosts_args(ns_hosts, dirs: dict[str, Path]) -> list[str]:
+    """``cluster=hosts`` over ``dirs``' hosts, each with its own workdir, storage=sync."""
+    items = ", ".join(
+        f"{{address: {ns_hosts.address(h)}, port: {ns_hosts.port}, name: {h}, workdir: {d}}}"
+        for h, d in dirs.items()
+    )
+    return [
+        *(a for a in _hosts_args(ns_hosts) if not a.startswith("cluster.hosts=")),
+        f"cluster.hosts=[{items}]",
+        "cluster.multihost.storage=sync",
+        "cluster.multihost.code_sync=rsync",
+    ]
+
+
+def test_storage_sync_per_host_run_dirs_pulled_back_equal_local(ns_hosts, root, reference):
+    """storage=sync, n1 and n2 with workdirs of their own: the code is rsync'ed to each,
+    each host's tasks write into <workdir>/runs/<run name> (pid/exit files and logs too),
+    the launcher pulls each task's outputs and marker back, and the merged embeddings equal
+    the local launcher's. Every task's files on its host are those pulled (same bytes and
+    modification time); the pid files are on the hosts only; the logs were pulled."""
+    dirs = {"n1": root / "sync-w1", "n2": root / "sync-w2"}
+    run = root / "synced"
+    proc = run_launch(
+        "--attach", *SLICE, *_sync_hosts_args(ns_hosts, dirs), f"run.root={root}",
+        "run.name=synced", timeout=900,
+    )  # fmt: skip
+    _ok(proc)
+    got = np.asarray(open_embeddings(run / "merge" / "embeddings.safetensors"))
+    assert np.array_equal(got, reference)
+    remote = {h: d / "runs" / "synced" for h, d in dirs.items()}
+    ran = {}
+    for t in range(3):
+        rec = _attempt(run, t)
+        assert rec["returncode"] == 0 and rec["host"] in dirs, rec
+        ran[t] = rec["host"]
+        host_run = remote[rec["host"]]
+        marker = json.loads((run / "embed" / "completions" / f"task_{t:05d}.json").read_bytes())
+        assert (host_run / "embed" / "completions" / f"task_{t:05d}.json").read_bytes() == (
+            run / "embed" / "completions" / f"task_{t:05d}.json"
+        ).read_bytes()
+        for out in marker["outputs"]:
+            here, there = run / out["path"], host_run / out["path"]
+            assert here.read_bytes() == there.read_bytes()
+            assert here.stat().st_mtime_ns == there.stat().st_mtime_ns  # the push skips it
+        assert (host_run / "embed" / "attempts" / f"task_{t:05d}.rank0.a1.pid").exists()
+        assert not _pid_file(run, t, 1).exists()
+        assert (run / "embed" / "logs" / f"task_{t:05d}.log").read_bytes() == (
+            host_run / "embed" / "logs" / f"task_{t:05d}.log"
+        ).read_bytes()
+        other = next(h for h in dirs if h != rec["host"])
+        # pushes leave attempt records (and pid files, logs) out
+        assert not (remote[other] / "embed" / "attempts" / f"task_{t:05d}.json").exists()
+    merge_host = _attempt_of(run, "merge")["host"]
+    # merge ran where every shard had been pushed first: all three markers are there
+    assert all(
+        (remote[merge_host] / "embed" / "completions" / f"task_{t:05d}.json").exists()
+        for t in range(3)
+    )
+    assert (remote[merge_host] / "merge" / "embeddings.safetensors").read_bytes() == (
+        run / "merge" / "embeddings.safetensors"
+    ).read_bytes()
+    assert (dirs["n1"] / "launch.py").exists() and (dirs["n2"] / "launch.py").exists()
+
+
+def _attempt_of(run: Path, stage_dir: str, task: int = 0) -> dict:
+    return json.loads((run / stage_dir / "attempts" / f"task_{task:05d}.json").read_text())

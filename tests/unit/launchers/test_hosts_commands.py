@@ -22,6 +22,7 @@ from launchers.hosts.commands import (
     kill_command,
     probe_command,
     rsync_argv,
+    run_dir_rsync_argv,
     ssh_argv,
     ssh_master_argv,
     start_command,
@@ -208,6 +209,19 @@ def test_rsync_uses_the_same_ssh_as_ssh_argv():
         and "UserKnownHostsFile=/kh/known hosts" in transport
     )
     assert argv[-3:] == ["--", "/src/", "me@10.0.0.2:/dst dir/"]
+
+
+def test_run_dir_push_uses_the_same_ssh_and_leaves_the_launchers_records_out():
+    t = SshTarget("10.0.0.2", 2222, "me", "/k/id key", False, "/kh/known hosts", 5, "/tmp/c/0")
+    argv = run_dir_rsync_argv(t, "/runs/my run", "/w d/runs/my run")
+    transport = shlex.split(argv[argv.index("-e") + 1])
+    assert transport == ssh_argv(t, "x", stdin=True)[:-3]
+    excluded = {a.removeprefix("--exclude=") for a in argv if a.startswith("--exclude=")}
+    assert excluded == {
+        "/launcher.lock", "/scheduler.json", "/scheduler.log", "attempts/", "logs/", "*.part"
+    }  # fmt: skip
+    assert "--delete" not in argv and "--times" in argv
+    assert argv[-3:] == ["--", "/runs/my run/", "me@10.0.0.2:/w d/runs/my run/"]
 
 
 def test_secrets_on_stdin_reach_the_task_and_not_its_command_line(tmp_path):
