@@ -25,8 +25,9 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   plan.json) are rsync'ed there over the same ssh (only what is missing or changed), and
   when a task exits 0 its outputs, then its marker, are pulled back over SFTP
   (``launchers.hosts.pull``: sha256-verified against the marker, resumable), with its
-  log. A pull that fails counts as the task failing on that host. ``status`` reads the
-  local run dir (and probes the hosts' pid/exit files).
+  log. A pull that fails counts as the task failing on that host. A distributed task's
+  ranks share one host there (they read each other's files). ``status`` reads the local
+  run dir (and probes the hosts' pid/exit files).
 - Detached (the default from the command line, ``Launcher.start``): the stage loop runs
   in a background scheduler process of its own (``launchers.hosts.detached``) and the
   launch returns once the first tasks run; ``--attach`` (``cluster.multihost.attach``)
@@ -691,9 +692,15 @@ class HostsLauncher(Launcher):
     def _place(self, ws: list[Worker], busy: dict[int, int], world: int, avoid: set[int]):
         """``world`` free slots, on workers not in ``avoid`` while those have enough slots
         in all (waiting for one of them to free up rather than going back to a host that
-        failed the task); None when not enough are free now."""
+        failed the task); None when not enough are free now. Under ``storage=sync`` the
+        ranks of a distributed task share one host (they read each other's files)."""
         alive = [w for w in ws if not w.dropped]
         preferred = [w for w in alive if w.index not in avoid]
+        if self.storage == "sync" and world > 1:
+            pool = preferred if any(w.slots >= world for w in preferred) else alive
+            return next(
+                ([w] * world for w in pool if w.slots - busy.get(w.index, 0) >= world), None
+            )
         pool = preferred if sum(w.slots for w in preferred) >= world else alive
         out: list[Worker] = []
         for w in pool:
@@ -775,6 +782,15 @@ class HostsLauncher(Launcher):
                 f"{spec.name} runs {world} ranks, one per slot, but the hosts have {total} "
                 f"slot(s) ({', '.join(f'{w.label}: {w.slots}' for w in ws)}); add hosts or "
                 "slots (cluster.hosts[i].slots) or lower the stage's world size"
+            )
+        if self.storage == "sync" and world > max(w.slots for w in ws):
+            raise ConfigError(
+                f"{spec.name} runs {world} ranks that read each other's files in the run dir; "
+                "with cluster.multihost.storage=sync each host has its own run dir, so they "
+                f"run on one host, but none has {world} slots "
+                f"({', '.join(f'{w.label}: {w.slots}' for w in ws)}): give one host that many "
+                "(cluster.hosts[i].slots), lower the stage's world size, or use "
+                "cluster.multihost.storage=shared with a run dir every host mounts"
             )
         running: list[_Unit] = []
         busy: dict[int, int] = {}

@@ -23,7 +23,7 @@ from lib.core.errors import ConfigError
 from lib.core.markers import CompletionMarker
 from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile
-from lib.plan.spec import ARRAY, Plan, StageSpec
+from lib.plan.spec import ARRAY, DISTRIBUTED, Plan, StageSpec
 from lib.remote.credentials import Login
 from lib.remote.errors import RemoteError
 from lib.remote.ssh import Host, connect
@@ -194,3 +194,32 @@ def test_sync_launch_runs_in_each_hosts_run_dir_and_retries_a_failed_pull(ssh_ho
         assert (host_run["n1"] / f"a/data/{t}.txt").read_bytes() == (
             run / f"a/data/{t}.txt"
         ).read_bytes()
+
+
+def test_sync_runs_a_distributed_tasks_ranks_on_one_host(ssh_hosts, tmp_path):
+    """Ranks of a distributed stage read each other's files (k-means steps), and under
+    storage=sync each host has its own run dir: the ranks go to one host with enough
+    slots (n1 here, though n2 is free too); with no such host the stage is refused."""
+    cfg = ssh_hosts.hosts_config(
+        [{"name": "n1", "slots": 2}, {"name": "n2"}],
+        storage="sync",
+        code_sync="rsync",
+        workdir=str(tmp_path / "w"),
+    )
+    cfg.run.name = "d"
+    spec = StageSpec("d", "kmeans", "tests.unit.launchers.echo_job", "d", DISTRIBUTED, 1, "h",
+                     world_size=2)  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = HostsLauncher(cfg).launch(RunPaths(str(tmp_path / "d")), Plan([spec], 0))
+    assert result.complete, out.getvalue()
+    host_run = tmp_path / "w" / "runs" / "d"
+    seen = [json.loads((host_run / "d" / "out" / f"0.{r}.json").read_text()) for r in range(2)]
+    assert [s["EMBEDFLEET_HOST"] for s in seen] == ["n1", "n1"]
+    assert (tmp_path / "d" / "d" / "completions" / "task_00000.json").exists()
+
+    one_each = ssh_hosts.hosts_config(
+        [{"name": "n1"}, {"name": "n2"}], storage="sync", workdir=str(tmp_path / "w")
+    )
+    with pytest.raises(ConfigError, match=r"none has 2 slots .*storage=shared"):
+        HostsLauncher(one_each, echo=False).launch(RunPaths(str(tmp_path / "e")), Plan([spec], 0))
