@@ -9,7 +9,7 @@ from lib.runtime.job import run_stage_task
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage_task("embed", run, argv)
+    return run_stage_task("embed", run, argv, marks_ready=True)
 
 
 if __name__ == "__main__":

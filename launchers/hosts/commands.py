@@ -133,20 +133,25 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] or "/"
 
 
-def probe_command(entries: Sequence[tuple[str, str, str]]) -> str:
-    """For each ``(key, pid_file, exit_file)`` print one line ``key STATE [code]``: ``exit
-    N`` (ended with code N), ``running``, ``vanished`` (its process is gone without an
-    exit code: killed with -9, the host rebooted) or ``starting`` (no pid file yet)."""
+def probe_command(entries: Sequence[tuple[str, ...]]) -> str:
+    """For each ``(key, pid_file, exit_file[, ready_file])`` print one line ``key STATE
+    [code]``: ``exit N`` (ended with code N), ``running``, ``loading`` (running, but its
+    ready file, ``lib.runtime.ready``, is not there yet), ``vanished`` (its process is gone
+    without an exit code: killed with -9, the host rebooted) or ``starting`` (no pid file
+    yet)."""
     q = shlex.quote
     parts = []
-    for key, pid_file, exit_file in entries:
+    for key, pid_file, exit_file, *ready in entries:
         if not re.fullmatch(r"[A-Za-z0-9_.:-]+", key):
             raise ValueError(f"probe key {key!r} must be a plain token")
+        alive = f"echo {key} running"
+        if ready:
+            alive = f"if [ -e {q(ready[0])} ]; then {alive}; else echo {key} loading; fi"
         parts.append(
             f"if [ -s {q(exit_file)} ]; then echo {key} exit $(cat {q(exit_file)}); "
             f"elif [ -s {q(pid_file)} ]; then p=$(cat {q(pid_file)}); "
             f'if kill -0 "$p" 2>/dev/null && ! grep -qs "^[0-9]* ([^)]*) Z" "/proc/$p/stat"; '
-            f"then echo {key} running; else echo {key} vanished; fi; "
+            f"then {alive}; else echo {key} vanished; fi; "
             f"else echo {key} starting; fi"
         )
     return "; ".join(parts) if parts else "true"

@@ -107,6 +107,7 @@ from lib.remote.errors import HostKeyError, RemoteError
 from lib.remote.ssh import Host, connect
 from lib.runtime.environment import PORT_BASE, PORT_SPAN
 from lib.runtime.identity import TaskIdentity, identity_env
+from lib.runtime.ready import ENV_READY_FILE
 
 SSH_FAILED = 255  # ssh's own failure (cannot connect, host key refused), not the command's
 
@@ -162,6 +163,9 @@ class _Unit:
     started: float = field(default_factory=time.time)
     start_future: Future | None = None
     log_offsets: dict[int, int] = field(default_factory=dict)
+    # Every process has said it finished loading (lib.runtime.ready) or has ended: its
+    # start phase is over (cluster.multihost.max_concurrent_starts).
+    ready: bool = False
 
     def workers(self) -> list[Worker]:
         seen: dict[int, Worker] = {}
@@ -504,6 +508,9 @@ class HostsLauncher(Launcher):
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": w.workdir,
             "EMBEDFLEET_HOST": w.label,
+            ENV_READY_FILE: here(
+                paths.remote_proc(spec.stage_dir, unit.task, rank, unit.attempt, "ready")
+            ),
         }
         if world > 1:
             first = unit.placements[0][0]
@@ -737,7 +744,7 @@ class HostsLauncher(Launcher):
                     paths, w, paths.remote_proc(spec.stage_dir, u.task, rank, u.attempt, kind)
                 )
                 entries.setdefault(w.index, []).append(
-                    (_key(u.task, rank), proc("pid"), proc("exit"))
+                    (_key(u.task, rank), proc("pid"), proc("exit"), proc("ready"))
                 )
         idx = list(entries)
         results = self._pool(lambda i: self._run(ws[i], probe_command(entries[i])), idx)
@@ -806,7 +813,8 @@ class HostsLauncher(Launcher):
         ]
         failed: list[int] = []
         retries = int(self.mh.max_task_retries)
-        ex = ThreadPoolExecutor(int(self.mh.max_concurrent_starts))
+        starts_at_once = int(self.mh.max_concurrent_starts)
+        ex = ThreadPoolExecutor(starts_at_once)
         last_poll = 0.0
         try:
             while queue or running:
@@ -819,6 +827,8 @@ class HostsLauncher(Launcher):
                         f"{compress_indices(sorted(t for t, _, _ in queue))} did not run"
                     )
                 for item in list(queue):
+                    if sum(1 for u in running if not u.ready) >= starts_at_once:
+                        break  # that many still load: the next start waits for one
                     task, tries, avoid = item
                     placed = self._place(self.workers(), busy, world, avoid)
                     if placed is None:
@@ -858,6 +868,9 @@ class HostsLauncher(Launcher):
                     states = self._probe(paths, spec, started) if started else {}
                     for u in started:
                         self._echo_logs(paths, spec, u)
+                        if not u.ready and self._loaded(u, states):
+                            u.ready = True
+                            self._record(paths, spec, u, ready=time.time())
                         outcome = self._outcome(u, states)
                         if outcome is not None:
                             finished.append((u, *outcome))
@@ -942,6 +955,15 @@ class HostsLauncher(Launcher):
                 self._record(paths, spec, u, adopted_by=os.getpid(), launcher_pid=os.getpid())
                 out.append(u)
         return out
+
+    def _loaded(self, u: _Unit, states) -> bool:
+        """Whether every process of ``u`` is past its start phase: ready (its ready file
+        is there) or ended."""
+        for w, rank in u.placements:
+            state = ((states.get(w.index) or {}).get(_key(u.task, rank)) or ("starting",))[0]
+            if state not in ("running", "exit", "vanished"):
+                return False
+        return True
 
     def _outcome(self, u: _Unit, states) -> tuple[str, list[Worker]] | None:
         """None while the unit runs; else (why it failed or "", hosts to blame)."""

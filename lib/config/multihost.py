@@ -93,8 +93,12 @@ class MultihostConfig:
     # (--attach): the scheduler stays in the foreground, streaming every task's log.
     attach: bool = False
     poll_s: float = bounded(1.0, ge=0.05)
-    # Spacing between task starts and how many starts run at once (a dataset or model
-    # server can be overwhelmed by many hosts loading at the same moment).
+    # Spacing between task starts and how many tasks are in their start phase at once (a
+    # dataset or model server can be overwhelmed by many hosts loading at the same
+    # moment): a start phase lasts from the ssh start until the task is ready (it created
+    # its ready file, lib.runtime.ready: the embed and extract stages once their model is
+    # loaded, the others as they begin) or has ended; it also bounds the ssh commands in
+    # flight.
     start_stagger_s: float = bounded(0.0, ge=0.0)
     max_concurrent_starts: int = bounded(32, ge=1)
     command_timeout_s: int = bounded(120, ge=5)  # one remote command (start, probe, cancel)

@@ -45,6 +45,7 @@ from lib.embed.token_filter import filter_by_length
 from lib.formats.matrix_writer import MatrixWriter
 from lib.formats.parquet import DROPPED_SCHEMA, publish_table, read_table
 from lib.runtime import stop
+from lib.runtime.ready import mark_ready
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class _LazyEmbedder:
             from lib.embed.backends import load_embedder
 
             self._embedder = load_embedder(self.cfg.model, self.cfg.embed)
+            mark_ready()  # the multi-host launchers' start phase ends here
         return self._embedder
 
     def close(self) -> None:

@@ -58,6 +58,7 @@ from lib.extract.shardfile import ShardBuilder, layer_tensor
 from lib.extract.writer import BatchArrays, ShardRecord, ShardWriter
 from lib.runtime import stop
 from lib.runtime.context import TaskContext
+from lib.runtime.ready import mark_ready
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def run_extract_task(
     resume = _Resume(paths, task, config_hash)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     forward = open_forward(p, source, int(pad_id))
+    mark_ready()  # the multi-host launchers' start phase ends with the model loaded
     layers, hidden, compute = forward.layers, forward.hidden_size, forward.compute_dtype
     dtype, compressed = str(p.dtype), str(p.compression) == "zstd"
     layout = tensor_layout(layers, hidden, dtype, bool(p.byte_shuffle))

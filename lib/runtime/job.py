@@ -38,6 +38,7 @@ from lib.runtime.context import TaskContext
 from lib.runtime.environment import TaskEnvironment, current_environment
 from lib.runtime.identity import ENV_LAUNCHER, ENV_RUN_DIR, TaskIdentity
 from lib.runtime.logs import exit_code, setup_logging
+from lib.runtime.ready import mark_ready
 
 log = logging.getLogger("embedfleet")
 
@@ -75,9 +76,16 @@ def parse_args(group: str, argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_stage_task(group: str, body: Callable[[TaskContext], None], argv: list[str] | None) -> int:
+def run_stage_task(
+    group: str,
+    body: Callable[[TaskContext], None],
+    argv: list[str] | None,
+    *,
+    marks_ready: bool = False,
+) -> int:
     """Resolve the task, skip it if its marker is valid, else run ``body``. Returns the
-    exit code."""
+    exit code. ``marks_ready``: ``body`` calls ``lib.runtime.ready.mark_ready`` itself once
+    it has loaded its model; otherwise the task is ready as ``body`` begins."""
     env = current_environment()
     # First thing: a scheduler's stop warning may come at any moment (SLURM checks time
     # limits only every ~30 s); the sbatch script ignores it until this handler is set.
@@ -85,7 +93,7 @@ def run_stage_task(group: str, body: Callable[[TaskContext], None], argv: list[s
     args = parse_args(group, argv)
     setup_logging(args.stage)
     try:
-        return exit_code(lambda: _run(args, env, body), log)
+        return exit_code(lambda: _run(args, env, body, marks_ready), log)
     except LauncherInterrupt as exc:
         log.warning(
             "interrupted by the launcher (%s): finished parts are kept; rerun the same "
@@ -96,7 +104,10 @@ def run_stage_task(group: str, body: Callable[[TaskContext], None], argv: list[s
 
 
 def _run(
-    args: argparse.Namespace, env: TaskEnvironment, body: Callable[[TaskContext], None]
+    args: argparse.Namespace,
+    env: TaskEnvironment,
+    body: Callable[[TaskContext], None],
+    marks_ready: bool = False,
 ) -> int:
     if not args.run_dir:
         raise EmbedfleetError(f"no run dir: pass --run-dir or set {ENV_RUN_DIR}")
@@ -113,7 +124,7 @@ def _run(
     _install_handlers(env)
     lock = paths.task_lock(spec.stage_dir, identity.task_index, identity.rank)
     with task_lock(paths.storage, lock, f"{spec.name} task {identity.task_index}"):
-        return _run_task(paths, cfg, plan, spec, identity, env, body)
+        return _run_task(paths, cfg, plan, spec, identity, env, body, marks_ready)
 
 
 def _run_task(
@@ -124,6 +135,7 @@ def _run_task(
     identity: TaskIdentity,
     env: TaskEnvironment,
     body: Callable[[TaskContext], None],
+    marks_ready: bool = False,
 ) -> int:
     """The task itself, under its lock: skip it if done, else check upstream and run."""
     if check_marker(paths, spec.stage_dir, identity.task_index, spec.config_hash):
@@ -137,6 +149,8 @@ def _run_task(
     # ourselves and fail clearly instead of running on missing inputs.
     for upstream in spec.depends_on:
         require_complete(paths, plan.stage(upstream), spec.name)
+    if not marks_ready:
+        mark_ready()
     try:
         body(TaskContext(cfg, plan, spec, identity, paths, env))
     except stop.StopRequested:

@@ -168,6 +168,12 @@ def test_host_cut_off_mid_stage_output_equals_local(ns_hosts, root, reference):
     assert re.search(rf"\[embed {task}\] failed on n3 \({why}\); retry 1", out), out
     rec = _attempt(run, task)
     assert rec["attempt"] == 2 and rec["host"] in ("n1", "n2") and rec["returncode"] == 0
+    # each embed task said it had loaded its model (lib.runtime.ready), which ended its
+    # start phase (cluster.multihost.max_concurrent_starts)
+    for t in range(3):
+        a = _attempt(run, t)["attempt"]
+        ready = run / "embed" / "attempts" / f"task_{t:05d}.rank0.a{a}.ready"
+        assert ready.exists() and ready.stat().st_mtime <= _attempt(run, t)["ended"]
     got = np.asarray(open_embeddings(run / "merge" / "embeddings.safetensors"))
     assert got.shape == reference.shape
     assert np.array_equal(got, reference)

@@ -2,10 +2,11 @@
 sshd hosts (n1, n2), with the trivial job (tests/unit/launchers/echo_job.py).
 
 Every start's phase is in its attempt record: ``start_sent`` (when the launcher sent it,
-its turn on the start clock) and ``start_answered`` (when the host said it started). The
-tests check facts the launcher enforces on those records, never how fast anything ran:
-sends at least the stagger apart; at most N start phases overlapping; a stop during the
-staggered starts sends no start still waiting for its turn.
+its turn on the start clock), ``start_answered`` (when the host said it started) and
+``ready`` (when the launcher saw the task's ready file: it has loaded). The tests check
+facts the launcher enforces on those records, never how fast anything ran: sends at least
+the stagger apart; at most N ssh starts overlapping; at most N tasks loading at once; a
+stop during the staggered starts sends no start still waiting for its turn.
 """
 
 from __future__ import annotations
@@ -80,15 +81,16 @@ def test_starts_are_sent_at_least_the_stagger_apart(ns, tmp_path, capsys):
 
 @pytest.mark.parametrize("limit,tasks", [(1, 4), (2, 6)])
 def test_at_most_max_concurrent_starts_in_their_start_phase(ns, tmp_path, capsys, limit, tasks):
-    """All tasks fit on the hosts' slots at once, so every start is asked for in the same
-    round; the recorded start phases [start_sent, start_answered] never overlap more than
-    ``max_concurrent_starts`` deep."""
+    """All tasks fit on the hosts' slots at once; the recorded ssh starts [start_sent,
+    start_answered] never overlap more than ``max_concurrent_starts`` deep (a start
+    phase lasts until the task is ready, so a later start waits for that too; where the
+    tasks then go is whichever slot is free)."""
     cfg = _cfg(ns, tasks // 2, max_concurrent_starts=limit)
     spec = StageSpec("a", "embed", JOB, "a", ARRAY, tasks, "h")
     result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(tmp_path)), Plan([spec], 0))
     assert result.complete, capsys.readouterr().out
     recs = _attempts(tmp_path, tasks)
-    assert {r["host"] for r in recs} == {"n1", "n2"}
+    assert all(r["ready"] >= r["start_answered"] for r in recs), recs
     # sweep the phases in time order (an end before a start at the same instant)
     events = sorted(
         [(r["start_sent"], 1) for r in recs] + [(r["start_answered"], -1) for r in recs],
@@ -102,6 +104,35 @@ def test_at_most_max_concurrent_starts_in_their_start_phase(ns, tmp_path, capsys
     if limit == 1:  # one at a time: each phase begins after the previous one ended
         phases = sorted((r["start_sent"], r["start_answered"]) for r in recs)
         assert all(b[0] >= a[1] for a, b in pairwise(phases)), phases
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_at_most_max_concurrent_starts_tasks_load_at_once(ns, tmp_path, capsys, limit):
+    """Tasks that take a second to load (the echo job with ECHO_LOAD_S=1: it sleeps, then
+    creates its ready file, lib.runtime.ready): 4 tasks, 2 hosts x 2 slots, so all would
+    fit at once. With max_concurrent_starts=limit the tasks' own loading intervals
+    [began, ready] never overlap more than ``limit`` deep: a start waits until the
+    launcher has seen an earlier task ready (or ended). Each record keeps when it did."""
+    hosts = [{"name": h, "slots": 2, "env": {"ECHO_LOAD_S": "1"}} for h in ("n1", "n2")]
+    cfg = ns.hosts_config(hosts, max_concurrent_starts=limit)
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 4, "h")
+    result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(tmp_path)), Plan([spec], 0))
+    assert result.complete, capsys.readouterr().out
+    outs = [json.loads((tmp_path / "a" / "out" / f"{t}.0.json").read_text()) for t in range(4)]
+    events = sorted(
+        [(o["loading"][0], 1) for o in outs] + [(o["loading"][1], -1) for o in outs],
+        key=lambda e: (e[0], e[1]),
+    )
+    depth, deepest = 0, 0
+    for _, step in events:
+        depth += step
+        deepest = max(deepest, depth)
+    assert deepest <= limit, outs
+    recs = _attempts(tmp_path, 4)
+    assert all(r["ready"] >= o["loading"][1] for r, o in zip(recs, outs, strict=True))
+    # the (limit+1)-th start went out only after some task's ready had been seen
+    sent = sorted(r["start_sent"] for r in recs)
+    assert sent[limit] >= min(r["ready"] for r in recs), recs
 
 
 HOLD_LAUNCH = """

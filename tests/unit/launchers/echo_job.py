@@ -1,6 +1,8 @@
 """A tiny job for the local launcher's tests: writes what it was told (identity and
 environment) to ``<stage>/out/``, prints a line, then a marker; fails, sleeps or leaves a
-child process behind, or ignores SIGTERM, when ``cluster.env`` asks it to."""
+child process behind, or ignores SIGTERM, when ``cluster.env`` asks it to. It says it is
+ready (``lib.runtime.ready``) at once, or after ``ECHO_LOAD_S`` seconds of "loading"
+(recorded as ``loading: [begin, ready]``)."""
 
 import argparse
 import os
@@ -12,6 +14,7 @@ import time
 from lib.core.markers import CompletionMarker, write_marker
 from lib.core.paths import RunPaths
 from lib.runtime.environment import current_environment
+from lib.runtime.ready import mark_ready
 
 SEEN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "EMBEDFLEET_HOST",
         "EMBEDFLEET_CPU_CORES",
@@ -27,6 +30,11 @@ def main() -> int:
     paths = RunPaths(args.run_dir)
     record = {k: os.environ.get(k) for k in SEEN}
     record.update(task=ident.task_index, rank=ident.rank, world=ident.world_size, pid=os.getpid())
+    began = time.time()
+    if os.environ.get("ECHO_LOAD_S"):
+        time.sleep(float(os.environ["ECHO_LOAD_S"]))
+    mark_ready()
+    record["loading"] = [began, time.time()]
     paths.storage.publish_json(f"{args.stage}/out/{ident.task_index}.{ident.rank}.json", record)
     print(f"hello from task {ident.task_index} rank {ident.rank}", flush=True)
     if os.environ.get("ECHO_FAIL_TASK") == str(ident.task_index):

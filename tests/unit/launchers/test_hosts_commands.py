@@ -189,6 +189,21 @@ def test_probe_and_kill_a_running_task(tmp_path):
     assert _sh(probe_command(key), tmp_path).stdout.split() == ["t0r0", "vanished"]
 
 
+def test_probe_says_loading_until_the_ready_file_exists(tmp_path):
+    t = _task(tmp_path, ["sleep", "60"])
+    assert _sh(start_command([t]), tmp_path).returncode == 0
+    ready = f"{tmp_path}/r 'q'.ready"
+    key = [("t0r0", t.pid_file, t.exit_file, ready)]
+    deadline = time.time() + 20
+    while _sh(probe_command(key), tmp_path).stdout.split()[1:] != ["loading"]:
+        assert time.time() < deadline, "the task never showed as loading"
+        time.sleep(0.05)
+    with open(ready, "w"):
+        pass
+    assert _sh(probe_command(key), tmp_path).stdout.split() == ["t0r0", "running"]
+    _sh(kill_command([t.pid_file], grace_s=5), tmp_path)
+
+
 def test_failing_setup_line_fails_the_task(tmp_path):
     t = _task(tmp_path, [sys.executable, "-c", "print('ran')"], setup=["false"])
     assert _sh(start_command([t]), tmp_path).returncode == 0
