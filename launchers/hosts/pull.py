@@ -2,7 +2,8 @@
 host's own run dir into the local run dir over SFTP.
 
 The task's completion marker on the host names its outputs with sizes and sha256
-(``lib.core.markers``). Each output is fetched with the sync stage's transfer
+(``lib.core.markers``), and the checkpoint markers it published (a k-means level's
+steps, each naming its own outputs: they come first, each checkpoint's data before it). Each output is fetched with the sync stage's transfer
 (``lib.sync.transfer``: resumable from its ``.part``, hashed while written), checked
 against the marker's size and sha256, and published under its final name; the marker
 comes last, so the local run dir never holds a marker whose data is not there. An
@@ -24,7 +25,7 @@ from pathlib import Path
 import paramiko
 
 from lib.core.errors import InvalidMarkerError
-from lib.core.markers import discard_marker, parse_marker
+from lib.core.markers import CompletionMarker, discard_marker, parse_marker
 from lib.core.paths import RunPaths
 from lib.remote.errors import RemoteError
 from lib.sync.transfer import download, part_path, publish
@@ -83,26 +84,31 @@ def _fetch(sftp: paramiko.SFTPClient, remote: str, local: Path, size: int, sha25
         os.utime(local, when)
 
 
-def pull_task(sftp: paramiko.SFTPClient, remote_root: str, paths: RunPaths, marker: str) -> Pulled:
-    """Copy the outputs named by the marker ``marker`` (a run-dir name) of the host's run
-    dir ``remote_root`` into ``paths``, data first, the marker last. Raises
-    ``RemoteError`` when the marker is missing or unreadable there, an output is not as
-    the marker says, or a transfer fails; what was published stays (it is verified), the
-    marker is then not local."""
-    root = remote_root.rstrip("/")
-    where = f"{root}/{marker}"
+def _read_marker(sftp: paramiko.SFTPClient, where: str) -> tuple[bytes, CompletionMarker]:
     try:
         with sftp.open(where, "rb") as fh:
             blob = fh.read()
     except OSError as exc:
         raise RemoteError(f"no completion marker at {where} on the host ({exc})") from None
     try:
-        parsed = parse_marker(blob, where)
+        return blob, parse_marker(blob, where)
     except InvalidMarkerError as exc:
         raise RemoteError(f"the marker {where} on the host cannot be read: {exc}") from None
-    # A local marker of an earlier attempt must not describe outputs being replaced.
-    discard_marker(paths.storage, marker)
-    files, skipped, total = [], [], 0
+
+
+def _pull_marked(
+    sftp: paramiko.SFTPClient,
+    root: str,
+    paths: RunPaths,
+    marker: str,
+    blob: bytes,
+    parsed: CompletionMarker,
+    got: Pulled,
+) -> int:
+    """The outputs of ``parsed`` (read from ``marker`` on the host), then the marker;
+    their names go into ``got``; returns the bytes fetched."""
+    where = f"{root}/{marker}"
+    total = 0
     for out in parsed.outputs:
         name = _safe_name(out.path, where)
         local = Path(paths.storage.local_file(name))
@@ -111,15 +117,39 @@ def pull_task(sftp: paramiko.SFTPClient, remote_root: str, paths: RunPaths, mark
             and local.stat().st_size == out.bytes
             and _local_sha256(local) == out.sha256
         ):
-            skipped.append(name)
+            got.skipped.append(name)
             continue
         _fetch(sftp, f"{root}/{name}", local, out.bytes, out.sha256)
-        files.append(name)
+        got.files.append(name)
         total += out.bytes
     local_marker = Path(paths.storage.local_file(marker))
     _fetch(sftp, where, local_marker, len(blob), hashlib.sha256(blob).hexdigest())
-    files.append(marker)
-    return Pulled(files, skipped, total + len(blob))
+    got.files.append(marker)
+    return total + len(blob)
+
+
+def pull_task(sftp: paramiko.SFTPClient, remote_root: str, paths: RunPaths, marker: str) -> Pulled:
+    """Copy the outputs named by the marker ``marker`` (a run-dir name) of the host's run
+    dir ``remote_root`` into ``paths``, data first, the marker last; before them, each
+    checkpoint marker the task marker lists (a k-means level's steps) with the outputs it
+    names, each checkpoint's data before its marker. Raises ``RemoteError`` when a marker
+    is missing or unreadable there, an output is not as its marker says, or a transfer
+    fails; what was published stays (it is verified), the task marker is then not
+    local."""
+    root = remote_root.rstrip("/")
+    where = f"{root}/{marker}"
+    blob, parsed = _read_marker(sftp, where)
+    # A local marker of an earlier attempt must not describe outputs being replaced.
+    discard_marker(paths.storage, marker)
+    got = Pulled([], [], 0)
+    total = 0
+    for checkpoint in parsed.checkpoints:
+        name = _safe_name(checkpoint, where)
+        ck_blob, ck_parsed = _read_marker(sftp, f"{root}/{name}")
+        discard_marker(paths.storage, name)
+        total += _pull_marked(sftp, root, paths, name, ck_blob, ck_parsed, got)
+    total += _pull_marked(sftp, root, paths, marker, blob, parsed, got)
+    return Pulled(got.files, got.skipped, total)
 
 
 def pull_file(sftp: paramiko.SFTPClient, remote: str, local: Path) -> bool:

@@ -8,7 +8,8 @@ create-only, at ``<stage dir>/completions/task_XXXXX.json`` (a checkpoint's at t
 the row range, counts and the stage's config hash, and what the writing process had used
 by then (peak RSS, its children's, peak CUDA memory, CPU seconds: ``lib.core.usage``,
 filled in by ``write_marker`` for every stage; markers written before these fields
-existed parse with them None).
+existed parse with them None) and the checkpoint markers the task published
+(``checkpoints``: a k-means level's steps; empty when absent).
 
 A marker is *valid* when it parses, its config hash is the stage's, and every output it
 names exists with the recorded size (and sha256, when asked). A marker with another config
@@ -55,6 +56,10 @@ class CompletionMarker:
     outputs: list[OutputFile] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     part: str | None = None  # a checkpoint inside the task; None: the task itself
+    # Run-dir names of the checkpoint markers the task published (a k-means level's
+    # steps), each naming its own outputs: what a copy of the task's files (storage=sync's
+    # pull) brings besides ``outputs``. Empty for a checkpoint and for most stages.
+    checkpoints: list[str] = field(default_factory=list)
     host: str = field(default_factory=socket.gethostname)
     finished_at: float = field(default_factory=time.time)
     wall_seconds: float | None = None

@@ -228,7 +228,9 @@ def run_level(
         steps=summaries,
     )
     if comm.is_root:
-        _publish_level(paths, stage, level, result, final_marker, name)
+        steps = [step_name(s) for s in range(n_steps)] + (["split"] if split else [])
+        checkpoints = [paths.marker(paths.kmeans_step(level, st).dir, 0) for st in steps]
+        _publish_level(paths, stage, level, result, final_marker, name, checkpoints)
     comm.barrier()
     return result
 
@@ -240,9 +242,12 @@ def _publish_level(
     result: LevelResult,
     step_marker: CompletionMarker | None,
     input_name: str,
+    checkpoints: list[str],
 ) -> None:
     """``final.json``, then the level's own marker, written last: a launcher checking
-    stage markers sees the level complete only now."""
+    stage markers sees the level complete only now. The marker names final.json and the
+    final step's outputs (what the next level and curate read) and lists every step's
+    marker (``checkpoints``: storage=sync pulls the steps' files by them)."""
     storage = paths.storage
     final_name = paths.kmeans_final(level)
     final = asdict(result)
@@ -273,6 +278,7 @@ def _publish_level(
             counts={"points": result.n_points, "clusters": result.n_clusters},
             outputs=outputs,
             extra={"final_step": result.step, "inertia": result.inertia},
+            checkpoints=checkpoints,
         ),
     )
 

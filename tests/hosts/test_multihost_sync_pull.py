@@ -127,6 +127,48 @@ def test_pull_refuses_an_output_outside_the_run_dir(sftp, tmp_path):
     assert not (local / MARKER).exists()
 
 
+def test_pull_brings_the_checkpoints_a_task_marker_lists_first(sftp, tmp_path):
+    """A task marker listing checkpoint markers (a k-means level's steps): each
+    checkpoint's outputs then its marker come before the task's outputs and marker; an
+    output the task marker repeats (the final step's) or one already pulled is fetched
+    once. A listed checkpoint missing on the host, or outside the run dir, fails the pull:
+    no task marker local (what verified stays)."""
+    remote, local = tmp_path / "host-run", tmp_path / "run"
+    level = "kmeans/level1/completions/task_00000.json"
+    steps = [f"kmeans/level1/step{s}/completions/task_00000.json" for s in range(2)]
+    arrays = {f"kmeans/level1/step{s}/centroids.npy": os.urandom(3_000 + s) for s in range(2)}
+    final = {"kmeans/level1/final.json": b"{}"}
+    for name, data in {**arrays, **final}.items():
+        (remote / name).parent.mkdir(parents=True, exist_ok=True)
+        (remote / name).write_bytes(data)
+
+    def marker(name: str, outputs: dict[str, bytes], **extra) -> None:
+        files = [OutputFile(n, len(d), _sha(d)) for n, d in outputs.items()]
+        m = CompletionMarker(stage="kmeans_level1", task=0, num_tasks=1, config_hash="c",
+                             outputs=files, **extra)  # fmt: skip
+        (remote / name).parent.mkdir(parents=True, exist_ok=True)
+        (remote / name).write_text(json.dumps(m.to_json()))
+
+    (step0, a0), (step1, a1) = zip(steps, arrays, strict=True)
+    marker(step0, {a0: arrays[a0]}, part="step0")
+    marker(level, {**final, a1: arrays[a1]}, checkpoints=steps)
+    paths = RunPaths(local)
+    with pytest.raises(RemoteError, match=r"no completion marker at .*step1"):
+        pull_task(sftp, str(remote), paths, level)
+    assert not (local / level).exists()
+    assert (local / step0).exists() and (local / a0).exists()  # verified: they stay
+    marker(step1, {a1: arrays[a1]}, part="step1")
+    pulled = pull_task(sftp, str(remote), paths, level)
+    assert pulled.files == [step0, a1, step1, *final, level]
+    assert pulled.skipped == [a0, a1]
+    for name in [*arrays, *final, *steps, level]:
+        assert (local / name).read_bytes() == (remote / name).read_bytes()
+    marker(level, final, checkpoints=["../elsewhere/completions/task_00000.json"])
+    with pytest.raises(RemoteError, match="not a path inside the run dir"):
+        pull_task(sftp, str(remote), paths, level)
+    assert not (local / level).exists()
+
+
 def test_sync_refusals_name_the_key_and_the_fix(ssh_hosts, tmp_path):
     hosts = [{"name": "n1"}]
     with pytest.raises(ConfigError, match=r"storage=sync keeps each host's run dir.*workdir"):

@@ -10,6 +10,9 @@ each) give the same bytes as the local launcher's run of the same config:
   (tests/e2e/test_curation.py checks 2 ranks against 1 within 1e-6). Every array and
   parquet file is compared by sha256; the JSON summaries by content without their wall
   times and with the run's own path replaced.
+- curation with ``cluster.multihost.storage=sync`` (each host its own workdir and run dir,
+  the k-means ranks on n1, which has 2 slots): what the launcher pulled back equals the
+  local run's the same way (the summaries name the host's run dir, replaced too).
 - extract: 2 tasks of the tiny random Qwen2 of tests/e2e/test_extract.py, one per host,
   detached (the default: the launch returns once the tasks run, ``wait`` blocks until
   done): every shard, each task's metadata.json and the merged one byte-identical to the
@@ -91,10 +94,11 @@ def _hosts_args(ns) -> list[str]:
     ]
 
 
-def _outputs(run: Path, *under: str) -> dict[str, object]:
+def _outputs(run: Path, *under: str, copies: tuple[Path, ...] = ()) -> dict[str, object]:
     """What ``run`` published under each of ``under``, by path: a file's sha256, or for a
     k-means level's final.json and the metrics' metrics.json their content without the
-    wall times and with the run's own path and name replaced."""
+    wall times and with the run's own path and name replaced (and the paths ``copies``,
+    the hosts' run dirs under storage=sync, where those files were written)."""
     out: dict[str, object] = {}
     for top in under:
         for p in sorted((run / top).rglob("*")):
@@ -102,7 +106,10 @@ def _outputs(run: Path, *under: str) -> dict[str, object]:
             if not p.is_file() or set(rel.parts) & set(BOOKKEEPING) or CHECKPOINT.match(p.name):
                 continue
             if p.name in SUMMARIES:
-                text = p.read_text().replace(str(run), "<run>").replace(run.name, "<name>")
+                text = p.read_text()
+                for where in (*copies, run):
+                    text = text.replace(str(where), "<run>")
+                text = text.replace(run.name, "<name>")
                 out[str(rel)] = _without(json.loads(text), TIMINGS)
             else:
                 out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
@@ -187,6 +194,49 @@ def test_curation_on_two_hosts_equals_local(ns, root, embedded, curation_local):
     assert got.keys() == want.keys()
     assert [k for k in want if got[k] != want[k]] == []
     assert "<run>" in json.dumps(want["kmeans/level1/final.json"])  # it names its input
+
+
+def test_curation_storage_sync_equals_local(ns, root, embedded, curation_local):
+    """The same pipeline with storage=sync: n1 (2 slots: a k-means level's ranks share one
+    host there) and n2 with workdirs of their own. Every stage's outputs come back into
+    the local run dir, byte-identical to the local launcher's; a k-means level brings its
+    earlier steps too (the level marker lists their markers), each step marker as on the
+    host."""
+    dirs = {"n1": root / "sync-n1", "n2": root / "sync-n2"}
+    items = ", ".join(
+        f"{{address: {ns.env[f'EF_HOST_{h}']}, port: {ns.port}, name: {h}, workdir: {d}"
+        + (", slots: 2}" if h == "n1" else "}")
+        for h, d in dirs.items()
+    )
+    run = _from_embedded(embedded, "cur-sync")
+    proc = _ok(
+        run_launch(
+            "--attach",
+            *CURATION,
+            PIPELINE,
+            *(a for a in _hosts_args(ns) if not a.startswith("cluster.hosts=")),
+            f"cluster.hosts=[{items}]",
+            "cluster.multihost.storage=sync",
+            "cluster.multihost.code_sync=rsync",
+            f"run.root={root}",
+            f"run.name={run.name}",
+            timeout=900,
+        )
+    )
+    assert "complete in " in proc.stdout, proc.stdout[-3000:]
+    remote = {h: d / "runs" / run.name for h, d in dirs.items()}
+    for level in (1, 2):
+        assert _hosts_of(run, f"kmeans/level{level}") == {"n1"}
+    level1 = json.loads((run / "kmeans/level1/completions/task_00000.json").read_text())
+    steps = [f"kmeans/level1/step{s}/completions/task_00000.json" for s in range(3)]
+    assert level1["checkpoints"] == steps
+    for name in steps:
+        assert (run / name).read_bytes() == (remote["n1"] / name).read_bytes()
+    got = _outputs(run, "merge", "kmeans", "metrics", copies=tuple(remote.values()))
+    want = _outputs(curation_local, "merge", "kmeans", "metrics")
+    assert "kmeans/level1/step0/centroids.npy" in want and "kmeans/curated/metadata.parquet" in want
+    assert got.keys() == want.keys()
+    assert [k for k in want if got[k] != want[k]] == []
 
 
 # -- extract ----------------------------------------------------------------------------

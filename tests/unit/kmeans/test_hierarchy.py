@@ -115,6 +115,9 @@ def test_two_levels_with_resampling(tmp_path, embeddings):
     level_marker = json.loads((tmp_path / "kmeans/level1/completions/task_00000.json").read_text())
     assert level_marker["extra"]["final_step"] == "step2"
     assert "kmeans/level1/step2/members.npy" in {o["path"] for o in level_marker["outputs"]}
+    # it lists every step's marker (what storage=sync's pull brings besides its outputs)
+    steps = [f"kmeans/level1/step{s}/completions/task_00000.json" for s in range(3)]
+    assert level_marker["checkpoints"] == steps and all((tmp_path / n).exists() for n in steps)
     # a relaunch skips finished levels and changes nothing (and completes a level marker
     # lost to a kill between final.json and the marker)
     (tmp_path / "kmeans/level2/completions/task_00000.json").unlink()
