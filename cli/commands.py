@@ -97,15 +97,22 @@ def cmd_logs(args: argparse.Namespace) -> int:
             f"no rank {args.rank}"
         )
     name = spec.log(args.task, args.rank)
-    try:
-        text = paths.storage.read_text(name)
-    except FileNotFoundError:
-        local = paths.storage.local_file(name)  # a task still running on this machine
-        if not local.exists():
-            raise EmbedfleetError(
-                f"no log yet for {args.stage} task {args.task}: {paths.url(name)}"
-            ) from None
-        text = local.read_text(errors="replace")
+    # storage=sync on hosts: a running task's log is on its host, the local copy comes
+    # back when it ends
+    live = get_launcher(load_run_config(paths)).live_log(paths, spec, args.task, args.rank)
+    if live is not None:
+        print(f"# {args.stage} task {args.task}: the log on {live.source}", file=sys.stderr)
+        text = live.data.decode(errors="replace")
+    else:
+        try:
+            text = paths.storage.read_text(name)
+        except FileNotFoundError:
+            local = paths.storage.local_file(name)  # a task still running on this machine
+            if not local.exists():
+                raise EmbedfleetError(
+                    f"no log yet for {args.stage} task {args.task}: {paths.url(name)}"
+                ) from None
+            text = local.read_text(errors="replace")
     lines = text.splitlines()
     for line in lines[-args.tail :] if args.tail else lines:
         print(line)
@@ -181,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "logs",
         "print a task's log",
         "Print the log of task TASK of stage STAGE (a stage name of the run's plan: embed, "
-        "merge, kmeans_level1, ...), also while the task runs.",
+        "merge, kmeans_level1, ...), also while the task runs (cluster=hosts with "
+        "storage=sync: read from the task's host, named on stderr).",
     )
     s.add_argument("run", help=RUN_HELP)
     s.add_argument("stage", help="a stage of the run's plan, e.g. embed, merge, kmeans_level1")

@@ -84,6 +84,14 @@ class LaunchResult:
     interrupted: int | None = None
 
 
+@dataclass(frozen=True)
+class LiveLog:
+    """A task's log as read from where it is being written (``Launcher.live_log``)."""
+
+    data: bytes
+    source: str  # where it was read, for the user: "host n1: /w/runs/r/embed/logs/..."
+
+
 class Launcher(ABC):
     """Turns a plan into running tasks. ``launch`` only runs tasks without a valid marker."""
 
@@ -112,6 +120,11 @@ class Launcher(ABC):
     def status_notes(self, paths: RunPaths, plan: Plan) -> list[str]:
         """Lines ``status`` prints below its table (after ``scheduler_view``)."""
         return []
+
+    def live_log(self, paths: RunPaths, spec: StageSpec, task: int, rank: int) -> LiveLog | None:
+        """For ``logs``: the log of ``task`` (``rank``) read from elsewhere than the run dir
+        while it is written there (a host's own run dir); None: the run dir's copy is it."""
+        return None
 
     @abstractmethod
     def cancel(self, paths: RunPaths, plan: Plan) -> int:

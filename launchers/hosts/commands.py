@@ -16,6 +16,8 @@ Two layers:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -155,6 +157,56 @@ def probe_command(entries: Sequence[tuple[str, ...]]) -> str:
             f"else echo {key} starting; fi"
         )
     return "; ".join(parts) if parts else "true"
+
+
+# ``log_read_command``'s answer: one line per log, ``log KEY SIZE DATA`` (SIZE: the file's
+# size in bytes; DATA: base64 of the bytes read, "" for none) or ``log KEY -`` (no file).
+LOG_READ_PREFIX = "log"
+
+
+def log_read_command(entries: Sequence[tuple[str, str, int, int | None]]) -> str:
+    """For each ``(key, log_file, offset, max_bytes)``: one line ``log KEY SIZE DATA``, DATA
+    the base64 of at most ``max_bytes`` bytes (None: all) of ``log_file`` from byte
+    ``offset`` on (``tail -c +OFFSET+1 | head -c MAX``, streamed, not held in the shell),
+    or ``log KEY -`` when there is no such file. Base64 keeps the answer plain lines
+    however the log's bytes look (a line cut short, a progress bar's carriage returns), so
+    it can follow ``probe_command``'s on the same ssh. Its exit status is 0 (appended to a
+    probe, it cannot make the host look unreachable)."""
+    q = shlex.quote
+    parts = []
+    for key, log_file, offset, max_bytes in entries:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", key):
+            raise ValueError(f"log key {key!r} must be a plain token")
+        f = q(log_file)
+        head = f" | head -c {int(max_bytes)}" if max_bytes is not None else ""
+        parts.append(
+            f"if [ -f {f} ]; then s=$(wc -c < {f}); printf '{LOG_READ_PREFIX} %s %s ' {key} $s; "
+            f"tail -c +{int(offset) + 1} {f}{head} | base64 | tr -d '\\n'; echo; "
+            f"else echo {LOG_READ_PREFIX} {key} -; fi"
+        )
+    return "{ " + "; ".join(parts) + "; } 2>/dev/null; true" if parts else "true"
+
+
+def parse_log_reads(stdout: str) -> tuple[str, dict[str, tuple[int, bytes] | None]]:
+    """Split what a command ending in ``log_read_command`` printed: (the other lines, key
+    -> (the log's size, the bytes read), or None where it had no such file). A ``log``
+    line that does not parse (its size or data garbled) is dropped, not taken as data."""
+    rest, reads = [], {}
+    for line in stdout.splitlines(keepends=True):
+        parts = line.split()
+        if not parts or parts[0] != LOG_READ_PREFIX:
+            rest.append(line)
+            continue
+        if len(parts) == 3 and parts[2] == "-":
+            reads[parts[1]] = None
+            continue
+        try:
+            size = int(parts[2])
+            data = base64.b64decode(parts[3], validate=True) if len(parts) > 3 else b""
+        except (IndexError, ValueError, binascii.Error):
+            continue
+        reads[parts[1]] = (size, data)
+    return "".join(rest), reads
 
 
 def kill_command(pid_files: Sequence[str], grace_s: int = 5) -> str:

@@ -27,7 +27,8 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   (``launchers.hosts.pull``: sha256-verified against the marker, resumable), with its
   log. A pull that fails counts as the task failing on that host. A distributed task's
   ranks share one host there (they read each other's files). ``status`` reads the local
-  run dir (and probes the hosts' pid/exit files).
+  run dir (and probes the hosts' pid/exit files); ``logs`` reads a running task's log
+  from its host, and ``--attach`` streams it from there in each probe round.
 - Detached (the default from the command line, ``Launcher.start``): the stage loop runs
   in a background scheduler process of its own (``launchers.hosts.detached``) and the
   launch returns once the first tasks run; ``--attach`` (``cluster.multihost.attach``)
@@ -71,6 +72,7 @@ from launchers.base import (
     RUNNING,
     Launcher,
     LaunchResult,
+    LiveLog,
     SchedulerView,
     read_attempt,
     stop_signals_to,
@@ -84,6 +86,8 @@ from launchers.hosts.commands import (
     gcloud_describe_argv,
     gcloud_ssh_argv,
     kill_command,
+    log_read_command,
+    parse_log_reads,
     probe_command,
     rsync_argv,
     run_dir_rsync_argv,
@@ -95,7 +99,7 @@ from launchers.hosts.commands import (
 from launchers.hosts.pull import pull_file, pull_task
 from launchers.hosts.starts import StartClock
 from lib.config.redact import refuse_secret_literals, task_env
-from lib.core.errors import ConfigError
+from lib.core.errors import ConfigError, EmbedfleetError
 from lib.core.locks import RunLock, process_alive, process_start
 from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
@@ -182,6 +186,19 @@ def _key(task: int, rank: int) -> str:
     return f"t{task}r{rank}"
 
 
+# storage=sync with --attach: what one probe round reads of the logs of a host's tasks
+# (each log at most LOG_READ_BYTES, all of them about LOG_READ_HOST_BYTES, each at least
+# LOG_READ_MIN_BYTES); what a round leaves comes in the next ones, and the rest of a log
+# from its pulled copy once its task ends.
+LOG_READ_BYTES = 64 * 1024
+LOG_READ_HOST_BYTES = 256 * 1024
+LOG_READ_MIN_BYTES = 4 * 1024
+
+
+def _log_key(task: int, attempt: int, rank: int) -> str:
+    return f"t{task}a{attempt}r{rank}"
+
+
 def _dirs(ws: list[Worker]) -> str | dict[str, str]:
     """The workers' code dirs: one path when they share it, else per host label."""
     dirs = {w.label: w.workdir for w in ws}
@@ -237,6 +254,14 @@ class HostsLauncher(Launcher):
         self.on_started: Callable[[StageSpec, list[_Unit]], None] | None = None
         # worker label -> (answered, [what runs there], [what failed there]), by scheduler_view
         self._host_states: dict[str, tuple[bool, list[str], list[str]]] = {}
+        # storage=sync with --attach, in the stage loop: the logs of running tasks are read
+        # from their hosts in each probe round. (stage, _log_key) -> bytes of the host's log
+        # echoed so far; the last round's reads (its size, the bytes from there); logs
+        # pulled whole as their task ended (the rest is echoed from the local copy).
+        self._streaming = False
+        self._log_sent: dict[tuple[str, str], int] = {}
+        self._log_reads: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._log_pulled: set[tuple[str, str]] = set()
 
     # -- machines -----------------------------------------------------------------------
 
@@ -605,6 +630,8 @@ class HostsLauncher(Launcher):
                         )
                         with contextlib.suppress(RemoteError, OSError):
                             pull_file(sftp, f"{root}/{name}", paths.storage.local_file(name))
+                            if self._streaming:  # _echo_host_logs echoes the rest
+                                self._log_pulled.add((spec.name, _log_key(u.task, u.attempt, rank)))
                     if ok:
                         pull_task(sftp, root, paths, paths.marker(spec.stage_dir, u.task))
                 finally:
@@ -747,12 +774,16 @@ class HostsLauncher(Launcher):
                     (_key(u.task, rank), proc("pid"), proc("exit"), proc("ready"))
                 )
         idx = list(entries)
-        results = self._pool(lambda i: self._run(ws[i], probe_command(entries[i])), idx)
+        results = self._pool(
+            lambda i: self._run(ws[i], self._probe_command(paths, spec, units, ws[i], entries[i])),
+            idx,
+        )
         out: dict[int, dict[str, tuple[str, int | None]] | None] = {}
         for i, (rc, stdout, _err) in zip(idx, results, strict=True):
             if rc != 0:
                 out[i] = None
                 continue
+            stdout = self._keep_log_reads(spec, stdout)
             states = {}
             for line in stdout.splitlines():
                 parts = line.split()
@@ -765,6 +796,9 @@ class HostsLauncher(Launcher):
     def _echo_logs(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> None:
         if not (self.echo and self.attach):
             return
+        if self.storage == "sync":
+            self._echo_host_logs(paths, spec, unit)
+            return
         for w, rank in unit.placements:
             log = paths.storage.local_file(
                 RunPaths.log(spec.stage_dir, unit.task, rank if spec.kind == DISTRIBUTED else None)
@@ -776,9 +810,121 @@ class HostsLauncher(Launcher):
                 data = fh.read()
             cut = data.rfind(b"\n") + 1
             unit.log_offsets[rank] = unit.log_offsets.get(rank, 0) + cut
-            r = f" r{rank}" if len(unit.placements) > 1 else ""
-            for line in data[:cut].decode(errors="replace").splitlines():
-                self._say(f"[{w.label} {spec.name} {unit.task}{r}] {line.rsplit(chr(13), 1)[-1]}")
+            self._say_log(w, spec, unit, rank, data[:cut])
+
+    def _say_log(self, w: Worker, spec: StageSpec, unit: _Unit, rank: int, data: bytes) -> None:
+        """``data``'s lines, each prefixed ``[host stage task]`` (`` rR`` with ranks)."""
+        r = f" r{rank}" if len(unit.placements) > 1 else ""
+        for line in data.decode(errors="replace").splitlines():
+            self._say(f"[{w.label} {spec.name} {unit.task}{r}] {line.rsplit(chr(13), 1)[-1]}")
+
+    # -- storage=sync: live logs from the hosts -----------------------------------------
+
+    def _probe_command(
+        self, paths: RunPaths, spec: StageSpec, units: list[_Unit], w: Worker, entries
+    ) -> str:
+        """``probe_command(entries)`` for ``w``; while logs stream (storage=sync,
+        --attach) followed on the same ssh by the new bytes of the logs of ``units``'
+        processes on ``w`` (``log_read_command``), bounded per round."""
+        command = probe_command(entries)
+        if not self._streaming:
+            return command
+        reads = []
+        for u in units:
+            for x, rank in u.placements:
+                if x.index == w.index:
+                    key = _log_key(u.task, u.attempt, rank)
+                    log = self._rpath(paths, w, spec.log(u.task, rank))
+                    reads.append((key, log, self._log_sent.get((spec.name, key), 0)))
+        if not reads:
+            return command
+        each = max(LOG_READ_MIN_BYTES, min(LOG_READ_BYTES, LOG_READ_HOST_BYTES // len(reads)))
+        return f"{command}; {log_read_command([(k, f, o, each) for k, f, o in reads])}"
+
+    def _keep_log_reads(self, spec: StageSpec, stdout: str) -> str:
+        """``stdout`` of a probe less its log reads, kept for ``_echo_host_logs``."""
+        rest, reads = parse_log_reads(stdout)
+        for key, got in reads.items():
+            if got is not None:
+                self._log_reads[(spec.name, key)] = got
+        return rest
+
+    def _echo_host_logs(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> None:
+        """storage=sync: echo what the last probe read of ``unit``'s logs on its host (its
+        whole lines; a line longer than a round's read comes in pieces), and once its log
+        was pulled (the task ended) the rest of it from the local copy, last line too."""
+        for w, rank in unit.placements:
+            k = (spec.name, _log_key(unit.task, unit.attempt, rank))
+            sent = self._log_sent.get(k, 0)
+            if k in self._log_pulled:
+                self._log_pulled.discard(k)
+                self._log_reads.pop(k, None)
+                self._log_sent.pop(k, None)
+                log = paths.storage.local_file(spec.log(unit.task, rank))
+                if log.exists():
+                    with open(log, "rb") as fh:
+                        fh.seek(sent)
+                        self._say_log(w, spec, unit, rank, fh.read())
+                continue
+            got = self._log_reads.pop(k, None)
+            if got is None:
+                continue
+            size, data = got
+            if size < sent:  # the host's log was replaced: from its start again
+                self._log_sent[k] = 0
+                continue
+            cut = data.rfind(b"\n") + 1
+            if cut == 0 and len(data) >= LOG_READ_MIN_BYTES:
+                cut = len(data)
+            self._log_sent[k] = sent + cut
+            self._say_log(w, spec, unit, rank, data[:cut])
+
+    def live_log(self, paths: RunPaths, spec: StageSpec, task: int, rank: int) -> LiveLog | None:
+        """storage=sync: the log of ``task`` read from its host's own run dir (the host
+        its attempt record names) while the attempt runs, or when it ended without its
+        log pulled back; None when the local copy is the log (storage=shared, pulled)."""
+        if self.storage != "sync":
+            return None
+        rec = read_attempt(paths, spec, task) or {}
+        if rec.get("launcher") != self.name or not rec.get("attempt"):
+            return None
+        name = spec.log(task, rank)
+        if rec.get("ended") and paths.storage.local_file(name).exists():
+            return None
+        place = next(
+            (p for p in rec.get("placements") or [] if int(p.get("rank", -1)) == rank), None
+        )
+        if place is None:
+            return None
+        what = f"{spec.name} task {task}" + (f" rank {rank}" if spec.kind == DISTRIBUTED else "")
+        w = next((x for x in self.workers() if x.index == int(place["worker"])), None)
+        if w is None or w.label != place.get("host"):
+            raise ConfigError(
+                f"{what} ran on host {place.get('host')}, which is no longer "
+                f"cluster.hosts[{place['worker']}] in {paths.url(paths.run_config)}: its log is "
+                "in that host's run dir (WORKDIR/runs/RUN_NAME)"
+            )
+        where = self._rpath(paths, w, name)
+        rc, out, err = self._run(w, log_read_command([("log0", where, 0, None)]))
+        if rc != 0:
+            key_error = self._host_key_error(w, err)
+            if key_error:
+                raise key_error
+            local = paths.storage.local_file(name)
+            raise RemoteError(
+                f"cannot read the log of {what} from host {w.label} ({where}): exit {rc}: "
+                f"{err.strip()[-300:] or 'no output'}; is the host up? "
+                + (
+                    f"An older copy is local: {local}"
+                    if local.exists()
+                    else "It comes back when the task ends (pulled with its outputs)"
+                )
+            )
+        got = parse_log_reads(out)[1].get("log0")
+        if got is None:
+            raise EmbedfleetError(f"no log yet for {what} on host {w.label}: {where}")
+        state = "running" if not rec.get("ended") else "ended; its log was not pulled back"
+        return LiveLog(got[1], f"host {w.label}: {where} ({state})")
 
     def _run_stage(self, paths: RunPaths, spec: StageSpec, pending: list[int]) -> list[int]:
         ws = [w for w in self.workers() if not w.dropped]
@@ -1050,6 +1196,7 @@ class HostsLauncher(Launcher):
             self.cfg.cluster, literal_secrets=False, launcher=self.name, check_environ=not dry_run
         )
         self._port = self._choose_port(paths, plan)
+        self._streaming = self.storage == "sync" and self.echo and self.attach
         if dry_run:
             self._dry_run(paths, plan)
             return LaunchResult(False, False, {})

@@ -20,6 +20,8 @@ from launchers.hosts.commands import (
     gcloud_describe_argv,
     gcloud_ssh_argv,
     kill_command,
+    log_read_command,
+    parse_log_reads,
     probe_command,
     rsync_argv,
     run_dir_rsync_argv,
@@ -267,3 +269,43 @@ def test_secrets_on_stdin_reach_the_task_and_not_its_command_line(tmp_path):
     assert not list(tmp_path.glob("PWNED*")) and not list(tmp_path.parent.glob("PWNED*"))
     with pytest.raises(ValueError, match="not a shell name"):
         env_stdin({"A;B": "x"})
+
+
+def test_log_read_command_golden():
+    command = log_read_command(
+        [("t0a1r0", f"/runs/{HOSTILE}/a/logs/task_00000.log", 0, None), ("t1a2r1", "/l", 7, 4096)]
+    )
+    check_golden("hosts_log_read.txt", command + "\n")
+    with pytest.raises(ValueError, match="plain token"):
+        log_read_command([("t 1; reboot", "/l", 0, None)])
+
+
+def test_log_reads_through_sh_after_a_probe(tmp_path):
+    """Through the real ``sh`` as ssh would, after a probe: each log's bytes from an offset,
+    at most the bound, exactly (a UTF-8 block cut in two, carriage returns, no final
+    newline); a missing log says so; a hostile path is read as a path; status 0 even when
+    nothing could be read; the probe's own lines are left as they were."""
+    log = tmp_path / f"logs {HOSTILE[:12]}" / "task 0.log"
+    log.parent.mkdir()
+    data = "line 1\nbar \u2588\u2588\r50%\rdone\nno newline".encode()
+    log.write_bytes(data)
+    missing = f"{tmp_path}/$(touch PWNED)/none.log"
+    probe = probe_command([("t0r0", f"{tmp_path}/p", f"{tmp_path}/e")])
+    reads = log_read_command(
+        [("a", str(log), 0, None), ("b", str(log), 5, 8), ("c", str(log), len(data), 64),
+         ("d", missing, 0, 64)]
+    )  # fmt: skip
+    proc = _sh(f"{probe}; {reads}", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rest, got = parse_log_reads(proc.stdout)
+    assert rest == "t0r0 starting\n"
+    assert got == {
+        "a": (len(data), data),
+        "b": (len(data), data[5:13]),
+        "c": (len(data), b""),
+        "d": None,
+    }
+    assert not list(tmp_path.glob("PWNED*")) and not list(tmp_path.parent.glob("PWNED*"))
+    unreadable = _sh(log_read_command([("e", str(tmp_path), 0, 8)]), tmp_path)  # a dir
+    assert unreadable.returncode == 0 and parse_log_reads(unreadable.stdout)[1] == {"e": None}
+    assert parse_log_reads("log x 12 not-base64!\nt0r0 running\n") == ("t0r0 running\n", {})
