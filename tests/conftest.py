@@ -154,9 +154,9 @@ def slurm_cluster() -> dict:
 S3_BUCKET = "embedfleet-test"
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -197,21 +197,22 @@ def _fresh_prefix(scheme: str, bucket: str, request) -> str:
     return f"{scheme}://{bucket}/{name}-{os.getpid()}-{int(time.time() * 1000)}"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """moto's S3 server on 127.0.0.1 with one bucket; yields the environment that points
-    botocore/s3fs at it (also set in this process for the session)."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def moto_s3(tmp_path_factory, host: str, key: str, secret: str) -> Iterator[dict[str, str]]:
+    """moto's S3 server on ``host`` (a free port there) with the bucket ``S3_BUCKET``
+    (created with ``key``/``secret``); yields the environment that points botocore/s3fs at
+    it. Stopped (only this server, by its own pid) when the block ends."""
+    port = _free_port(host)
+    endpoint = f"http://{host}:{port}"
     proc = _serve(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
         tmp_path_factory.mktemp("moto") / "moto.log",
         endpoint,
         "moto's S3 server",
     )
     env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
@@ -220,10 +221,18 @@ def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
             import s3fs
 
             s3fs.S3FileSystem(skip_instance_cache=True).mkdir(S3_BUCKET)
-            yield env
-    finally:  # only the server this fixture started, by its own pid
+        yield env
+    finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with one bucket; yields the environment that points
+    botocore/s3fs at it (also set in this process for the session)."""
+    with moto_s3(tmp_path_factory, "127.0.0.1", "testing", "testing") as env, _environment(env):
+        yield env
 
 
 @pytest.fixture

@@ -29,6 +29,13 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   ranks share one host there (they read each other's files). ``status`` reads the local
   run dir (and probes the hosts' pid/exit files); ``logs`` reads a running task's log
   from its host, and ``--attach`` streams it from there in each probe round.
+- An object-store run dir (``run.root=s3://...`` or ``gs://...``, ``cluster=hosts`` with
+  ``storage=shared``): the tasks get the URL as their run dir and write outputs and markers
+  there through ``lib.core.storage`` (credentials reach them through ``cluster.pass_env``);
+  their pid/exit/ready files and logs are in each host's ``<its workdir>/runs/<run name>``
+  (as under ``sync``), each log copied here over SFTP when its task ends and uploaded into
+  the run dir (``Storage.publish_log``, as the local launcher does). Foreground only
+  (``--attach``): the run's lock is an object a detached scheduler cannot take over.
 - Detached (the default from the command line, ``Launcher.start``): the stage loop runs
   in a background scheduler process of its own (``launchers.hosts.detached``) and the
   launch returns once the first tasks run; ``--attach`` (``cluster.multihost.attach``)
@@ -105,6 +112,7 @@ from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
 from lib.core.repo import REPO_ROOT
 from lib.core.sharding import compress_indices
+from lib.core.storage import is_url
 from lib.plan.spec import DISTRIBUTED, Plan, StageSpec, completed_tasks
 from lib.remote.credentials import Login
 from lib.remote.errors import HostKeyError, RemoteError
@@ -240,6 +248,10 @@ class HostsLauncher(Launcher):
                 "(WORKDIR/runs/RUN_NAME): set cluster.multihost.workdir (or "
                 "cluster.hosts[i].workdir on every host), an absolute path"
             )
+        # run.root=s3://...|gs://...: the tasks write the run dir through lib.core.storage;
+        # their pid/exit/ready files and logs are in each host's WORKDIR/runs/RUN_NAME.
+        self.object_root = is_url(str(cfg.run.root))
+        self._own_workdir = bool(self.mh.workdir or own_dirs)
         self.code: dict = {"sync": self.code_sync}
         self.python = str(c.python or sys.executable)
         self.echo = echo
@@ -312,6 +324,7 @@ class HostsLauncher(Launcher):
             )
             if self.storage == "sync":
                 w.push = lambda src, dest, t=target: run_dir_rsync_argv(t, src, dest)
+            if self.storage == "sync" or self.object_root:  # pulls (sync), logs
                 w.sftp_host = Host(
                     target.address,
                     target.port,
@@ -524,7 +537,7 @@ class HostsLauncher(Launcher):
     ) -> RemoteTask:
         world = len(unit.placements)
         here = lambda name: self._rpath(paths, w, name)  # noqa: E731
-        run_dir = self._host_root(paths, w) or paths.root
+        run_dir = (self._host_root(paths, w) if self.storage == "sync" else None) or paths.root
         identity = TaskIdentity(run_dir, spec.name, unit.task, spec.num_tasks, rank, world)
         full_env = {
             **env,
@@ -561,8 +574,9 @@ class HostsLauncher(Launcher):
 
     def _host_root(self, paths: RunPaths, w: Worker) -> str | None:
         """``w``'s own run dir under ``storage=sync`` (``HOME/runs/RUN_NAME``, a sweep
-        point's sub-dir kept), else None (the run dir is shared)."""
-        if self.storage != "sync":
+        point's sub-dir kept), where an object-store run dir's pid/exit/ready files and
+        logs are too; else None (the run dir is shared)."""
+        if self.storage != "sync" and not is_url(str(paths.root)):
             return None
         name = str(self.cfg.run.name).strip("/")
         base = os.path.basename(str(paths.root).rstrip("/"))
@@ -641,6 +655,33 @@ class HostsLauncher(Launcher):
         except (RemoteError, OSError, paramiko.SSHException) as exc:
             return f"pulling its outputs from {w.label} failed: {str(exc)[-300:]}"
         return ""
+
+    def _upload_logs(self, paths: RunPaths, spec: StageSpec, u: _Unit) -> None:
+        """An object-store run dir, after ``u`` ended: each of its logs copied from its
+        host's own run dir over SFTP into the local file the local launcher writes a log
+        to, then uploaded into the run dir (``Storage.publish_log``). A log that cannot be
+        fetched is warned about; the task's outcome is its marker's."""
+        for w, rank in u.placements:
+            name = spec.log(u.task, rank)
+            assert w.sftp_host is not None and w.login is not None
+            try:
+                with connect(w.sftp_host, w.login) as conn:
+                    sftp = conn.sftp()
+                    try:
+                        got = pull_file(
+                            sftp, self._rpath(paths, w, name), paths.storage.local_file(name)
+                        )
+                    finally:
+                        sftp.close()
+                if got:
+                    paths.storage.publish_log(name)
+            except HostKeyError:
+                raise
+            except (RemoteError, OSError, paramiko.SSHException) as exc:
+                self._say(
+                    f"WARNING: [{spec.name} {u.task}] its log {self._rpath(paths, w, name)} on "
+                    f"{w.label} was not uploaded to {paths.url(name)}: {str(exc)[-300:]}"
+                )
 
     def _start_commands(self, paths: RunPaths, spec: StageSpec, unit: _Unit) -> dict[int, str]:
         by_worker: dict[int, list[RemoteTask]] = {}
@@ -1029,6 +1070,9 @@ class HostsLauncher(Launcher):
                         u.log_offsets.clear()  # its log came whole from the host
                         if pulled and why == "":
                             why, bad = pulled, [u.placements[0][0]]
+                    elif is_url(str(paths.root)):
+                        self._upload_logs(paths, spec, u)
+                        u.log_offsets.clear()  # its log came whole from the host
                     self._echo_logs(paths, spec, u)
                     ok = why == "" and check_marker(paths, spec.stage_dir, u.task, spec.config_hash)
                     if why == "" and not ok:
@@ -1150,14 +1194,25 @@ class HostsLauncher(Launcher):
             raise ConfigError(
                 f"cluster.multihost.storage=sync copies each host's run dir back into a local "
                 f"run dir, not {paths.root}: set run.root to a local path (run.root=/data/runs), "
-                "or use storage=shared with a run dir every host mounts"
+                "or use storage=shared (the default), which writes it in the bucket from "
+                "every host"
             )
-        raise ConfigError(
-            f"cluster={self.name} needs the run dir on a file system every host mounts at "
-            f"the same path (run.root=/shared/...), not {paths.root}: object-store run "
-            "dirs are not supported by this launcher yet; with a local run.root, "
-            "cluster.multihost.storage=sync gives each host a run dir of its own"
-        )
+        if self.name != "hosts":
+            raise ConfigError(
+                f"cluster={self.name} needs the run dir on a file system every worker mounts "
+                f"at the same path (run.root=/shared/...), not {paths.root}: its workers are "
+                "reached only through `gcloud compute tpus tpu-vm ssh/scp`, which cannot carry "
+                "the SFTP copy of their task logs that an object-store run dir needs; "
+                "cluster=hosts (the workers' addresses as ssh hosts) takes an object-store "
+                "run.root"
+            )
+        if not self._own_workdir:
+            raise ConfigError(
+                f"cluster=hosts with an object-store run dir ({paths.root}) keeps each host's "
+                "pid/exit files and task logs under its workdir (WORKDIR/runs/RUN_NAME): set "
+                "cluster.multihost.workdir (or cluster.hosts[i].workdir on every host), an "
+                "absolute path"
+            )
 
     def _choose_port(self, paths: RunPaths, plan: Plan) -> int:
         """The rendezvous port of this run: the one an earlier attempt recorded, else a
@@ -1178,6 +1233,13 @@ class HostsLauncher(Launcher):
             return self.launch(paths, plan, dry_run=dry_run)
         from launchers.hosts.detached import scheduler_argv, start_detached
 
+        if is_url(str(paths.root)):
+            raise ConfigError(
+                f"cluster={self.name} with an object-store run dir ({paths.root}) runs in the "
+                "foreground only: the run's lock there is an object held by the launching "
+                "process, which a detached scheduler cannot take over; add --attach (or "
+                "cluster.multihost.attach=true)"
+            )
         if dry_run:
             self._say(
                 "# detached (the default; --attach: in the foreground): a background "

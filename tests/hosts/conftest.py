@@ -12,12 +12,13 @@ import os
 import shlex
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, moto_s3
 
 UP = REPO / "scripts/hosts/up.sh"
 
@@ -129,6 +130,18 @@ def ssh_hosts() -> Hosts:
         [str(UP), "--env"], capture_output=True, text=True, check=True
     ).stdout.strip()
     return Hosts(parse_env_file(Path(env_file)))
+
+
+@pytest.fixture(scope="module")
+def bridge_s3(ssh_hosts, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's S3 server on the namespace hosts' bridge (.1 of their subnet: n1..n3 cannot
+    reach this machine's 127.0.0.1), with fake credentials of its own, unlike any text in
+    the tree; yields the environment that points s3fs at it (not set in this process)."""
+    first = ssh_hosts.env["EF_NS_HOSTS_NAMES"].split()[0]
+    bridge = ssh_hosts.address(first).rsplit(".", 1)[0] + ".1"
+    key, secret = f"EFKEY{uuid.uuid4().hex[:12].upper()}", uuid.uuid4().hex + uuid.uuid4().hex
+    with moto_s3(tmp_path_factory, bridge, key, secret) as env:
+        yield env
 
 
 def write_files(root: Path, files: dict[str, bytes]) -> None:

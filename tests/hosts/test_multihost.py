@@ -386,3 +386,73 @@ def test_storage_sync_per_host_run_dirs_pulled_back_equal_local(ns_hosts, root, 
 
 def _attempt_of(run: Path, stage_dir: str, task: int = 0) -> dict:
     return json.loads((run / stage_dir / "attempts" / f"task_{task:05d}.json").read_text())
+
+
+def test_object_store_run_dir_from_hosts_equals_local(ns_hosts, root, reference, bridge_s3):
+    """run.root=s3://... (moto's server on the namespace bridge) on n1 and n2, storage=shared,
+    each host with a workdir of its own: the tasks write outputs and markers into the bucket
+    with the endpoint and credentials that cluster.pass_env sent them (on the start
+    command's stdin only); the merged embeddings read back from the bucket are the local
+    launcher's bytes; pid files and logs are in each host's WORKDIR/runs/RUN_NAME, each log
+    uploaded into the run dir when its task ended; no credential value is in a file under
+    the workdirs, in an object of the run dir or in the launch's output."""
+    from lib.core.paths import RunPaths
+    from lib.plan.spec import Plan, completed_tasks
+    from tests.conftest import S3_BUCKET, _environment
+
+    dirs = {"n1": root / "s3-w1", "n2": root / "s3-w2"}
+    items = ", ".join(
+        f"{{address: {ns_hosts.address(h)}, port: {ns_hosts.port}, name: {h}, workdir: {d}}}"
+        for h, d in dirs.items()
+    )
+    url = f"s3://{S3_BUCKET}/runs-{os.getpid()}-{int(time.time())}"
+    proc = run_launch(
+        "--attach", *SLICE,
+        *(a for a in _hosts_args(ns_hosts) if not a.startswith("cluster.hosts=")),
+        f"cluster.hosts=[{items}]", "cluster.multihost.code_sync=rsync",
+        "cluster.pass_env=[AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_ENDPOINT_URL,AWS_DEFAULT_REGION]",
+        f"run.root={url}", "run.name=s3hosts", timeout=900, env=bridge_s3,
+    )  # fmt: skip
+    _ok(proc)
+    secrets = [bridge_s3["AWS_ACCESS_KEY_ID"], bridge_s3["AWS_SECRET_ACCESS_KEY"]]
+    assert not any(s in proc.stdout + proc.stderr for s in secrets)
+    with _environment(bridge_s3):
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        paths = RunPaths(f"{url}/s3hosts")
+        storage = paths.storage
+        local = root / "local" / "merge" / "embeddings.safetensors"
+        assert storage.read_bytes("merge/embeddings.safetensors") == local.read_bytes()
+        plan = Plan.load(paths)
+        for spec in plan.stages:
+            assert completed_tasks(paths, spec) == set(range(spec.num_tasks)), spec.name
+        remote = {h: d / "runs" / "s3hosts" for h, d in dirs.items()}
+        ran = set()
+        for spec in plan.stages:
+            for t in range(spec.num_tasks):
+                rec = json.loads(storage.read_bytes(paths.attempt(spec.stage_dir, t)))
+                assert rec["returncode"] == 0 and rec["host"] in dirs, rec
+                ran.add(rec["host"])
+                host_run = remote[rec["host"]]
+                log = spec.log(t)
+                assert storage.read_bytes(log) == (host_run / log).read_bytes() != b""
+                pid = paths.remote_proc(spec.stage_dir, t, 0, 1, "pid")
+                assert (host_run / pid).exists() and not storage.exists(pid)
+                # outputs and markers went to the bucket, not to the host's dir
+                assert not (host_run / paths.marker(spec.stage_dir, t)).exists()
+        objects = storage.list("")
+        assert objects and not any(name.endswith((".pid", ".exit")) for name in objects)
+        leaked = [n for n in objects if any(s.encode() in storage.read_bytes(n) for s in secrets)]
+        assert not leaked, leaked
+    assert ran == set(dirs)  # one slot each: the 3 embed tasks ran on both
+    _ok(run_launch("status", f"{url}/s3hosts", env=bridge_s3))  # 0: every stage complete
+    logs = _ok(run_launch("logs", f"{url}/s3hosts", "embed", "1", env=bridge_s3))
+    with _environment(bridge_s3):
+        uploaded = RunPaths(f"{url}/s3hosts").storage.read_text("embed/logs/task_00001.log")
+    assert uploaded.strip().splitlines()[-1] in logs.stdout
+    for d in dirs.values():
+        for f in d.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                data = f.read_bytes()
+                assert not any(s.encode() in data for s in secrets), f

@@ -178,8 +178,16 @@ def test_sync_refusals_name_the_key_and_the_fix(ssh_hosts, tmp_path):
     with pytest.raises(ConfigError, match=r"storage=sync .* set run.root to a local path"):
         launcher.launch(RunPaths("memory://ef-sync-refusal/run"), Plan([], 0))
     shared = HostsLauncher(ssh_hosts.hosts_config(hosts), echo=False)
-    with pytest.raises(ConfigError, match=r"object-store run dirs are not supported"):
-        shared.launch(RunPaths("memory://ef-sync-refusal/run"), Plan([], 0))
+    bucket = RunPaths("memory://ef-sync-refusal/run")
+    with pytest.raises(ConfigError, match=r"object-store run dir .* set cluster.multihost.workdir"):
+        shared.launch(bucket, Plan([], 0))
+    shared = HostsLauncher(ssh_hosts.hosts_config(hosts, workdir=str(tmp_path)), echo=False)
+    with pytest.raises(ConfigError, match=r"object-store run dir .* foreground only.*--attach"):
+        shared.start(bucket, Plan([], 0))
+    tpu_shared = ssh_hosts.hosts_config([])
+    tpu_shared.cluster.launcher = "tpu_vm"
+    with pytest.raises(ConfigError, match=r"cluster=tpu_vm needs .* cluster=hosts .* takes"):
+        TpuVmLauncher(tpu_shared, echo=False).launch(bucket, Plan([], 0))
     tpu = ssh_hosts.hosts_config([], storage="sync")
     tpu.cluster.launcher = "tpu_vm"
     with pytest.raises(ConfigError, match=r"storage=sync is not supported by cluster=tpu_vm"):
