@@ -2,7 +2,6 @@
 (gloo, through lib.compute.distributed as k-means and metrics do), all-reduces its
 rank + 1, writes what it got, and rank 0 writes the marker."""
 
-import argparse
 import os
 import sys
 
@@ -11,17 +10,11 @@ import torch.distributed as dist
 
 from lib.compute.distributed import process_group
 from lib.core.markers import CompletionMarker, write_marker
-from lib.core.paths import RunPaths
-from lib.runtime.environment import current_environment
+from tests.job_start import job_start
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--stage", required=True)
-    args = ap.parse_args()
-    ident = current_environment().identity(args.stage, run_dir=args.run_dir)
-    paths = RunPaths(args.run_dir)
+    args, ident, paths = job_start()
     with process_group(timeout_s=120) as de:
         t = torch.tensor([float(de.rank + 1)])
         dist.all_reduce(t)

@@ -2,24 +2,17 @@
 value) and whether the value shows in any process's argv on its host (``ps -eww``, while
 this task's own ``sh`` is alive), then writes its marker."""
 
-import argparse
 import hashlib
 import os
 import subprocess
 import sys
 
 from lib.core.markers import CompletionMarker, write_marker
-from lib.core.paths import RunPaths
-from lib.runtime.environment import current_environment
+from tests.job_start import job_start
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--stage", required=True)
-    args = ap.parse_args()
-    ident = current_environment().identity(args.stage, run_dir=args.run_dir)
-    paths = RunPaths(args.run_dir)
+    args, ident, paths = job_start()
     value = os.environ.get("EF_TEST_SECRET_TOKEN")
     ps = subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True).stdout
     record = {

@@ -3,23 +3,16 @@ KiB naming its task and the run dir it was given) and a marker naming it with it
 and sha256. On the host named by ``SYNC_JOB_BAD_HOST`` the marker states another sha256
 (as when a file changes after its marker was written), so pulling it from there fails."""
 
-import argparse
 import os
 import sys
 
 from lib.core.markers import CompletionMarker, write_marker
-from lib.core.paths import RunPaths
 from lib.core.storage import OutputFile
-from lib.runtime.environment import current_environment
+from tests.job_start import job_start
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--stage", required=True)
-    args = ap.parse_args()
-    ident = current_environment().identity(args.stage, run_dir=args.run_dir)
-    paths = RunPaths(args.run_dir)
+    args, ident, paths = job_start()
     data = (f"task {ident.task_index} in {args.run_dir}\n" * 200).encode()
     out = paths.storage.publish_bytes(f"{args.stage}/data/{ident.task_index}.txt", data)
     if os.environ.get("SYNC_JOB_BAD_HOST") == os.environ.get("EMBEDFLEET_HOST"):

@@ -1,24 +1,17 @@
 """A tiny job for the local launcher's GPU-binding test: records the device variables it
 was started with, then writes its marker (no GPU is touched)."""
 
-import argparse
 import os
 import sys
 
 from lib.core.markers import CompletionMarker, write_marker
-from lib.core.paths import RunPaths
-from lib.runtime.environment import current_environment
+from tests.job_start import job_start
 
 SEEN = ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--stage", required=True)
-    args = ap.parse_args()
-    ident = current_environment().identity(args.stage, run_dir=args.run_dir)
-    paths = RunPaths(args.run_dir)
+    args, ident, paths = job_start()
     record = {k: os.environ.get(k) for k in SEEN}
     paths.storage.publish_json(f"{args.stage}/out/{ident.task_index}.{ident.rank}.json", record)
     if ident.rank == 0:

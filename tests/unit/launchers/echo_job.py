@@ -4,7 +4,6 @@ child process behind, or ignores SIGTERM, when ``cluster.env`` asks it to. It sa
 ready (``lib.runtime.ready``) at once, or after ``ECHO_LOAD_S`` seconds of "loading"
 (recorded as ``loading: [begin, ready]``)."""
 
-import argparse
 import os
 import signal
 import subprocess
@@ -12,9 +11,8 @@ import sys
 import time
 
 from lib.core.markers import CompletionMarker, write_marker
-from lib.core.paths import RunPaths
-from lib.runtime.environment import current_environment
 from lib.runtime.ready import mark_ready
+from tests.job_start import job_start
 
 SEEN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "EMBEDFLEET_HOST",
         "EMBEDFLEET_CPU_CORES",
@@ -22,12 +20,7 @@ SEEN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "EMBED
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--stage", required=True)
-    args = ap.parse_args()
-    ident = current_environment().identity(args.stage, run_dir=args.run_dir)
-    paths = RunPaths(args.run_dir)
+    args, ident, paths = job_start()
     record = {k: os.environ.get(k) for k in SEEN}
     record.update(task=ident.task_index, rank=ident.rank, world=ident.world_size, pid=os.getpid())
     began = time.time()
