@@ -44,6 +44,17 @@ def _attempts(run, n: int) -> list[dict]:
     ]
 
 
+def _deepest(intervals: list[tuple[float, float]]) -> int:
+    """How many of the [begin, end] intervals overlap at most, swept in time order (an end
+    before a begin at the same instant)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    depth, deepest = 0, 0
+    for _, step in events:
+        depth += step
+        deepest = max(deepest, depth)
+    return deepest
+
+
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
     names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
@@ -91,16 +102,7 @@ def test_at_most_max_concurrent_starts_in_their_start_phase(ns, tmp_path, capsys
     assert result.complete, capsys.readouterr().out
     recs = _attempts(tmp_path, tasks)
     assert all(r["ready"] >= r["start_answered"] for r in recs), recs
-    # sweep the phases in time order (an end before a start at the same instant)
-    events = sorted(
-        [(r["start_sent"], 1) for r in recs] + [(r["start_answered"], -1) for r in recs],
-        key=lambda e: (e[0], e[1]),
-    )
-    depth, deepest = 0, 0
-    for _, step in events:
-        depth += step
-        deepest = max(deepest, depth)
-    assert deepest <= limit, recs
+    assert _deepest([(r["start_sent"], r["start_answered"]) for r in recs]) <= limit, recs
     if limit == 1:  # one at a time: each phase begins after the previous one ended
         phases = sorted((r["start_sent"], r["start_answered"]) for r in recs)
         assert all(b[0] >= a[1] for a, b in pairwise(phases)), phases
@@ -119,15 +121,7 @@ def test_at_most_max_concurrent_starts_tasks_load_at_once(ns, tmp_path, capsys, 
     result = HostsLauncher(cfg, echo=False).launch(RunPaths(str(tmp_path)), Plan([spec], 0))
     assert result.complete, capsys.readouterr().out
     outs = [json.loads((tmp_path / "a" / "out" / f"{t}.0.json").read_text()) for t in range(4)]
-    events = sorted(
-        [(o["loading"][0], 1) for o in outs] + [(o["loading"][1], -1) for o in outs],
-        key=lambda e: (e[0], e[1]),
-    )
-    depth, deepest = 0, 0
-    for _, step in events:
-        depth += step
-        deepest = max(deepest, depth)
-    assert deepest <= limit, outs
+    assert _deepest([tuple(o["loading"]) for o in outs]) <= limit, outs
     recs = _attempts(tmp_path, 4)
     assert all(r["ready"] >= o["loading"][1] for r, o in zip(recs, outs, strict=True))
     # the (limit+1)-th start went out only after some task's ready had been seen
