@@ -17,6 +17,7 @@ it (``describe`` answers the three namespace hosts as the TPU's networkEndpoints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -396,9 +397,22 @@ def test_object_store_run_dir_from_hosts_equals_local(ns_hosts, root, reference,
     launcher's bytes; pid files and logs are in each host's WORKDIR/runs/RUN_NAME, each log
     uploaded into the run dir when its task ended; no credential value is in a file under
     the workdirs, in an object of the run dir or in the launch's output."""
+    import s3fs
+
     from lib.core.paths import RunPaths
     from lib.plan.spec import Plan, completed_tasks
     from tests.conftest import S3_BUCKET, _environment
+
+    @contextlib.contextmanager
+    def bucket_env():
+        """This process pointed at the bridge's server; s3fs's cached clients (made for
+        another endpoint, or kept for the next test) dropped on the way in and out."""
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            with _environment(bridge_s3):
+                yield
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
     dirs = {"n1": root / "s3-w1", "n2": root / "s3-w2"}
     items = ", ".join(
@@ -416,10 +430,7 @@ def test_object_store_run_dir_from_hosts_equals_local(ns_hosts, root, reference,
     _ok(proc)
     secrets = [bridge_s3["AWS_ACCESS_KEY_ID"], bridge_s3["AWS_SECRET_ACCESS_KEY"]]
     assert not any(s in proc.stdout + proc.stderr for s in secrets)
-    with _environment(bridge_s3):
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
+    with bucket_env():
         paths = RunPaths(f"{url}/s3hosts")
         storage = paths.storage
         local = root / "local" / "merge" / "embeddings.safetensors"
@@ -448,7 +459,7 @@ def test_object_store_run_dir_from_hosts_equals_local(ns_hosts, root, reference,
     assert ran == set(dirs)  # one slot each: the 3 embed tasks ran on both
     _ok(run_launch("status", f"{url}/s3hosts", env=bridge_s3))  # 0: every stage complete
     logs = _ok(run_launch("logs", f"{url}/s3hosts", "embed", "1", env=bridge_s3))
-    with _environment(bridge_s3):
+    with bucket_env():
         uploaded = RunPaths(f"{url}/s3hosts").storage.read_text("embed/logs/task_00001.log")
     assert uploaded.strip().splitlines()[-1] in logs.stdout
     for d in dirs.values():
