@@ -815,10 +815,18 @@ class HostsLauncher(Launcher):
                     (_key(u.task, rank), proc("pid"), proc("exit"), proc("ready"))
                 )
         idx = list(entries)
-        results = self._pool(
-            lambda i: self._run(ws[i], self._probe_command(paths, spec, units, ws[i], entries[i])),
-            idx,
-        )
+
+        def probe(i: int):
+            return self._run(ws[i], self._probe_command(paths, spec, units, ws[i], entries[i]))
+
+        results = self._pool(probe, idx)
+        # A host that did not answer (ssh's 255: no connection within connect_timeout_s,
+        # which a loaded machine can miss once) is asked once more before it counts as
+        # not answering (its tasks then fail there and run elsewhere).
+        again = [n for n, (rc, _o, _e) in enumerate(results) if rc == SSH_FAILED]
+        if again:
+            for n, res in zip(again, self._pool(probe, [idx[n] for n in again]), strict=True):
+                results[n] = res
         out: dict[int, dict[str, tuple[str, int | None]] | None] = {}
         for i, (rc, stdout, _err) in zip(idx, results, strict=True):
             if rc != 0:
