@@ -294,13 +294,18 @@ def rsync_argv(target: SshTarget, source_dir: str, remote_dir: str) -> list[str]
     known_hosts, key, port and control socket) given as ``-e`` with ``shlex.join``.
     Times and permissions are kept, so a second sync sends only what changed; the remote
     path is passed to the remote rsync as one argument (rsync >= 3.2.4 protects it)."""
+    return _rsync(
+        target, ["--archive", "--mkpath", "--files-from=-", "--from0"], source_dir, remote_dir
+    )
+
+
+def _rsync(target: SshTarget, options: list[str], source_dir: str, remote_dir: str) -> list[str]:
+    """``rsync OPTIONS -e SSH -- SOURCE_DIR/ [USER@]ADDRESS:REMOTE_DIR/``, the ssh that of
+    ``ssh_argv`` (``shlex.join``)."""
     ssh = shlex.join(_ssh_transport(target, stdin=True))
     return [
         "rsync",
-        "--archive",
-        "--mkpath",
-        "--files-from=-",
-        "--from0",
+        *options,
         "-e",
         ssh,
         "--",
@@ -328,21 +333,9 @@ def run_dir_rsync_argv(target: SshTarget, local_dir: str, remote_dir: str) -> li
     ``ssh`` as ``ssh_argv`` (host key checked). Times are kept, so a second push sends
     only what is missing or changed (a file pulled from a host has the same time here and
     there: ``launchers.hosts.pull``); nothing there is deleted."""
-    ssh = shlex.join(_ssh_transport(target, stdin=True))
-    return [
-        "rsync",
-        "--recursive",
-        "--links",
-        "--times",
-        "--perms",
-        "--mkpath",
-        *[f"--exclude={e}" for e in RUN_DIR_PUSH_EXCLUDES],
-        "-e",
-        ssh,
-        "--",
-        local_dir.rstrip("/") + "/",
-        f"{_dest(target)}:{remote_dir.rstrip('/')}/",
-    ]
+    options = ["--recursive", "--links", "--times", "--perms", "--mkpath"]
+    options += [f"--exclude={e}" for e in RUN_DIR_PUSH_EXCLUDES]
+    return _rsync(target, options, local_dir, remote_dir)
 
 
 def unpack_command(workdir: str, commit: str) -> str:
