@@ -379,6 +379,23 @@ class HostsLauncher(Launcher):
             raise ConfigError(f"cannot run {argv[0]!r}: {exc}; is it installed?") from None
         return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
+    def _rsync(self, argv: list[str], stdin: bytes, key: str, fix: str = "") -> tuple[int, str]:
+        """Run an rsync argv (``stdin``: what it reads, e.g. ``--files-from=-``): (exit
+        code, its stderr); a timeout counts as ssh's failure; no rsync here is an error
+        naming ``key`` and the fix."""
+        try:
+            p = subprocess.run(
+                argv, input=stdin, capture_output=True, timeout=float(self.mh.command_timeout_s)
+            )
+        except subprocess.TimeoutExpired:
+            return SSH_FAILED, "timed out"
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{key}: no rsync on this machine; install it (`make install` does, or "
+                f"apt-get install rsync){fix}"
+            ) from None
+        return p.returncode, p.stderr.decode(errors="replace").strip()
+
     def _tracked_files(self) -> tuple[str, bool, bytes]:
         """(HEAD commit, whether the tracked files differ from it, their paths NUL-separated)
         of this checkout's working tree (``git ls-files``; deleted ones left out)."""
@@ -401,19 +418,12 @@ class HostsLauncher(Launcher):
 
         def sync(w: Worker) -> tuple[int, str]:
             assert w.rsync is not None
-            argv = w.rsync(str(REPO_ROOT), w.workdir)
-            try:
-                p = subprocess.run(
-                    argv, input=files, capture_output=True, timeout=float(self.mh.command_timeout_s)
-                )
-            except subprocess.TimeoutExpired:
-                return SSH_FAILED, "timed out"
-            except FileNotFoundError:
-                raise ConfigError(
-                    "cluster.multihost.code_sync=rsync: no rsync on this machine; install it "
-                    "(`make install` does, or apt-get install rsync) or use code_sync=archive"
-                ) from None
-            return p.returncode, p.stderr.decode(errors="replace").strip()
+            return self._rsync(
+                w.rsync(str(REPO_ROOT), w.workdir),
+                files,
+                "cluster.multihost.code_sync=rsync",
+                " or use code_sync=archive",
+            )
 
         for w, (rc, err) in zip(ws, self._pool(sync, ws), strict=True):
             if rc != 0:
@@ -598,21 +608,8 @@ class HostsLauncher(Launcher):
 
         def push(w: Worker) -> tuple[int, str]:
             assert w.push is not None
-            try:
-                p = subprocess.run(
-                    w.push(local, self._host_root(paths, w) or ""),
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=float(self.mh.command_timeout_s),
-                )
-            except subprocess.TimeoutExpired:
-                return SSH_FAILED, "timed out"
-            except FileNotFoundError:
-                raise ConfigError(
-                    "cluster.multihost.storage=sync: no rsync on this machine; install it "
-                    "(`make install` does, or apt-get install rsync)"
-                ) from None
-            return p.returncode, p.stderr.decode(errors="replace").strip()
+            argv = w.push(local, self._host_root(paths, w) or "")
+            return self._rsync(argv, b"", "cluster.multihost.storage=sync")
 
         for w, (rc, err) in zip(ws, self._pool(push, ws), strict=True):
             if rc != 0:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from lib.data.columns import check_dataset, open_dataset
-from lib.data.datasets import MultiSource
+from lib.data.datasets import FILES_RECORD_KEY, MultiSource
 from lib.data.sampling import Sample, check_sample_config, dataset_sample, wants_sample
 from lib.plan.spec import Plan
 
@@ -22,12 +22,12 @@ class EmbedInput:
 
     def record(self, plan: Plan) -> None:
         """Keep the sample's summary and the files' record in ``plan.extra``."""
-        from lib.embed.task import FILES_KEY, SAMPLE_KEY
+        from lib.embed.task import SAMPLE_KEY
 
         if self.sample is not None:
             plan.extra[SAMPLE_KEY] = self.sample.summary()
         if self.files is not None:
-            plan.extra[FILES_KEY] = self.files
+            plan.extra[FILES_RECORD_KEY] = self.files
 
 
 def embed_input(cfg: DictConfig) -> EmbedInput:

@@ -10,7 +10,6 @@ from lib.runtime.context import TaskContext
 # Where Plan.extra keeps what the launch decided for the embed tasks.
 SAMPLE_KEY = "sample"  # the sample's summary (lib.data.sampling.Sample.summary)
 RANGES_KEY = "embed_ranges"  # each task's [start, stop) (a run grown by embed.append)
-FILES_KEY = FILES_RECORD_KEY  # a many-file dataset's files, row counts, columns
 
 
 def run(ctx: TaskContext) -> None:
@@ -26,7 +25,7 @@ def run(ctx: TaskContext) -> None:
         config_hash=ctx.spec.config_hash,
         ranges=tuple((int(a), int(b)) for a, b in ranges) if ranges else None,
         sampled=SAMPLE_KEY in extra,
-        files=extra.get(FILES_KEY),
+        files=extra.get(FILES_RECORD_KEY),
     )
     check_input_at_task(ctx.cfg, extra.get(FINGERPRINT_KEY))
     run_embed_shard(ctx.cfg, shard)
