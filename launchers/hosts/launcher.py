@@ -1018,8 +1018,9 @@ class HostsLauncher(Launcher):
                         f"{spec.name}: every host has left the pool; tasks "
                         f"{compress_indices(sorted(t for t, _, _ in queue))} did not run"
                     )
+                loading = sum(1 for u in running if not u.ready)
                 for item in list(queue):
-                    if sum(1 for u in running if not u.ready) >= starts_at_once:
+                    if loading >= starts_at_once:
                         break  # that many still load: the next start waits for one
                     task, tries, avoid = item
                     placed = self._place(self.workers(), busy, world, avoid)
@@ -1032,6 +1033,7 @@ class HostsLauncher(Launcher):
                         busy[w.index] = busy.get(w.index, 0) + 1
                     self._begin(paths, spec, unit, ex)
                     running.append(unit)
+                    loading += 1
                 time.sleep(min(0.05, float(self.mh.poll_s)))
                 finished: list[tuple[_Unit, str, list[Worker]]] = []  # (unit, why, bad hosts)
                 for u in running:
