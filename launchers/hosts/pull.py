@@ -6,7 +6,9 @@ The task's completion marker on the host names its outputs with sizes and sha256
 steps, each naming its own outputs: they come first, each checkpoint's data before it). Each output is fetched with the sync stage's transfer
 (``lib.sync.transfer``: resumable from its ``.part``, hashed while written), checked
 against the marker's size and sha256, and published under its final name; the marker
-comes last, so the local run dir never holds a marker whose data is not there. An
+comes last, so the local run dir never holds a marker whose data is not there. A file
+that is not as its marker says is removed from the host with the markers vouching for
+it, so that the next push replaces it. An
 output already local with the marker's size and sha256 is not fetched again. Pulled
 files keep the host's modification time, so the next push (rsync, which compares size
 and time) does not send them back.
@@ -29,6 +31,15 @@ from lib.core.markers import CompletionMarker, discard_marker, parse_marker
 from lib.core.paths import RunPaths
 from lib.remote.errors import RemoteError
 from lib.sync.transfer import download, part_path, publish
+
+
+class NotAsMarked(RemoteError):
+    """A file on the host is not as its marker says (size or sha256): the host's copy is
+    bad, not the connection."""
+
+    def __init__(self, message: str, remote: str) -> None:
+        super().__init__(message)
+        self.remote = remote
 
 
 @dataclass(frozen=True)
@@ -63,14 +74,17 @@ def _fetch(sftp: paramiko.SFTPClient, remote: str, local: Path, size: int, sha25
     except OSError as exc:
         raise RemoteError(f"cannot stat {remote} on the host: {exc}") from None
     if st.st_size != size:
-        raise RemoteError(f"{remote} on the host has {st.st_size} bytes, its marker says {size}")
+        raise NotAsMarked(
+            f"{remote} on the host has {st.st_size} bytes, its marker says {size}", remote
+        )
     got = download(sftp, remote, local, size)
     if sha256 is not None and got.sha256 != sha256:
         part_path(local).unlink(missing_ok=True)
-        raise RemoteError(
+        raise NotAsMarked(
             f"{remote}: the downloaded bytes have sha256 {got.sha256}, its marker says "
             f"{sha256}; nothing was published (the file changed on the host, or the copy "
-            "was corrupted): the task is retried"
+            "was corrupted): the task is retried",
+            remote,
         )
     publish(local)
     if st.st_mtime is not None:
@@ -143,13 +157,34 @@ def pull_task(sftp: paramiko.SFTPClient, remote_root: str, paths: RunPaths, mark
     discard_marker(paths.storage, marker)
     got = Pulled([], [], 0)
     total = 0
-    for checkpoint in parsed.checkpoints:
-        name = _safe_name(checkpoint, where)
-        ck_blob, ck_parsed = _read_marker(sftp, f"{root}/{name}")
-        discard_marker(paths.storage, name)
-        total += _pull_marked(sftp, root, paths, name, ck_blob, ck_parsed, got)
-    total += _pull_marked(sftp, root, paths, marker, blob, parsed, got)
+    checkpoint = where
+    try:
+        for name in parsed.checkpoints:
+            name = _safe_name(name, where)
+            checkpoint = f"{root}/{name}"
+            ck_blob, ck_parsed = _read_marker(sftp, checkpoint)
+            discard_marker(paths.storage, name)
+            total += _pull_marked(sftp, root, paths, name, ck_blob, ck_parsed, got)
+        checkpoint = where
+        total += _pull_marked(sftp, root, paths, marker, blob, parsed, got)
+    except NotAsMarked as exc:
+        # The host's copy is bad. Left there, a later push (rsync's quick check: size and
+        # whole-second time) could take it for the verified local copy of the same size
+        # written in the same second and keep it: the bad file and the markers that vouch
+        # for it are removed from the host, so the push sends the local ones.
+        gone = _remove(sftp, [exc.remote, checkpoint, where])
+        raise RemoteError(f"{exc} ({len(gone)} of its files removed from the host)") from None
     return Pulled(got.files, got.skipped, total)
+
+
+def _remove(sftp: paramiko.SFTPClient, remotes: list[str]) -> list[str]:
+    """Remove each of ``remotes`` from the host (best effort); the ones removed."""
+    gone = []
+    for remote in dict.fromkeys(remotes):
+        with contextlib.suppress(OSError):
+            sftp.remove(remote)
+            gone.append(remote)
+    return gone
 
 
 def pull_file(sftp: paramiko.SFTPClient, remote: str, local: Path) -> bool:

@@ -71,24 +71,31 @@ def sftp(ssh_hosts):
 def test_pull_publishes_verified_data_then_the_marker(sftp, tmp_path):
     """A corrupted output (its size as the marker says, other bytes) fails the pull: the
     marker is not local, that output is not published (no .part left), the one before it
-    is (it verified). Once the host's copy is right, the pull publishes the rest, the
-    marker last, with the host's modification times; a second pull fetches no output."""
+    is (it verified). The bad file and the marker vouching for it are removed from the
+    host (a later push, which compares size and whole-second time, could otherwise keep a
+    bad copy of the right size written in the same second as the verified one). Once the
+    host's copy is right, the pull publishes the rest, the marker last, with the host's
+    modification times; a second pull fetches no output."""
     remote, local = tmp_path / "host-run", tmp_path / "run"
     outputs = _finished_task(remote)
     names = list(outputs)
     good = outputs[names[1]]
+    marker_blob = (remote / MARKER).read_bytes()
     (remote / names[1]).write_bytes(bytes(len(good)))
     paths = RunPaths(local)
 
     with pytest.raises(RemoteError, match="sha256") as err:
         pull_task(sftp, str(remote), paths, MARKER)
-    assert names[1] in str(err.value)
+    assert names[1] in str(err.value) and "(2 of its files removed from the host)" in str(err.value)
     assert not (local / MARKER).exists()
     assert (local / names[0]).read_bytes() == outputs[names[0]]
     assert not (local / names[1]).exists()
     assert not list(local.rglob("*.part"))
+    assert not (remote / names[1]).exists() and not (remote / MARKER).exists()
+    assert (remote / names[0]).read_bytes() == outputs[names[0]]  # it verified: kept
 
     (remote / names[1]).write_bytes(good)
+    (remote / MARKER).write_bytes(marker_blob)
     pulled = pull_task(sftp, str(remote), paths, MARKER)
     assert pulled.files == [names[1], MARKER]
     assert pulled.skipped == [names[0]]
