@@ -1007,9 +1007,14 @@ class HostsLauncher(Launcher):
         retries = int(self.mh.max_task_retries)
         starts_at_once = int(self.mh.max_concurrent_starts)
         ex = ThreadPoolExecutor(starts_at_once)
+        # storage=sync: pulls of ended tasks run beside the loop (a large output does not
+        # hold up the probes and starts of the other tasks); a task's end is handled once
+        # its pull answered.
+        pulls = ThreadPoolExecutor(max(1, min(8, len(ws))))
+        pulling: list[tuple[_Unit, str, list[Worker], Future]] = []
         last_poll = 0.0
         try:
-            while queue or running:
+            while queue or running or pulling:
                 if self._signals:
                     self._stop(paths, spec, running)
                     raise _Interrupted()
@@ -1068,18 +1073,28 @@ class HostsLauncher(Launcher):
                         outcome = self._outcome(u, states)
                         if outcome is not None:
                             finished.append((u, *outcome))
+                ended: list[tuple[_Unit, str, list[Worker]]] = []
                 for u, why, bad in finished:
                     running.remove(u)
                     for w in u.workers():
                         busy[w.index] -= sum(1 for x, _ in u.placements if x.index == w.index)
                     if self.storage == "sync":
-                        pulled = self._pull(paths, spec, u, why == "")
-                        u.log_offsets.clear()  # its log came whole from the host
-                        if pulled and why == "":
-                            why, bad = pulled, [u.placements[0][0]]
-                    elif is_url(str(paths.root)):
+                        pull = pulls.submit(self._pull, paths, spec, u, why == "")
+                        pulling.append((u, why, bad, pull))
+                        continue
+                    if is_url(str(paths.root)):
                         self._upload_logs(paths, spec, u)
                         u.log_offsets.clear()  # its log came whole from the host
+                    ended.append((u, why, bad))
+                for item in [x for x in pulling if x[3].done()]:
+                    pulling.remove(item)
+                    u, why, bad, pull = item
+                    pulled = pull.result()  # a changed host key raises here
+                    u.log_offsets.clear()  # its log came whole from the host
+                    if pulled and why == "":
+                        why, bad = pulled, [u.placements[0][0]]
+                    ended.append((u, why, bad))
+                for u, why, bad in ended:
                     self._echo_logs(paths, spec, u)
                     ok = why == "" and check_marker(paths, spec.stage_dir, u.task, spec.config_hash)
                     if why == "" and not ok:
@@ -1123,6 +1138,7 @@ class HostsLauncher(Launcher):
                     tell(spec, list(started_units))
         finally:
             ex.shutdown(wait=True)
+            pulls.shutdown(wait=True)
         return sorted(failed)
 
     def _adopt(self, paths: RunPaths, spec: StageSpec, pending: list[int]) -> list[_Unit]:
