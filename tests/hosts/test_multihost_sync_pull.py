@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -188,9 +189,6 @@ def test_sync_refusals_name_the_key_and_the_fix(ssh_hosts, tmp_path):
     bucket = RunPaths("memory://ef-sync-refusal/run")
     with pytest.raises(ConfigError, match=r"object-store run dir .* set cluster.multihost.workdir"):
         shared.launch(bucket, Plan([], 0))
-    shared = HostsLauncher(ssh_hosts.hosts_config(hosts, workdir=str(tmp_path)), echo=False)
-    with pytest.raises(ConfigError, match=r"object-store run dir .* foreground only.*--attach"):
-        shared.start(bucket, Plan([], 0))
     tpu_shared = ssh_hosts.hosts_config([])
     tpu_shared.cluster.launcher = "tpu_vm"
     with pytest.raises(ConfigError, match=r"cluster=tpu_vm needs .* cluster=hosts .* takes"):
@@ -280,3 +278,52 @@ def test_sync_runs_a_distributed_tasks_ranks_on_one_host(ssh_hosts, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"none has 2 slots .*storage=shared"):
         HostsLauncher(one_each, echo=False).launch(RunPaths(str(tmp_path / "e")), Plan([spec], 0))
+
+
+def test_sync_pulls_run_beside_the_scheduling_loop(ssh_hosts, tmp_path):
+    """A pull that takes long (the first task's to end, held here until the other task's
+    end is recorded) does not hold up the other tasks: the other task ends, is pulled and
+    recorded while the first pull is in flight; then that one completes and the stage is
+    complete. (Only the hold is added to the real pull, over real SFTP; with pulls inside
+    the scheduling loop the hold times out.)"""
+    dirs = {"n1": tmp_path / "w1", "n2": tmp_path / "w2"}
+    cfg = ssh_hosts.hosts_config(
+        [{"name": h, "workdir": str(d)} for h, d in dirs.items()],
+        storage="sync",
+        code_sync="rsync",
+    )
+    cfg.run.name = "sp"
+    run = tmp_path / "sp"
+    lock = threading.Lock()
+    held: dict[str, object] = {}
+    other_recorded = threading.Event()
+
+    class HeldPull(HostsLauncher):
+        def _pull(self, paths, spec, u, ok):
+            with lock:
+                first = "task" not in held
+                if first:
+                    held["task"] = u.task
+            if first:
+                held["released"] = other_recorded.wait(timeout=120)
+            return super()._pull(paths, spec, u, ok)
+
+        def _record(self, paths, spec, u, **fields):
+            super()._record(paths, spec, u, **fields)
+            if fields.get("ended") and held.get("task") not in (None, u.task):
+                other_recorded.set()
+
+    plan = Plan([StageSpec("a", "embed", "tests.hosts.sync_job", "a", ARRAY, 2, "h")], 0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = HeldPull(cfg, echo=True).launch(RunPaths(str(run)), plan)
+    assert held.get("released") is True, f"the other task's end waited for the held pull: {held}"
+    assert result.complete, out.getvalue()
+    first = int(held["task"])  # type: ignore[call-overload]
+    recs = {
+        t: json.loads((run / "a" / "attempts" / f"task_{t:05d}.json").read_text()) for t in (0, 1)
+    }
+    assert recs[1 - first]["ended"] < recs[first]["ended"]
+    assert {recs[0]["host"], recs[1]["host"]} == {"n1", "n2"}
+    for t in (0, 1):
+        assert (run / "a" / "completions" / f"task_{t:05d}.json").exists()
