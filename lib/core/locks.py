@@ -21,7 +21,12 @@ A launcher that goes on in the background (the hosts launcher's detached schedul
 takes the run lock over without a gap: the launch hands the flock's file descriptor to
 the child it starts (``RunLock.hand_over``, ``pass_fds``), which records itself as the
 holder (``take_over_run_lock``); an flock belongs to the open file, so it stays held
-while the child lives and is released by the kernel when it dies.
+while the child lives and is released by the kernel when it dies. The object lock is
+handed over by its token (``RunLock.object_token``): the child, on the launching host,
+checks that the object still holds that token and rewrites it naming itself (pid,
+process start, a token of its own), so the launch's release leaves it alone, the child's
+removes it, and a child that dies leaves a record of a dead process of this host, which
+the next launcher takes over as stale.
 
 Process identity guards against pid reuse: ``process_start`` is the boot id and the
 start time of the process (``/proc/PID/stat``), so a pid that now names another process,
@@ -274,6 +279,13 @@ class RunLock:
         self._file.handed_over = True
         return self._file.fd
 
+    def object_token(self) -> str | None:
+        """The token of the held object lock (an object-store run dir), for a child
+        process on this host that goes on holding it (``take_over_run_lock(token=...)``).
+        The launch's ``release`` then removes the object only while it still holds this
+        token, that is if the child never took it over. None where the lock is an flock."""
+        return self._token
+
     def release(self) -> None:
         if self._file is not None:
             self._file.release()
@@ -305,10 +317,19 @@ def run_lock(storage: Storage, name: str, *, enabled: bool = True) -> Iterator[R
         yield lock
 
 
-def take_over_run_lock(storage: Storage, name: str, fd: int) -> RunLock:
+def take_over_run_lock(
+    storage: Storage, name: str, fd: int | None = None, *, token: str | None = None
+) -> RunLock:
     """In a process started with the descriptor ``fd`` of a run lock that its parent
-    handed over (``RunLock.hand_over``): record this process as the holder (the parent's
-    command kept in the record) and return the lock, released on ``release`` or exit."""
+    handed over (``RunLock.hand_over``), or the ``token`` of its object lock
+    (``RunLock.object_token``): record this process as the holder (the parent's command
+    kept in the record) and return the lock, released on ``release`` (an flock also on
+    exit; an object left by a dead holder is taken over as stale). Raises
+    ``RunLockedError`` when the object holds another token (another launcher has it)."""
+    if fd is None:
+        if token is None:
+            raise ValueError("take_over_run_lock needs the handed-over fd or token")
+        return _take_over_object(storage, name, token)
     os.set_inheritable(fd, False)  # not to the ssh processes this one starts
     lock = _FileLock(storage.local_file(name))
     lock.fd = fd
@@ -320,6 +341,26 @@ def take_over_run_lock(storage: Storage, name: str, fd: int) -> RunLock:
     os.fsync(fd)
     out = RunLock(storage, name)
     out._file = lock
+    return out
+
+
+def _take_over_object(storage: Storage, name: str, token: str) -> RunLock:
+    """``take_over_run_lock`` of an object lock: rewrite the object holding ``token`` so
+    that it names this process (and a new token); take it anew if it was released in
+    between (the launch interrupted before the hand-over)."""
+    try:
+        parent = Holder.parse(storage.read_bytes(name))
+    except FileNotFoundError:
+        parent = None
+    out = RunLock(storage, name)
+    if parent is None:
+        out.acquire()  # released in between: a free lock, taken (or refused) as usual
+        return out
+    if parent.token != token:
+        raise _refusal(storage.root, parent, storage.url(name), True)
+    me = Holder(command=f"the detached scheduler of: {parent.command}")
+    storage.publish_bytes(name, json_bytes(asdict(me)))
+    out._token = me.token
     return out
 
 

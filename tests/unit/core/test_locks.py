@@ -180,6 +180,75 @@ def test_object_store_lock_is_create_only_and_takes_over_a_dead_local_holder(cap
     assert not storage.exists(name)
 
 
+TAKE_OVER_OBJECT = """
+import sys, time
+from lib.core.storage import open_storage
+from lib.core.locks import take_over_run_lock
+held = take_over_run_lock(open_storage(sys.argv[1]), sys.argv[2], token=sys.argv[3])
+print("held", flush=True)
+if sys.argv[4] == "release":
+    held.release()
+    print("released", flush=True)
+time.sleep(600)
+"""
+
+
+def _take_over_object(root: str, name: str, token: str, then: str) -> subprocess.Popen:
+    """A child that takes over the object lock by ``token``, then holds or releases it."""
+    return subprocess.Popen(
+        [sys.executable, "-c", TAKE_OVER_OBJECT, root, name, token, then],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_handed_over_object_lock_names_the_child_and_is_stale_when_it_dies(s3_root, caplog):
+    """An object-store run dir (moto's S3 server): the launch hands its lock object's token
+    to a child (a detached scheduler), which rewrites the object naming itself; the launch's
+    release leaves it; a second launcher is refused naming the child; when the child is
+    killed (-9) its record is a dead process of this host, taken over as stale; a child
+    that releases removes the object; a token that is not the object's is refused."""
+    storage = open_storage(s3_root)
+    name = RunPaths.launcher_lock
+    with run_lock(storage, name) as lock:
+        assert lock is not None and lock.hand_over() is None
+        token = lock.object_token()
+        assert token and json.loads(storage.read_bytes(name))["token"] == token
+        child = _take_over_object(s3_root, name, token, "hold")
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    try:
+        record = json.loads(storage.read_bytes(name))  # the launch's release left it
+        assert record["pid"] == child.pid and record["token"] != token
+        assert record["process_start"] == process_start(child.pid)
+        with pytest.raises(RunLockedError) as info:
+            RunLock(storage, name).acquire()
+        assert f"pid {child.pid} on {socket.gethostname()}" in str(info.value)
+        assert "the detached scheduler of: " in str(info.value)
+        # a token that is not the object's (another launcher's lock): refused, unchanged
+        other = _take_over_object(s3_root, name, "not-the-token", "hold")
+        _, err = other.communicate(timeout=60)
+        assert other.returncode != 0 and f"pid {child.pid} on " in err, err
+        assert json.loads(storage.read_bytes(name))["pid"] == child.pid
+    finally:
+        _kill(child)
+    with caplog.at_level(logging.WARNING), run_lock(storage, name):
+        assert json.loads(storage.read_bytes(name))["pid"] == os.getpid()
+    assert f"taking over a stale lock (pid {child.pid} on" in caplog.text
+    assert not storage.exists(name)
+    # a child that ends properly removes the object; the launch's release then does nothing
+    with run_lock(storage, name) as lock:
+        assert lock is not None
+        child = _take_over_object(s3_root, name, str(lock.object_token()), "release")
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        assert child.stdout.readline().strip() == "released"
+        _kill(child)
+        assert not storage.exists(name)
+    assert not storage.exists(name)
+
+
 def test_process_identity_tells_a_reused_pid_and_a_zombie_from_the_holder():
     me = os.getpid()
     assert process_alive(me) and process_alive(me, process_start(me))
