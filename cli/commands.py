@@ -97,8 +97,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
             f"no rank {args.rank}"
         )
     name = spec.log(args.task, args.rank)
-    # storage=sync on hosts: a running task's log is on its host, the local copy comes
-    # back when it ends
+    # storage=sync or an object-store run dir on hosts: a running task's log is on its
+    # host; the run dir's copy comes when it ends
     live = get_launcher(load_run_config(paths)).live_log(paths, spec, args.task, args.rank)
     if live is not None:
         print(f"# {args.stage} task {args.task}: the log on {live.source}", file=sys.stderr)
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         "print a task's log",
         "Print the log of task TASK of stage STAGE (a stage name of the run's plan: embed, "
         "merge, kmeans_level1, ...), also while the task runs (cluster=hosts with "
-        "storage=sync: read from the task's host, named on stderr).",
+        "storage=sync or an object-store run dir: read from the task's host, named on "
+        "stderr).",
     )
     s.add_argument("run", help=RUN_HELP)
     s.add_argument("stage", help="a stage of the run's plan, e.g. embed, merge, kmeans_level1")

@@ -3,9 +3,9 @@ the scheduling loop in the foreground instead).
 
 ``launch.py`` (or ``retry``) starts ``python -m launchers.hosts.detached RUN_DIR`` in a
 session of its own (``setsid``, stdin closed, stdout and stderr appended to
-``RUN_DIR/scheduler.log``) and hands it the run lock it holds (the flock's descriptor:
-``lib.core.locks``), so a second launch is refused naming the scheduler's pid while it
-lives. The scheduler reads ``run.yaml`` and ``plan.json`` as ``retry`` does and runs the
+``RUN_DIR/scheduler.log``) and hands it the run lock it holds (the flock's descriptor,
+or the object lock's token on an object-store run dir: ``lib.core.locks``), so a second
+launch is refused naming the scheduler's pid while it lives. The scheduler reads ``run.yaml`` and ``plan.json`` as ``retry`` does and runs the
 hosts launcher's stage loop: free-slot scheduling, retries on other hosts, the next
 stages. It tells the launch through a pipe when the first tasks run (or that it failed
 before: the error, or every stage already complete); the launch echoes the scheduler's
@@ -13,6 +13,14 @@ log until then and returns. ``status`` reads ``RUN_DIR/scheduler.json`` ("runnin
 N)" or "gone: relaunch to resume"), ``wait`` waits while it lives, ``cancel`` stops it
 (SIGTERM: it stops its tasks and records them stopped) before it kills what is left on
 the hosts. A ``kill -9`` of it leaves its tasks running; a relaunch adopts them.
+
+On an object-store run dir (``run.root=s3://...``, ``cluster=hosts``) ``scheduler.json``
+is in the bucket with the rest of the run dir (``status``, ``wait`` and ``cancel`` read
+it there), and the scheduler runs on the launching machine, whose scratch dir holds its
+log while it runs (``Storage.local_file``: where ``tail -f`` finds it; the launch and
+``status`` name it); it is uploaded into the run dir as ``scheduler.log`` when the
+scheduler ends. The bucket's credentials reach it only through the environment it
+inherits from the launch (never a file, an object or its command line).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +56,17 @@ def scheduler_argv(run_dir: str) -> list[str]:
     return [sys.executable, "-m", MODULE, run_dir]
 
 
+def scheduler_log_location(paths: RunPaths) -> str:
+    """Where the scheduler's log is, for the user: ``RUN_DIR/scheduler.log``; on an object
+    store, the local file on this host, uploaded into the run dir when it ends."""
+    if paths.storage.is_local:
+        return paths.url(paths.scheduler_log)
+    return (
+        f"{paths.storage.local_file(paths.scheduler_log)} on {socket.gethostname()} "
+        f"(uploaded to {paths.url(paths.scheduler_log)} when the scheduler ends)"
+    )
+
+
 def start_detached(paths: RunPaths, lock: RunLock | None, say=print) -> LaunchResult:
     """Start the scheduler of ``paths`` in the background, holding ``lock`` from now on;
     echo its log until its first tasks run; return ``submitted`` then, or what it ended
@@ -56,11 +76,14 @@ def start_detached(paths: RunPaths, lock: RunLock | None, say=print) -> LaunchRe
     offset = log_path.stat().st_size if log_path.exists() else 0
     read_fd, write_fd = os.pipe()
     lock_fd = lock.hand_over() if lock is not None else None
+    lock_token = lock.object_token() if lock is not None else None
     argv = [*scheduler_argv(paths.root), "--notify-fd", str(write_fd)]
     fds = [write_fd]
     if lock_fd is not None:
         argv += ["--lock-fd", str(lock_fd)]
         fds.append(lock_fd)
+    elif lock_token is not None:
+        argv += ["--lock-token", lock_token]
     try:
         with open(log_path, "ab") as log:
             log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} scheduler starting\n".encode())
@@ -77,7 +100,7 @@ def start_detached(paths: RunPaths, lock: RunLock | None, say=print) -> LaunchRe
             )
     finally:
         os.close(write_fd)
-    log_url = paths.url(paths.scheduler_log)
+    log_url = scheduler_log_location(paths)
     with open(log_path, "rb") as fh:
         fh.seek(offset)
         fh.readline()  # the "scheduler starting" line
@@ -164,24 +187,60 @@ class _Notify:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launchers import get_launcher
-    from launchers.hosts.launcher import HostsLauncher
-    from lib.config.compose import load_run_config
     from lib.config.redact import environ_secret_values, mask
-    from lib.plan.spec import Plan
 
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__)
     ap.add_argument("run_dir")
     ap.add_argument("--notify-fd", type=int, default=None)
     ap.add_argument("--lock-fd", type=int, default=None)
+    ap.add_argument("--lock-token", default=None)
     args = ap.parse_args(argv)
     paths = RunPaths(args.run_dir)
     notify = _Notify(args.notify_fd)
-    lock = (
-        take_over_run_lock(paths.storage, paths.launcher_lock, args.lock_fd)
-        if args.lock_fd is not None
-        else None
-    )
+    try:
+        lock = (
+            take_over_run_lock(
+                paths.storage, paths.launcher_lock, args.lock_fd, token=args.lock_token
+            )
+            if args.lock_fd is not None or args.lock_token is not None
+            else None
+        )
+    except EmbedfleetError as exc:
+        message = mask(str(exc), environ_secret_values())
+        notify.send({"event": "error", "message": message})
+        print(f"error: {message}", flush=True)
+        return 1
+    try:
+        return _schedule(paths, notify, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+        _upload_log(paths)
+
+
+def _upload_log(paths: RunPaths) -> None:
+    """An object-store run dir: this scheduler's log (appended to on this host) copied
+    into the run dir as it ends; a failure is said in the log, not raised."""
+    if paths.storage.is_local:
+        return
+    try:
+        paths.storage.publish_log(paths.scheduler_log)
+    except Exception as exc:  # the run's outcome is in scheduler.json and the markers
+        print(
+            f"WARNING: the scheduler's log was not uploaded to "
+            f"{paths.url(paths.scheduler_log)}: {type(exc).__name__}: {str(exc)[:300]}",
+            flush=True,
+        )
+
+
+def _schedule(paths: RunPaths, notify: _Notify, lock: RunLock | None) -> int:
+    """The stage loop of ``paths`` (holding ``lock``), telling ``notify`` when the first
+    tasks run or how it ended; returns the scheduler's exit code."""
+    from launchers import get_launcher
+    from launchers.hosts.launcher import HostsLauncher
+    from lib.config.compose import load_run_config
+    from lib.config.redact import environ_secret_values, mask
+    from lib.plan.spec import Plan
 
     def started(spec, units) -> None:
         hosts = sorted({w.label for u in units for w in u.workers()})
@@ -214,14 +273,11 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "event": "error",
                 "message": f"the detached scheduler failed ({type(exc).__name__}: {exc}); "
-                f"its log: {paths.url(paths.scheduler_log)}",
+                f"its log: {scheduler_log_location(paths)}",
             }
         )
         traceback.print_exc()
         return 1
-    finally:
-        if lock is not None:
-            lock.release()
     notify.send(
         {
             "event": "done",
