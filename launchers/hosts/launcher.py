@@ -34,8 +34,9 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   there through ``lib.core.storage`` (credentials reach them through ``cluster.pass_env``);
   their pid/exit/ready files and logs are in each host's ``<its workdir>/runs/<run name>``
   (as under ``sync``), each log copied here over SFTP when its task ends and uploaded into
-  the run dir (``Storage.publish_log``, as the local launcher does). Foreground only
-  (``--attach``): the run's lock is an object a detached scheduler cannot take over.
+  the run dir (``Storage.publish_log``, as the local launcher does); ``logs`` reads a
+  running task's log from its host, as under ``sync``. Detached too: the scheduler runs
+  on the launching machine and takes over the run's lock object (``lib.core.locks``).
 - Detached (the default from the command line, ``Launcher.start``): the stage loop runs
   in a background scheduler process of its own (``launchers.hosts.detached``) and the
   launch returns once the first tasks run; ``--attach`` (``cluster.multihost.attach``)
@@ -926,16 +927,20 @@ class HostsLauncher(Launcher):
             self._say_log(w, spec, unit, rank, data[:cut])
 
     def live_log(self, paths: RunPaths, spec: StageSpec, task: int, rank: int) -> LiveLog | None:
-        """storage=sync: the log of ``task`` read from its host's own run dir (the host
-        its attempt record names) while the attempt runs, or when it ended without its
-        log pulled back; None when the local copy is the log (storage=shared, pulled)."""
-        if self.storage != "sync":
+        """storage=sync, or an object-store run dir: the log of ``task`` read from its
+        host's own run dir (the host its attempt record names) while the attempt runs, or
+        when it ended without its log pulled back (uploaded, on an object store); None
+        when the run dir's copy is the log (storage=shared on a path, pulled, uploaded)."""
+        uploaded = is_url(str(paths.root))
+        if self.storage != "sync" and not uploaded:
             return None
         rec = read_attempt(paths, spec, task) or {}
         if rec.get("launcher") != self.name or not rec.get("attempt"):
             return None
         name = spec.log(task, rank)
-        if rec.get("ended") and paths.storage.local_file(name).exists():
+        if rec.get("ended") and (
+            paths.storage.exists(name) if uploaded else paths.storage.local_file(name).exists()
+        ):
             return None
         place = next(
             (p for p in rec.get("placements") or [] if int(p.get("rank", -1)) == rank), None
@@ -961,7 +966,9 @@ class HostsLauncher(Launcher):
                 f"cannot read the log of {what} from host {w.label} ({where}): exit {rc}: "
                 f"{err.strip()[-300:] or 'no output'}; is the host up? "
                 + (
-                    f"An older copy is local: {local}"
+                    f"It is uploaded to {paths.url(name)} when the task ends"
+                    if uploaded
+                    else f"An older copy is local: {local}"
                     if local.exists()
                     else "It comes back when the task ends (pulled with its outputs)"
                 )
@@ -969,7 +976,8 @@ class HostsLauncher(Launcher):
         got = parse_log_reads(out)[1].get("log0")
         if got is None:
             raise EmbedfleetError(f"no log yet for {what} on host {w.label}: {where}")
-        state = "running" if not rec.get("ended") else "ended; its log was not pulled back"
+        how = "uploaded" if uploaded else "pulled back"
+        state = "running" if not rec.get("ended") else f"ended; its log was not {how}"
         return LiveLog(got[1], f"host {w.label}: {where} ({state})")
 
     def _run_stage(self, paths: RunPaths, spec: StageSpec, pending: list[int]) -> list[int]:
@@ -1256,13 +1264,6 @@ class HostsLauncher(Launcher):
             return self.launch(paths, plan, dry_run=dry_run)
         from launchers.hosts.detached import scheduler_argv, start_detached
 
-        if is_url(str(paths.root)):
-            raise ConfigError(
-                f"cluster={self.name} with an object-store run dir ({paths.root}) runs in the "
-                "foreground only: the run's lock there is an object held by the launching "
-                "process, which a detached scheduler cannot take over; add --attach (or "
-                "cluster.multihost.attach=true)"
-            )
         if dry_run:
             self._say(
                 "# detached (the default; --attach: in the foreground): a background "
@@ -1276,6 +1277,8 @@ class HostsLauncher(Launcher):
 
     def launch(self, paths: RunPaths, plan: Plan, *, dry_run: bool = False) -> LaunchResult:
         """Run every stage of ``plan`` here, in the foreground, until done or failed."""
+        from launchers.hosts.detached import scheduler_log_location
+
         self._require_shared(paths)
         self._env = task_env(
             self.cfg.cluster, literal_secrets=False, launcher=self.name, check_environ=not dry_run
@@ -1294,7 +1297,7 @@ class HostsLauncher(Launcher):
                 "process_start": process_start(os.getpid()),
                 "started": time.time(),
                 "detached": self.detached,
-                "log": paths.url(paths.scheduler_log) if self.detached else None,
+                "log": scheduler_log_location(paths) if self.detached else None,
                 "ended": None,
                 "result": None,
             },
