@@ -45,9 +45,12 @@ def describe_key(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {fingerprint(key)}"
 
 
-def keyscan_fix(address: str, port: int, path: Path) -> str:
-    """The command that appends the host's keys to ``path``."""
+def keyscan_fix(address: str, port: int, path: Path, alias: str | None = None) -> str:
+    """The command that appends the host's keys to ``path`` (under ``alias``, the name
+    known_hosts records them by, when it has one: OpenSSH's HostKeyAlias)."""
     scan = shlex.join(["ssh-keyscan", "-p", str(port), address])
+    if alias:
+        scan += " | " + shlex.join(["awk", "-v", f"a={alias}", "{$1 = a; print}"])
     return f"{scan} >> {shlex.quote(str(path))}"
 
 
@@ -63,28 +66,50 @@ def load_host_keys(path: Path) -> paramiko.HostKeys:
     return keys
 
 
-def unknown_host_message(label: str, name: str, key: paramiko.PKey, path: Path, hint: str) -> str:
-    address, port = split_name(name)
+def _scan_fix(name: str, path: Path, at: tuple[str, int] | None) -> str:
+    """``keyscan_fix`` for the known_hosts name ``name``: ``at`` (address, port) when
+    ``name`` is an alias of that address, else the address and port in ``name``."""
+    if at:
+        return keyscan_fix(at[0], at[1], path, alias=name)
+    return keyscan_fix(*split_name(name), path)
+
+
+def unknown_host_message(
+    label: str,
+    name: str,
+    key: paramiko.PKey,
+    path: Path,
+    hint: str,
+    at: tuple[str, int] | None = None,
+) -> str:
+    """Why a host whose key is not recorded is refused, and the fix. ``name``: the name
+    looked up in ``path``; ``at``: the (address, port) it stands for when it is an alias."""
     where = "is not in" if path.exists() else "cannot be checked: there is no file"
     return (
         f"{label}: the host key of {name} ({describe_key(key)}) {where} {path}. Check that "
         "fingerprint with the host's administrator (on the host: ssh-keygen -lf "
         f"/etc/ssh/ssh_host_{key.get_name().removeprefix('ssh-')}_key.pub), then add it: "
-        f"{keyscan_fix(address, port, path)}{hint}"
+        f"{_scan_fix(name, path, at)}{hint}"
     )
 
 
 def changed_key_message(
-    label: str, name: str, offered: paramiko.PKey, recorded: paramiko.PKey, path: Path
+    label: str,
+    name: str,
+    offered: paramiko.PKey,
+    recorded: paramiko.PKey,
+    path: Path,
+    at: tuple[str, int] | None = None,
 ) -> str:
-    address, port = split_name(name)
+    """Why a host whose key differs from the recorded one is refused, with both keys'
+    fingerprints and the fix (``name``, ``at``: as in ``unknown_host_message``)."""
     remove = shlex.join(["ssh-keygen", "-R", name, "-f", str(path)])
     return (
         f"{label}: the host key of {name} CHANGED: {path} records {describe_key(recorded)}, "
         f"the host now offers {describe_key(offered)}. Someone may be intercepting the "
         "connection, or the host was reinstalled. Nothing was sent to it. If the new key is "
         f"right (ask the host's administrator), replace the old one: {remove}, then "
-        f"{keyscan_fix(address, port, path)} after checking the fingerprint"
+        f"{_scan_fix(name, path, at)} after checking the fingerprint"
     )
 
 
@@ -102,13 +127,21 @@ class VerifyingPolicy(paramiko.MissingHostKeyPolicy):
     file and log that it did. (A changed key never gets here: paramiko raises
     ``BadHostKeyException``, which ``lib.remote.ssh`` turns into a ``HostKeyError``.)"""
 
-    def __init__(self, path: Path, label: str, trust_on_first_use: bool, hint: str = "") -> None:
+    def __init__(
+        self,
+        path: Path,
+        label: str,
+        trust_on_first_use: bool,
+        hint: str = "",
+        at: tuple[str, int] | None = None,
+    ) -> None:
         self.path, self.label, self.tofu, self.hint = path, label, trust_on_first_use, hint
+        self.at = at  # (address, port) when the host is looked up under an alias
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey):
         if not self.tofu:
             raise HostKeyError(
-                unknown_host_message(self.label, hostname, key, self.path, self.hint)
+                unknown_host_message(self.label, hostname, key, self.path, self.hint, self.at)
             )
         add_host_key(self.path, hostname, key)
         client.get_host_keys().add(hostname, key.get_name(), key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,9 @@ class Host:
     connect_timeout: float = 15.0
     ciphers: tuple[str, ...] = ()  # preferred first; () = paramiko's order
     tofu_hint: str = ""  # appended to an unknown-host message (how to trust on first use)
+    # The name its key is recorded under in known_hosts (OpenSSH's HostKeyAlias, e.g.
+    # gcloud's tpu.NODE_ID-WORKER); None: the address ([address]:port off port 22).
+    host_key_alias: str | None = None
 
     @property
     def name(self) -> str:
@@ -83,18 +87,33 @@ def connect(host: Host, login: Login) -> Connection:
     ``RemoteAuthError`` (login refused: names ``login.method``)."""
     path = known_hosts_path(host.known_hosts)
     where = host.where()
+    alias = host.host_key_alias
+    at = (host.address, host.port) if alias else None
     client = paramiko.SSHClient()
     load_host_keys(path)  # a file that cannot be parsed is refused with its name
     if path.exists():
         client.load_host_keys(str(path))
     client.set_missing_host_key_policy(
-        VerifyingPolicy(path, where, host.trust_on_first_use, host.tofu_hint)
+        VerifyingPolicy(path, where, host.trust_on_first_use, host.tofu_hint, at)
     )
     disabled = _disabled_ciphers(paramiko.Transport._preferred_ciphers, host.ciphers)
+    sock: socket.socket | None = None
+
+    def close() -> None:  # the client, and the socket made for an alias (if unowned yet)
+        client.close()
+        if sock is not None:
+            sock.close()
+
     try:
+        if alias:
+            # paramiko looks the key up under the name it connects to (port 22: no
+            # [name]:port): the TCP connection is made here and the alias passed as that
+            # name, as OpenSSH's HostKeyAlias does.
+            sock = socket.create_connection((host.address, host.port), host.connect_timeout)
         client.connect(
-            host.address,
-            port=host.port,
+            alias or host.address,
+            port=22 if alias else host.port,
+            sock=sock,
             username=login.username,
             password=login.password if not login.key_file else None,
             passphrase=login.password if login.key_file else None,
@@ -107,36 +126,36 @@ def connect(host: Host, login: Login) -> Connection:
             disabled_algorithms={"ciphers": disabled} if disabled else None,
         )
     except HostKeyError:
-        client.close()
+        close()
         raise
     except paramiko.BadHostKeyException as exc:
-        client.close()
-        name = host_key_name(host.address, host.port)
+        close()
+        name = alias or host_key_name(host.address, host.port)
         raise HostKeyError(
-            changed_key_message(where, name, exc.key, exc.expected_key, path)
+            changed_key_message(where, name, exc.key, exc.expected_key, path, at)
         ) from None
     except paramiko.PasswordRequiredException:
-        client.close()
+        close()
         raise RemoteAuthError(
             f"{where}: key file {login.key_file} is encrypted: add it to ssh-agent (ssh-add "
             f"{login.key_file}) and log in with agent: true"
         ) from None
     except paramiko.AuthenticationException as exc:
-        client.close()
+        close()
         raise RemoteAuthError(
             f"{where}: authentication failed for user {login.username} with "
             f"{login.method} ({type(exc).__name__}); check the username and that method, "
             f"then try by hand: {by_hand(host, login.username)}"
         ) from None
     except TimeoutError as exc:
-        client.close()
+        close()
         raise RemoteConnectError(
             f"{where}: connecting to {host.name} timed out after {host.connect_timeout:g} s "
             f"({exc or 'no answer'}); check the address, the port and any firewall or VPN, "
             f"then try by hand: {by_hand(host, login.username)}"
         ) from None
     except (paramiko.SSHException, OSError) as exc:
-        client.close()
+        close()
         reason = _reason(exc)
         raise RemoteConnectError(
             f"{where}: cannot connect to {host.name} ({reason}); check that sshd runs there "

@@ -143,3 +143,46 @@ def test_connection_refused_names_address_port_and_the_command_to_try(ssh_hosts)
     msg = str(err.value)
     assert f"{ssh_hosts.address('h1')}:1" in msg and "connection refused" in msg
     assert f"ssh -p 1 {ssh_hosts.user}@{ssh_hosts.address('h1')}" in msg
+
+
+def test_host_key_alias_checks_the_key_recorded_under_the_alias(ssh_hosts, tmp_path):
+    """A host looked up under an alias (OpenSSH's HostKeyAlias; gcloud's tpu.NODE_ID-WORKER):
+    unknown under it, refused with its fingerprint and a fix that records the key under
+    the alias, which then connects (nothing under the address needed); a changed key
+    under the alias is refused with both fingerprints; a connection refused still names
+    the address and port."""
+    alias = "tpu.4242-0"
+    kh = tmp_path / "google_compute_known_hosts"
+    kh.write_text(f"[{ssh_hosts.address('h1')}]:{ssh_hosts.port} {_pub(ssh_hosts, 'h1')}\n")
+    login = resolve_login("t", ssh_hosts.user, key_file=ssh_hosts.key)
+    host = _host(ssh_hosts, known_hosts=str(kh), host_key_alias=alias)
+    with pytest.raises(HostKeyError) as err:
+        connect(host, login)  # the address's line does not count
+    msg = str(err.value)
+    assert f"the host key of {alias} " in msg
+    assert _ssh_keygen_fingerprint(ssh_hosts.host_pub_key("h1")) in msg
+    fix = msg.split("then add it: ", 1)[1]
+    assert fix.startswith(f"ssh-keyscan -p {ssh_hosts.port} {ssh_hosts.address('h1')} | awk")
+    kh.write_text("")
+    subprocess.run(["sh", "-c", fix], check=True, capture_output=True, timeout=60)
+    assert {ln.split()[0] for ln in kh.read_text().splitlines()} == {alias}
+    with connect(host, login) as conn:
+        assert conn.exec(["echo", "ok"]).stdout == b"ok\n"
+
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kh.write_text(f"{alias} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
+    with pytest.raises(HostKeyError) as err:
+        connect(host, login)
+    msg = str(err.value)
+    assert f"the host key of {alias} CHANGED" in msg
+    assert _ssh_keygen_fingerprint(Path(f"{other}.pub")) in msg
+    assert _ssh_keygen_fingerprint(ssh_hosts.host_pub_key("h1")) in msg
+    assert f"ssh-keygen -R {alias} -f {kh}" in msg
+    closed = Host(ssh_hosts.address("h1"), 1, "test h1", str(kh), host_key_alias=alias)
+    with pytest.raises(RemoteConnectError, match=rf"{ssh_hosts.address('h1')}:1 .*refused"):
+        connect(closed, login)
+
+
+def _pub(hosts, name: str) -> str:
+    return " ".join(hosts.host_pub_key(name).read_text().split()[:2])
