@@ -12,6 +12,11 @@ Two layers:
   keys checked against a known_hosts file, never added) or ``gcloud_ssh_argv`` (``gcloud
   compute tpus tpu-vm ssh NAME --worker=i --command=...``, one process per worker, never
   ``--worker=all``); ``gcloud_describe_argv`` reads a TPU's workers.
+- what carries files to a TPU worker (``storage=sync``, ``code_sync=rsync``): gcloud only
+  wraps OpenSSH, and ``gcloud_ssh_dry_run_argv`` asks it for the ``ssh`` it would run for a
+  worker; ``parse_gcloud_ssh`` reads that into an ``SshTarget`` (the worker's address,
+  port, user, key, gcloud's known_hosts and host-key alias ``tpu.NODE_ID-WORKER``), which
+  ``rsync_argv``/``run_dir_rsync_argv`` and the SFTP pulls then use like any ssh host.
 """
 
 from __future__ import annotations
@@ -239,6 +244,12 @@ class SshTarget:
     # A control socket (OpenSSH multiplexing): commands reuse the master connection that
     # ``ssh_master_argv`` opened instead of a new handshake each; none there: a direct one.
     control_path: str | None = None
+    # The name the host's key is recorded under in known_hosts (OpenSSH's HostKeyAlias;
+    # gcloud's ``tpu.NODE_ID-WORKER``); None: the address (``[address]:port`` off 22).
+    host_key_alias: str | None = None
+    # More ssh flags, after the options above (OpenSSH takes an option's first value, so
+    # they cannot undo the host-key checking): a TPU worker's, from ``parse_gcloud_ssh``.
+    extra_flags: tuple[str, ...] = ()
 
 
 def _ssh_options(target: SshTarget) -> list[str]:
@@ -251,6 +262,11 @@ def _ssh_options(target: SshTarget) -> list[str]:
         "StrictHostKeyChecking=yes",
         "-o",
         f"UserKnownHostsFile={target.known_hosts}",
+    ]
+    if target.host_key_alias:
+        # CheckHostIP=no: the key is looked up under the alias only, as gcloud's ssh does
+        argv += ["-o", f"HostKeyAlias={target.host_key_alias}", "-o", "CheckHostIP=no"]
+    argv += [
         "-o",
         f"ConnectTimeout={int(target.connect_timeout_s)}",
         "-o",
@@ -264,7 +280,7 @@ def _ssh_options(target: SshTarget) -> list[str]:
         argv += ["-i", target.key_file, "-o", "IdentitiesOnly=yes"]
     if not target.agent:
         argv += ["-o", "IdentityAgent=none"]
-    return argv
+    return argv + list(target.extra_flags)
 
 
 def _dest(target: SshTarget) -> str:
@@ -409,6 +425,18 @@ def gcloud_ssh_argv(target: TpuTarget, remote_command: str) -> list[str]:
     ``~/.ssh/google_compute_known_hosts``, under the alias ``tpu.NODE_ID-WORKER``); the
     ssh never prompts (``BatchMode=yes``) and gives up connecting after
     ``connect_timeout_s`` (gcloud itself tries 10 times, 5 s apart)."""
+    return [*_gcloud_ssh(target), "--quiet", f"--command={remote_command}"]
+
+
+def gcloud_ssh_dry_run_argv(target: TpuTarget) -> list[str]:
+    """``gcloud_ssh_argv``'s command with ``--dry-run`` instead of a command: gcloud reads
+    the node and prints the ``ssh`` argv it would run for the worker (its address, port,
+    user, key, known_hosts and host-key alias; ``parse_gcloud_ssh``), connecting to
+    nothing."""
+    return [*_gcloud_ssh(target), "--quiet", "--dry-run"]
+
+
+def _gcloud_ssh(target: TpuTarget) -> list[str]:
     dest = f"{target.user}@{target.name}" if target.user else target.name
     argv = [target.gcloud, "compute", "tpus", "tpu-vm", "ssh", dest, f"--worker={target.worker}"]
     argv += _gcloud_scope(target)
@@ -424,8 +452,127 @@ def gcloud_ssh_argv(target: TpuTarget, remote_command: str) -> list[str]:
         f"--ssh-flag=-o ConnectTimeout={int(target.connect_timeout_s)}",
     ]
     argv += [f"--ssh-flag={f}" for f in target.ssh_flags]
-    argv += ["--quiet", f"--command={remote_command}"]
     return argv
+
+
+# ssh's flags that take a value (OpenSSH's getopt string), and what ``parse_gcloud_ssh``
+# does with gcloud's: the options the derived ssh sets itself (``_ssh_options``, the same
+# as gcloud's or stricter) are dropped, those that would send it elsewhere than the
+# worker's address (a jump host, an IAP tunnel's ProxyCommand, a config file) refused.
+_SSH_VALUE_FLAGS = frozenset("BbcDEeFIiJLlmOopQRSWw")
+_SSH_OWN_OPTIONS = frozenset(
+    [
+        "batchmode",
+        "checkhostip",
+        "connecttimeout",
+        "hashknownhosts",
+        "hostkeyalias",
+        "identitiesonly",
+        "identityagent",
+        "identityfile",
+        "loglevel",
+        "port",
+        "serveralivecountmax",
+        "serveraliveinterval",
+        "stricthostkeychecking",
+        "userknownhostsfile",
+    ]
+)
+_SSH_ROUTES = {
+    "-F": "a config file",
+    "-J": "a jump host",
+    "-W": "stdio forwarding",
+    "hostname": "HostName",
+    "proxycommand": "a ProxyCommand (--tunnel-through-iap's IAP tunnel)",
+    "proxyjump": "a jump host",
+}
+
+
+def parse_gcloud_ssh(printed: str, connect_timeout_s: int = 10) -> SshTarget:
+    """The ``SshTarget`` of the ``ssh`` command that ``gcloud_ssh_dry_run_argv`` printed
+    (its last line that starts a command): the address and user of its ``[USER@]ADDRESS``,
+    ``-p`` (else ``-o Port``, else 22), the first ``-i`` key, ``UserKnownHostsFile`` and
+    ``HostKeyAlias`` (first value wins, as in OpenSSH), other flags kept as
+    ``extra_flags``; host keys strict whatever gcloud printed. gcloud prints its argv
+    joined with spaces, unquoted: a ``-i`` path is taken up to the next flag. Raises
+    ``ValueError`` when there is no ssh command or it routes elsewhere than the worker's
+    address (``_SSH_ROUTES``)."""
+    lines = [ln.split() for ln in printed.splitlines() if ln.strip()]
+    words = next((w for w in reversed(lines) if "ssh" in w[0].rsplit("/", 1)[-1]), None)
+    if not words or len(words) < 2:
+        raise ValueError(f"gcloud printed no ssh command: {printed.strip()[-300:]!r}")
+    dest, flags = words[-1], words[1:-1]
+    port = port_opt = user = key = known = alias = None
+    extra: list[str] = []
+    j = 0
+
+    def more() -> bool:  # the next word is a value (not a flag)
+        return j < len(flags) and not flags[j].startswith("-")
+
+    while j < len(flags):
+        tok = flags[j]
+        j += 1
+        if not tok.startswith("-") or tok == "--":
+            raise ValueError(f"unexpected {tok!r} in gcloud's ssh command {printed.strip()!r}")
+        flag, value = tok[:2], tok[2:]
+        if flag[1:] not in _SSH_VALUE_FLAGS:
+            if tok not in ("-t", "-T", "-n"):  # the tty and stdin are the caller's
+                extra.append(tok)
+            continue
+        if not value:
+            if j >= len(flags):
+                raise ValueError(f"{tok} without a value in gcloud's ssh command")
+            value = flags[j]
+            j += 1
+        if flag in _SSH_ROUTES:
+            raise ValueError(f"gcloud's ssh goes through {_SSH_ROUTES[flag]} ({tok} {value})")
+        if flag == "-i":
+            while more():
+                value = f"{value} {flags[j]}"
+                j += 1
+            key = key or value
+        elif flag == "-p":
+            port = value  # the last -p wins, as in OpenSSH
+        elif flag == "-l":
+            user = user or value
+        elif flag == "-o":
+            name, eq, val = value.partition("=")
+            if not eq and more():  # "-o Key Value"
+                val = flags[j]
+                j += 1
+            low = name.lower()
+            if low in _SSH_ROUTES:
+                raise ValueError(f"gcloud's ssh goes through {_SSH_ROUTES[low]} (-o {value})")
+            if low == "hostkeyalias":
+                alias = alias or val
+            elif low == "userknownhostsfile":
+                known = known or val
+            elif low == "port":
+                port_opt = port_opt or val
+            elif low == "identityfile":
+                key = key or val
+            elif low not in _SSH_OWN_OPTIONS:
+                extra += ["-o", f"{name}={val}"]
+        else:
+            extra += [flag, value]
+    dest_user, at, address = dest.rpartition("@")
+    if not address or address.startswith("-"):
+        raise ValueError(f"no [USER@]ADDRESS at the end of gcloud's ssh command {printed!r}")
+    try:
+        number = int(port or port_opt or 22)
+    except ValueError:
+        raise ValueError(f"port {port or port_opt!r} of gcloud's ssh is not a number") from None
+    return SshTarget(
+        address=address,
+        port=number,
+        user=user or (dest_user if at else None),
+        key_file=key,
+        agent=True,  # as gcloud's ssh: a key it loaded into ssh-agent works too
+        known_hosts=known or "~/.ssh/known_hosts",
+        connect_timeout_s=connect_timeout_s,
+        host_key_alias=alias,
+        extra_flags=tuple(extra),
+    )
 
 
 def gcloud_describe_argv(

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +20,10 @@ from launchers.hosts.commands import (
     env_stdin,
     gcloud_describe_argv,
     gcloud_ssh_argv,
+    gcloud_ssh_dry_run_argv,
     kill_command,
     log_read_command,
+    parse_gcloud_ssh,
     parse_log_reads,
     probe_command,
     rsync_argv,
@@ -309,3 +312,80 @@ def test_log_reads_through_sh_after_a_probe(tmp_path):
     unreadable = _sh(log_read_command([("e", str(tmp_path), 0, 8)]), tmp_path)  # a dir
     assert unreadable.returncode == 0 and parse_log_reads(unreadable.stdout)[1] == {"e": None}
     assert parse_log_reads("log x 12 not-base64!\nt0r0 running\n") == ("t0r0 running\n", {})
+
+
+# -- the ssh gcloud would run for a TPU worker (storage=sync, code_sync=rsync) -----------
+
+# What the real gcloud CLI printed for `tpu-vm ssh ... --dry-run` (captured here against
+# tests/hosts/fake_tpu_api.py): each command (a comment line), then its ssh argv.
+DRY_RUN = Path(__file__).with_name("gcloud_ssh_dry_run.txt")
+
+
+def _dry_runs() -> list[tuple[str, str]]:
+    out, command = [], ""
+    for line in DRY_RUN.read_text().splitlines():
+        if line.startswith("# gcloud "):
+            command = line[2:]
+        elif line and not line.startswith("#"):
+            out.append((command, line))
+    return out
+
+
+def test_gcloud_dry_run_argv_is_the_ssh_argv_with_dry_run():
+    t = TpuTarget("v4-32", 2, "z", "p", "me", "/k/id key", ssh_flags=("-p 2222",))
+    assert gcloud_ssh_dry_run_argv(t) == [*gcloud_ssh_argv(t, "x")[:-1], "--dry-run"]
+    assert "--worker=2" in gcloud_ssh_dry_run_argv(t)
+
+
+def test_parse_gcloud_ssh_of_the_real_clis_dry_run_golden():
+    """Each captured dry run read into an SshTarget, and the ssh and run-dir rsync built
+    from it: the worker's address, user and port, the key (its path has a space: gcloud
+    prints it unquoted), gcloud's known_hosts and the worker's host-key alias, host keys
+    strict; the user's flags kept, those the derived ssh sets itself dropped; a jump host
+    refused (the SFTP pull could not follow it)."""
+    lines = []
+    for command, printed in _dry_runs():
+        lines += [f"# {command}"]
+        try:
+            t = parse_gcloud_ssh(printed, connect_timeout_s=7)
+        except ValueError as exc:
+            lines.append(f"refused: {exc}")
+            continue
+        lines += [
+            repr(t),
+            shlex.join(ssh_argv(t, "true")),
+            shlex.join(run_dir_rsync_argv(t, "/runs/my run", "/w/runs/my run")),
+        ]
+    check_golden("gcloud_derived_ssh.txt", "\n".join(lines) + "\n")
+    (_, first), (_, flags), (_, jump) = _dry_runs()
+    t = parse_gcloud_ssh(first)
+    assert (t.address, t.port, t.user) == ("10.130.0.7", 22, "me")
+    assert t.key_file == "/tmp/efcap/my keys/id_ed25519"
+    assert t.known_hosts == "/tmp/efcap/home/.ssh/google_compute_known_hosts"
+    assert t.host_key_alias == "tpu.7012345678901234567-2"
+    argv = ssh_argv(t, "true")
+    assert "StrictHostKeyChecking=yes" in argv and "HostKeyAlias=tpu.7012345678901234567-2" in argv
+    assert "accept-new" not in " ".join(argv) and "StrictHostKeyChecking=no" not in argv
+    t = parse_gcloud_ssh(flags)
+    assert (t.address, t.port) == ("10.130.0.8", 2222)
+    assert t.extra_flags == ("-4", "-o", "Ciphers=aes256-ctr")
+    with pytest.raises(ValueError, match=r"jump host \(-J me@bastion\)"):
+        parse_gcloud_ssh(jump)
+
+
+def test_parse_gcloud_ssh_refuses_an_iap_tunnel_and_garbage():
+    # --tunnel-through-iap's form, as gcloud's ssh.py builds it (`-o 'ProxyCommand CMD'`,
+    # printed unquoted); the launcher refuses storage=sync with IAP before asking.
+    iap = (
+        "/usr/bin/ssh -t -i /k -o HostKeyAlias=tpu.1-0 -o ProxyCommand /usr/bin/python3 "
+        "/usr/lib/google-cloud-sdk/lib/gcloud.py compute start-iap-tunnel tpu 22 "
+        "--listen-on-stdin -o ProxyUseFdpass=no me@tpu"
+    )
+    with pytest.raises(ValueError, match="ProxyCommand"):
+        parse_gcloud_ssh(iap)
+    with pytest.raises(ValueError, match="no ssh command"):
+        parse_gcloud_ssh("Using ssh batch size of 1.\n")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_gcloud_ssh("ssh -p x me@h")
+    t = parse_gcloud_ssh("ssh -t -o Port=2200 -l root -o HostKeyAlias=a -o HostKeyAlias=b h")
+    assert (t.address, t.port, t.user, t.host_key_alias) == ("h", 2200, "root", "a")
