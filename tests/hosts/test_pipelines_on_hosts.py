@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -39,7 +40,14 @@ from tests.unit.extract.helpers import texts, tiny_qwen2, write_jsonl
 pytestmark = pytest.mark.slow
 
 HOSTS = ("n1", "n2")
-THREADS = ["+cluster.env.OMP_NUM_THREADS=1", "+cluster.env.MKL_NUM_THREADS=1"]
+# OpenBLAS chooses its kernels by CPU unless OPENBLAS_CORETYPE names them (some machine
+# images set it, this one to Haswell); tasks started by the hosts' sshd do not inherit
+# this environment, and another kernel rounds matrix products (k-means) differently: every
+# run, local too, gets the same.
+SAME_BLAS = [
+    f"+cluster.env.{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE",) if os.environ.get(k)
+]
+THREADS = ["+cluster.env.OMP_NUM_THREADS=1", "+cluster.env.MKL_NUM_THREADS=1", *SAME_BLAS]
 CURATION = [
     "+experiment=curation",
     "dataset.limit=120",
