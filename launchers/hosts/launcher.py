@@ -19,7 +19,7 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   record), given as MASTER_ADDR/MASTER_PORT with RANK/WORLD_SIZE (``lib.runtime``).
 - The run dir (``cluster.multihost.storage``): ``shared``, a path every host sees at the
   same place (a shared home, NFS): tasks write outputs, markers, logs and their pid/exit
-  files there. ``sync`` (ssh hosts, a local run.root): each host has its own run dir,
+  files there. ``sync`` (a local run.root): each host has its own run dir,
   ``<its workdir>/runs/<run name>``, where its tasks write all of that; before each
   stage the local run dir's files (previous stages' outputs and markers, run.yaml,
   plan.json) are rsync'ed there over the same ssh (only what is missing or changed), and
@@ -28,7 +28,10 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   log. A pull that fails counts as the task failing on that host. A distributed task's
   ranks share one host there (they read each other's files). ``status`` reads the local
   run dir (and probes the hosts' pid/exit files); ``logs`` reads a running task's log
-  from its host, and ``--attach`` streams it from there in each probe round.
+  from its host, and ``--attach`` streams it from there in each probe round. On
+  ``tpu_vm`` the rsync and SFTP go over the ssh that gcloud would run for the worker
+  (``TpuVmLauncher._derive_ssh``: its address, key, gcloud's known_hosts and host-key
+  alias), not through gcloud itself.
 - An object-store run dir (``run.root=s3://...`` or ``gs://...``, ``cluster=hosts`` with
   ``storage=shared``): the tasks get the URL as their run dir and write outputs and markers
   there through ``lib.core.storage`` (credentials reach them through ``cluster.pass_env``);
@@ -45,7 +48,8 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   ``wait`` and ``cancel``.
 - Code (``cluster.multihost.code_sync``): ``none`` (a shared tree), ``archive`` (``git
   archive HEAD`` unpacked as ``workdir/COMMIT``), ``rsync`` (the working tree's tracked
-  files, committed or not, rsync'ed into ``workdir`` over the same ssh; ssh hosts only).
+  files, committed or not, rsync'ed into ``workdir`` over the same ssh; on ``tpu_vm``
+  over the ssh gcloud would run for each worker).
 - Secrets (``cluster.pass_env``, and the ``cluster.env`` secrets a reloaded run.yaml
   redacted): read from this process's environment and written on the stdin of each start
   command, which exports them before it starts the tasks; never on a command line, in a
@@ -93,8 +97,10 @@ from launchers.hosts.commands import (
     env_stdin,
     gcloud_describe_argv,
     gcloud_ssh_argv,
+    gcloud_ssh_dry_run_argv,
     kill_command,
     log_read_command,
+    parse_gcloud_ssh,
     parse_log_reads,
     probe_command,
     rsync_argv,
@@ -243,7 +249,7 @@ class HostsLauncher(Launcher):
                 f"cluster.multihost.workdir={self.workdir} must be an absolute path (it is "
                 "quoted on the remote command line, so ~ and $HOME are not expanded there)"
             )
-        if self.storage == "sync" and self.name == "hosts" and not (self.mh.workdir or own_dirs):
+        if self.storage == "sync" and not (self.mh.workdir or own_dirs):
             raise ConfigError(
                 "cluster.multihost.storage=sync keeps each host's run dir under its workdir "
                 "(WORKDIR/runs/RUN_NAME): set cluster.multihost.workdir (or "
@@ -1640,31 +1646,49 @@ class HostsLauncher(Launcher):
 
 
 class TpuVmLauncher(HostsLauncher):
-    """TPU VM workers: every remote call is ``gcloud compute tpus tpu-vm ssh NAME
+    """TPU VM workers: every remote command is ``gcloud compute tpus tpu-vm ssh NAME
     --worker=i --command=...``, one process per worker; the workers of each TPU are read
     with ``gcloud compute tpus tpu-vm describe``; stale accelerator holders are cleared
-    before each task (``cluster.tpu_vm.clear_accelerator_holders``)."""
+    before each task (``cluster.tpu_vm.clear_accelerator_holders``).
+
+    Copies of files (``storage=sync``: the run-dir push and the SFTP pulls;
+    ``code_sync=rsync``) cannot go through gcloud, which carries a command, not rsync or
+    SFTP. gcloud only wraps OpenSSH, though: at launch each worker's ssh is asked of it
+    once (``--dry-run``) and the copies use that (``_derive_ssh``), host keys checked in
+    gcloud's known_hosts under the worker's alias ``tpu.NODE_ID-WORKER``. Not with
+    ``tunnel_through_iap`` (no address to reach). ``cluster.multihost.workdir`` may hold
+    ``{name}`` and ``{worker}`` (workers sharing a file system each get their own), and
+    ``cluster.tpu_vm.slots`` runs several tasks on a worker."""
 
     name = "tpu_vm"
 
     def __init__(self, cfg, *, echo: bool = True) -> None:
         super().__init__(cfg, echo=echo)
-        if self.code_sync == "rsync":
-            raise ConfigError(
-                "cluster.multihost.code_sync=rsync is not supported by cluster=tpu_vm: its "
-                "workers are reached only through `gcloud compute tpus tpu-vm ssh/scp`, which "
-                "cannot carry rsync; use cluster.multihost.code_sync=archive (git archive of "
-                "HEAD unpacked on every worker) or none (a shared file system)"
-            )
-        if self.storage == "sync":
-            raise ConfigError(
-                "cluster.multihost.storage=sync is not supported by cluster=tpu_vm: its "
-                "workers are reached only through `gcloud compute tpus tpu-vm ssh/scp`, which "
-                "carry neither the rsync push nor the SFTP pull; use "
-                "cluster.multihost.storage=shared with a run dir every worker mounts"
-            )
         self.tpu = cfg.cluster.tpu_vm
         self.clear_accelerator = bool(self.tpu.clear_accelerator_holders)
+        # storage=sync and code_sync=rsync copy files with rsync and SFTP over the ssh that
+        # gcloud would run for each worker (asked with --dry-run: _derive_ssh).
+        self._copies = self.storage == "sync" or self.code_sync == "rsync"
+        if self._copies and self.tpu.tunnel_through_iap:
+            what = "storage=sync" if self.storage == "sync" else "code_sync=rsync"
+            raise ConfigError(
+                f"cluster.multihost.{what} is not supported with "
+                "cluster.tpu_vm.tunnel_through_iap=true: it copies files with rsync and SFTP "
+                "straight to each worker's address (the ssh gcloud would run), and an IAP "
+                "tunnel has no address to reach, only gcloud's own ProxyCommand; use "
+                "cluster.multihost.storage=shared (a run dir every worker mounts) and "
+                "code_sync=archive, or reach the workers directly (this machine in their VPC "
+                "or on a VPN, with cluster.tpu_vm.internal_ip=true)"
+            )
+        if int(self.tpu.slots) > 1 and self.clear_accelerator:
+            raise ConfigError(
+                f"cluster.tpu_vm.slots={self.tpu.slots} runs several tasks on a worker at once, "
+                "and clearing its accelerator holders before each task "
+                "(cluster.tpu_vm.clear_accelerator_holders=true) would kill a sibling task's "
+                "hold on the TPU: set clear_accelerator_holders=false (several slots suit "
+                "stages that run on the worker's CPUs: k-means, metrics with device=cpu)"
+            )
+        self._tpu_targets: dict[int, TpuTarget] = {}
 
     def _host_key_fix(self, w: Worker) -> str:
         name, worker = w.label.rsplit("/w", 1)
@@ -1709,6 +1733,12 @@ class TpuVmLauncher(HostsLauncher):
         eps = node.get("networkEndpoints") or []
         return [str(e.get("ipAddress", "")) for e in eps]
 
+    def _worker_dir(self, name: str, worker: int) -> str:
+        """``cluster.multihost.workdir`` for worker ``worker`` of TPU ``name``: its
+        ``{name}`` and ``{worker}`` replaced (workers that share a file system, an NFS home,
+        each get their own: ``storage=sync`` needs each worker's run dir its own)."""
+        return self.workdir.replace("{name}", name).replace("{worker}", str(worker))
+
     def make_workers(self) -> list[Worker]:
         out = []
         for name in self._names():
@@ -1734,16 +1764,89 @@ class TpuVmLauncher(HostsLauncher):
                     connect_timeout_s=int(self.mh.connect_timeout_s),
                     ssh_flags=tuple(str(f) for f in self.tpu.ssh_flags),
                 )
+                self._tpu_targets[len(out)] = t
                 out.append(
                     Worker(
                         len(out),
                         f"{name}/w{i}",
                         addr or f"{name}-w{i}",
-                        1,
+                        int(self.tpu.slots),
                         {},
                         lambda cmd, stdin=False, t=t: gcloud_ssh_argv(t, cmd),
-                        workdir=self.workdir,
-                        home=self.workdir,
+                        workdir=self._worker_dir(name, i),
+                        home=self._worker_dir(name, i),
                     )
                 )
         return out
+
+    # -- storage=sync, code_sync=rsync: the ssh gcloud would run ------------------------
+
+    def _derive_ssh(self, ws: list[Worker]) -> None:
+        """For each of ``ws`` (all at once): the ``ssh`` that gcloud would run for it
+        (``gcloud ... tpu-vm ssh --worker=i --dry-run``, which reads the node and connects
+        to nothing), read with ``parse_gcloud_ssh``; the code rsync, the run-dir push and
+        the SFTP pulls use it (its address, key, and gcloud's known_hosts with the
+        worker's host-key alias, checked strictly). Raises ``RemoteError`` naming the
+        worker when gcloud fails or prints no usable ssh command."""
+        todo = [w for w in ws if w.push is None and w.rsync is None]
+
+        def ask(w: Worker) -> tuple[int, str, str]:
+            argv = gcloud_ssh_dry_run_argv(self._tpu_targets[w.index])
+            try:
+                p = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=float(self.mh.command_timeout_s),
+                )
+            except FileNotFoundError:
+                raise ConfigError(f"cannot run {argv[0]!r}: install the Google Cloud CLI") from None
+            except subprocess.TimeoutExpired:
+                return SSH_FAILED, "", f"no answer within {self.mh.command_timeout_s} s"
+            return p.returncode, p.stdout, p.stderr
+
+        for w, (rc, out, err) in zip(todo, self._pool(ask, todo), strict=True):
+            argv = shlex.join(gcloud_ssh_dry_run_argv(self._tpu_targets[w.index]))
+            if rc != 0:
+                raise RemoteError(
+                    f"host {w.label}: `{argv}` failed (exit {rc}): {err.strip()[-500:]}"
+                )
+            try:
+                target = parse_gcloud_ssh(out, int(self.mh.connect_timeout_s))
+            except ValueError as exc:
+                raise RemoteError(
+                    f"host {w.label}: cluster.multihost.storage=sync and code_sync=rsync copy "
+                    f"files over the ssh that `{argv}` prints, and it cannot be used: {exc}"
+                ) from None
+            w.rsync = lambda src, dest, t=target: rsync_argv(t, src, dest)
+            if self.storage == "sync":
+                w.push = lambda src, dest, t=target: run_dir_rsync_argv(t, src, dest)
+                w.sftp_host = Host(
+                    target.address,
+                    target.port,
+                    label=f"host {w.label}",
+                    known_hosts=target.known_hosts,
+                    connect_timeout=float(target.connect_timeout_s),
+                    host_key_alias=target.host_key_alias,
+                )
+                user = target.user or getpass.getuser()
+                key = target.key_file
+                w.login = Login(
+                    user, f"key file {key}" if key else "ssh-agent", key_file=key, agent=True
+                )
+
+    def preflight(self) -> list[Worker]:
+        alive = super().preflight()
+        if self._copies:
+            self._derive_ssh(alive)
+        return alive
+
+    def _dry_run(self, paths: RunPaths, plan: Plan) -> None:
+        if self._copies:
+            self._say(
+                "# the rsync and SFTP copies go over the ssh gcloud would run for each "
+                "worker, as `gcloud compute tpus tpu-vm ssh ... --dry-run` prints it:"
+            )
+            self._derive_ssh(self.workers())
+        super()._dry_run(paths, plan)

@@ -17,7 +17,8 @@ from lib.config.fields import bounded
 class CodeSync(StrEnum):
     none = "none"  # the hosts see the same tree (a shared home, NFS): nothing is copied
     archive = "archive"  # `git archive HEAD` unpacked under the remote workdir, per host
-    # the working tree's git-tracked files rsync'ed into the remote workdir (ssh hosts only)
+    # the working tree's git-tracked files rsync'ed into the remote workdir (on tpu_vm over
+    # the ssh gcloud would run for each worker)
     rsync = "rsync"
 
 
@@ -25,7 +26,8 @@ class RunStorage(StrEnum):
     shared = "shared"  # the run dir is at the same path on every host (a shared home, NFS)
     # each host keeps its own run dir, <its workdir>/runs/<run name>: the launcher pushes
     # the completed outputs there before each stage (rsync over ssh) and pulls each task's
-    # outputs and markers back over SFTP (verified, resumable) when it ends (ssh hosts only)
+    # outputs and markers back over SFTP (verified, resumable) when it ends (on tpu_vm over
+    # the ssh gcloud would run for each worker: its address, key and host-key alias)
     sync = "sync"
 
 
@@ -66,6 +68,11 @@ class TpuVmConfig:
     # Before a task starts on a worker: kill processes holding /dev/accel* or /dev/vfio/*
     # and remove /tmp/libtpu_lockfile (what a killed earlier run leaves behind).
     clear_accelerator_holders: bool = True
+    # Tasks a worker runs at once (one rank each in a distributed stage). One process owns
+    # a worker's TPU: more than 1 suits CPU stages (k-means, metrics on device=cpu; under
+    # storage=sync a distributed stage's ranks share one worker) and needs
+    # clear_accelerator_holders=false.
+    slots: int = bounded(1, ge=1)
 
 
 @dataclass
@@ -73,6 +80,8 @@ class MultihostConfig:
     # Where tasks run on the hosts (absolute); null: this checkout's path (a shared file
     # system). code_sync=archive unpacks HEAD as workdir/COMMIT and runs there;
     # code_sync=rsync copies the tracked files of the working tree into workdir itself.
+    # cluster=tpu_vm: {name} and {worker} in it are the TPU's name and the worker's index
+    # (workers that share a file system each get their own; storage=sync needs that).
     workdir: str | None = None
     # Shell lines run before every task (venv activation, module load): shell, as written.
     setup: list[str] = field(default_factory=list)

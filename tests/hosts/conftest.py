@@ -3,13 +3,18 @@
 The session fixture starts them when they are not running. If they cannot start, the
 tests that need them fail: under CI=true always, elsewhere too when this is root (who
 can start them); a non-root developer machine skips them with the reason.
+
+``fake_tpu`` points the real ``gcloud`` CLI at ``tests/hosts/fake_tpu_api.py`` (TPU nodes
+whose workers are namespace hosts), for the tests of ``cluster=tpu_vm`` through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -19,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, moto_s3
+from tests.hosts.fake_tpu_api import FakeNode, FakeTpuApi
 
 UP = REPO / "scripts/hosts/up.sh"
 
@@ -171,3 +177,98 @@ def source_override(sources: list[dict]) -> str:
 
     items = ["{" + ", ".join(f"{k}: {value(v)}" for k, v in s.items()) + "}" for s in sources]
     return "sync.sources=[" + ", ".join(items) + "]"
+
+
+# -- cluster=tpu_vm through the real gcloud CLI ------------------------------------------
+
+TPU_PROJECT, TPU_ZONE = "ef-test", "us-central2-b"
+
+
+def need_gcloud() -> str:
+    """The real gcloud CLI's path; a failure (never a skip) when it is not on PATH."""
+    gcloud = shutil.which("gcloud")
+    version = ""
+    if gcloud:
+        version = subprocess.run(
+            [gcloud, "--version"], capture_output=True, text=True, timeout=120
+        ).stdout
+    if not gcloud or "Google Cloud SDK" not in version:
+        # Never a skip: the machine image carries the Cloud SDK, here and in CI.
+        pytest.fail(f"the real gcloud CLI is not on PATH (found {gcloud!r}: {version[:200]!r})")
+    return gcloud
+
+
+def pub_key(path: Path) -> str:
+    """``TYPE BASE64`` of a public key file (no comment)."""
+    return " ".join(path.read_text().split()[:2])
+
+
+@dataclass(frozen=True)
+class TpuNode:
+    """A fake TPU for ``fake_tpu``: its id (gcloud's host-key alias is ``tpu.ID-WORKER``),
+    the namespace hosts that are its workers, its state, and the workers whose line in
+    gcloud's known_hosts holds another key (as after a worker was recreated)."""
+
+    id: str
+    workers: tuple[str, ...]
+    state: str = "READY"
+    wrong_keys: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def fake_tpu(
+    hosts: Hosts, base: Path, nodes: dict[str, TpuNode], *, patch_env: bool = True
+) -> Iterator[FakeTpuApi]:
+    """The fake TPU API serving ``nodes`` until the block ends, and (``patch_env``) this
+    process's environment pointed at it: ``gcloud_env(api, base)``, whose ``HOME`` holds
+    gcloud's known_hosts (``~/.ssh/google_compute_known_hosts``: a line per worker under
+    its alias, nothing under the workers' addresses). Without ``patch_env`` only the
+    commands given that environment see it (a ``run_launch(env=...)``), and the rest of
+    the process keeps its HOME (its model cache)."""
+    need_gcloud()
+    home = base / "home"
+    (home / ".ssh").mkdir(parents=True)
+    other = base / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    lines = []
+    for node in nodes.values():
+        for i, h in enumerate(node.workers):
+            key = other.with_suffix(".pub") if i in node.wrong_keys else hosts.host_pub_key(h)
+            lines.append(f"tpu.{node.id}-{i} {pub_key(key)}")
+    (home / ".ssh" / "google_compute_known_hosts").write_text("\n".join(lines) + "\n")
+    user = hosts.env["EF_NS_USER"]
+    # gcloud looks for `USER:KEYTYPE KEY USER` in the node's ssh-keys (else it PATCHes it in)
+    keys = f"{user}:{pub_key(Path(hosts.key + '.pub'))} {user}"
+    fakes = {
+        name: FakeNode(n.id, tuple(hosts.address(h) for h in n.workers), keys, state=n.state)
+        for name, n in nodes.items()
+    }
+    try:
+        api = FakeTpuApi(TPU_PROJECT, TPU_ZONE, fakes)
+    except OSError as exc:
+        pytest.fail(f"the fake TPU API could not start on loopback: {exc}")
+    with api, pytest.MonkeyPatch.context() as mp:
+        for k, v in gcloud_env(api, base).items() if patch_env else ():
+            mp.setenv(k, v)
+        yield api
+
+
+def gcloud_env(api: FakeTpuApi, base: Path) -> dict[str, str]:
+    """The environment that points gcloud at ``api`` (``fake_tpu(hosts, base, ...)``)."""
+    return {**api.env(base / "cloudsdk"), "HOME": str(base / "home")}
+
+
+def tpu_overrides(hosts: Hosts, name: str) -> list[str]:
+    """The launch.py overrides of ``cluster=tpu_vm`` on the fake TPU ``name``: zone,
+    project, the test user and key, the namespace sshds' port (an ssh flag), short
+    timeouts."""
+    return [
+        "cluster=tpu_vm",
+        f"cluster.tpu_vm.name={name}",
+        f"cluster.tpu_vm.zone={TPU_ZONE}",
+        f"cluster.tpu_vm.project={TPU_PROJECT}",
+        f"cluster.tpu_vm.user={hosts.env['EF_NS_USER']}",
+        f"cluster.tpu_vm.ssh_key_file={hosts.key}",
+        f"cluster.tpu_vm.ssh_flags=['-p {hosts.port}']",
+        "cluster.multihost.connect_timeout_s=5",
+    ]

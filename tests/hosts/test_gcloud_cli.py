@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -38,34 +37,18 @@ from lib.config.schema import EmbedfleetConfig
 from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, Plan, StageSpec
-from lib.remote.errors import RemoteError
+from lib.remote.errors import HostKeyError, RemoteError
+from lib.remote.ssh import connect
 from tests.conftest import REPO, run_launch
-from tests.hosts.fake_tpu_api import FakeNode, FakeTpuApi
+from tests.hosts.conftest import TPU_PROJECT, TPU_ZONE, TpuNode, fake_tpu
 
 pytestmark = pytest.mark.slow
 
 JOB = "tests.unit.launchers.echo_job"
-PROJECT, ZONE = "ef-test", "us-central2-b"
+PROJECT, ZONE = TPU_PROJECT, TPU_ZONE
 NS = ("n1", "n2")  # n3 is cut off by tests/hosts/test_multihost.py, maybe at the same time
 TPU, BADKEY, STOPPED = "ef-tpu", "ef-tpu-badkey", "ef-tpu-stopped"
 IDS = {TPU: "4242", BADKEY: "4343", STOPPED: "4444"}
-
-
-def _need_gcloud() -> str:
-    gcloud = shutil.which("gcloud")
-    version = ""
-    if gcloud:
-        version = subprocess.run(
-            [gcloud, "--version"], capture_output=True, text=True, timeout=120
-        ).stdout
-    if not gcloud or "Google Cloud SDK" not in version:
-        # Never a skip: the machine image carries the Cloud SDK, here and in CI.
-        pytest.fail(f"the real gcloud CLI is not on PATH (found {gcloud!r}: {version[:200]!r})")
-    return gcloud
-
-
-def _pub(path: Path) -> str:
-    return " ".join(path.read_text().split()[:2])
 
 
 @pytest.fixture(scope="module")
@@ -80,34 +63,12 @@ def tpu(ns, tmp_path_factory):
     """The fake API (ef-tpu: n1, n2; ef-tpu-badkey: the same workers, a wrong key for
     worker 1 in known_hosts; ef-tpu-stopped) and this process's environment pointed at
     it, with HOME (gcloud's known_hosts) in a directory of the test's."""
-    _need_gcloud()
-    base = tmp_path_factory.mktemp("gcloud")
-    home = base / "home"
-    (home / ".ssh").mkdir(parents=True)
-    other = base / "other_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    lines = []
-    for name in (TPU, BADKEY):
-        for i, h in enumerate(NS):
-            key = other.with_suffix(".pub") if (name, i) == (BADKEY, 1) else ns.host_pub_key(h)
-            lines.append(f"tpu.{IDS[name]}-{i} {_pub(key)}")
-    (home / ".ssh" / "google_compute_known_hosts").write_text("\n".join(lines) + "\n")
-    user = ns.env["EF_NS_USER"]
-    # gcloud looks for `USER:KEYTYPE KEY USER` in the node's ssh-keys (else it PATCHes it in)
-    keys = f"{user}:{_pub(Path(ns.key + '.pub'))} {user}"
-    endpoints = tuple(ns.address(h) for h in NS)
     nodes = {
-        TPU: FakeNode(IDS[TPU], endpoints, keys),
-        BADKEY: FakeNode(IDS[BADKEY], endpoints, keys),
-        STOPPED: FakeNode(IDS[STOPPED], endpoints, keys, state="STOPPED"),
+        TPU: TpuNode(IDS[TPU], NS),
+        BADKEY: TpuNode(IDS[BADKEY], NS, wrong_keys=(1,)),
+        STOPPED: TpuNode(IDS[STOPPED], NS, state="STOPPED"),
     }
-    try:
-        api = FakeTpuApi(PROJECT, ZONE, nodes)
-    except OSError as exc:
-        pytest.fail(f"the fake TPU API could not start on loopback: {exc}")
-    with api, pytest.MonkeyPatch.context() as mp:
-        for k, v in {**api.env(base / "cloudsdk"), "HOME": str(home)}.items():
-            mp.setenv(k, v)
+    with fake_tpu(ns, tmp_path_factory.mktemp("gcloud"), nodes) as api:
         yield api
 
 
@@ -332,3 +293,111 @@ def test_changed_host_key_of_a_worker_refused_with_its_fingerprint(ns, refused):
     assert "google_compute_known_hosts under the alias tpu.NODE_ID-1" in out, out[-3000:]
     assert f"gcloud compute tpus tpu-vm ssh {BADKEY} --worker=1 --command=true" in out
     assert not (run / "a" / "attempts").exists()
+
+
+def test_sync_stages_on_tpu_workers_through_real_gcloud(ns, tpu, tmp_path, capsys):
+    """storage=sync on ef-tpu's two workers, each with a workdir of its own
+    (``cluster.multihost.workdir=.../w{worker}``: the namespace hosts share this machine's
+    file system), code_sync=rsync: the code rsync, the run-dir push and the SFTP pulls go
+    over the ssh that gcloud prints for each worker (``--dry-run``), checking host keys in
+    gcloud's known_hosts under the workers' aliases (it has no line under their
+    addresses), while starts and probes go through ``gcloud tpu-vm ssh``. On w0 the job's
+    marker lies about its output's sha256, so each pull from w0 fails and the task runs
+    again on w1; the stages complete with w1's bytes, and the push before stage b
+    replaces w0's stale copies with the local, verified ones."""
+    cfg = _cfg(
+        ns,
+        TPU,
+        storage="sync",
+        code_sync="rsync",
+        workdir=str(tmp_path / "w{worker}"),
+        host_failures_to_drop=3,
+        poll_s=1,
+    )
+    cfg.cluster.env = {"SYNC_JOB_BAD_HOST": f"{TPU}/w0"}
+    cfg.run.name = "sy"
+    run = tmp_path / "sy"
+    plan = Plan([StageSpec(s, "embed", "tests.hosts.sync_job", s, ARRAY, 2, "h") for s in "ab"], 0)
+    result = TpuVmLauncher(cfg).launch(RunPaths(str(run)), plan)
+    out = capsys.readouterr().out
+    assert result.complete, out
+    host_run = {i: tmp_path / f"w{i}" / "runs" / "sy" for i in (0, 1)}
+    assert all((tmp_path / f"w{i}" / "launch.py").is_file() for i in (0, 1))  # the code rsync
+    pattern = rf"\[a \d\] failed on {TPU}/w0 \(pulling its outputs from {TPU}/w0 failed: .*sha256"
+    assert re.search(pattern, out), out
+    for stage in "ab":
+        for t in range(2):
+            rec = json.loads((run / stage / "attempts" / f"task_{t:05d}.json").read_text())
+            assert rec["host"] == f"{TPU}/w1" and rec["returncode"] == 0, rec
+            data = (run / stage / "data" / f"{t}.txt").read_bytes()
+            assert data == (host_run[1] / stage / "data" / f"{t}.txt").read_bytes()
+            assert f"task {t} in {host_run[1]}\n".encode() in data
+            assert f"task {t} wrote" in (run / stage / "logs" / f"task_{t:05d}.log").read_text()
+            assert check_marker(RunPaths(str(run)), stage, t, "h")
+    for t in range(2):  # w0 ran stage a's tasks first; the push replaced its copies
+        for name in (f"a/completions/task_{t:05d}.json", f"a/data/{t}.txt"):
+            assert (host_run[0] / name).read_bytes() == (run / name).read_bytes()
+    lines = (Path.home() / ".ssh" / "google_compute_known_hosts").read_text().split("\n")
+    assert all(ln.startswith("tpu.") for ln in lines if ln), lines
+
+
+def test_changed_host_key_of_a_worker_refused_on_the_sftp_pull_and_the_push(ns, tpu, tmp_path):
+    """storage=sync on ef-tpu-badkey (worker 1's line in gcloud's known_hosts holds
+    another key): the SFTP connection of the pulls to worker 1 is refused with the
+    fingerprint it offered and the one recorded under its alias, and the fix; so is the
+    rsync push (OpenSSH under the same alias); worker 0 connects. The ssh of each worker
+    comes from the real gcloud's dry run, which connects to nothing."""
+    cfg = _cfg(ns, BADKEY, storage="sync", workdir=str(tmp_path / "w{worker}"))
+    launcher = TpuVmLauncher(cfg, echo=False)
+    w0, w1 = launcher.workers()
+    launcher._derive_ssh([w0, w1])
+    assert w1.sftp_host is not None and w1.login is not None and w1.push is not None
+    assert w1.sftp_host.host_key_alias == f"tpu.{IDS[BADKEY]}-1"
+    real = subprocess.run(
+        ["ssh-keygen", "-lf", str(ns.host_pub_key("n2"))], capture_output=True, text=True
+    ).stdout.split()[1]
+    with pytest.raises(HostKeyError) as err:
+        connect(w1.sftp_host, w1.login)
+    msg = str(err.value)
+    assert f"host {BADKEY}/w1" in msg and f"tpu.{IDS[BADKEY]}-1 CHANGED" in msg, msg
+    assert real in msg and "google_compute_known_hosts" in msg, msg
+    assert f"ssh-keygen -R tpu.{IDS[BADKEY]}-1" in msg and "a=tpu." in msg, msg
+    assert w0.sftp_host is not None and w0.login is not None
+    with connect(w0.sftp_host, w0.login) as conn:
+        assert conn.exec(["echo", "ok"]).stdout == b"ok\n"
+    (tmp_path / "run").mkdir()
+    push = subprocess.run(
+        w1.push(str(tmp_path / "run"), str(tmp_path / "w1" / "runs" / "r")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert push.returncode != 0
+    refused = launcher._host_key_error(w1, push.stderr)
+    assert refused is not None and "differs from known_hosts" in str(refused), push.stderr
+    assert real in str(refused) and not (tmp_path / "w1" / "runs").exists()
+
+
+def test_sync_dry_run_prints_the_rsync_over_the_ssh_gcloud_prints(ns, tpu, tmp_path, capsys):
+    """--dry-run with storage=sync and code_sync=rsync: gcloud's dry run is asked for each
+    worker's ssh (it connects to nothing), and the code and run-dir rsyncs printed use it:
+    the worker's address and port, host keys checked under its alias in gcloud's
+    known_hosts; the starts still go through gcloud."""
+    cfg = _cfg(ns, TPU, storage="sync", code_sync="rsync", workdir=str(tmp_path / "w{worker}"))
+    cfg.run.name = "dry"
+    spec = StageSpec("a", "embed", JOB, "a", ARRAY, 2, "h")
+    TpuVmLauncher(cfg).launch(RunPaths(str(tmp_path / "dry")), Plan([spec], 0), dry_run=True)
+    out = capsys.readouterr().out
+    known = Path.home() / ".ssh" / "google_compute_known_hosts"
+    for i, h in enumerate(NS):
+        rsyncs = [ln for ln in out.splitlines() if ln.startswith("$ ") and " rsync " in ln + " "]
+        mine = [ln for ln in rsyncs if f"{ns.address(h)}:{tmp_path}/w{i}" in ln]
+        assert len(mine) == 2, out  # the code, then the run dir (w{i}/runs/dry)
+        assert all(
+            f"HostKeyAlias=tpu.{IDS[TPU]}-{i}" in ln and f"UserKnownHostsFile={known}" in ln
+            and "StrictHostKeyChecking=yes" in ln and f"-p {ns.port}" in ln
+            for ln in mine
+        ), mine  # fmt: skip
+        assert f"{ns.address(h)}:{tmp_path}/w{i}/runs/dry/" in mine[1], mine
+    assert out.count(f"tpu-vm ssh {ns.env['EF_NS_USER']}@{TPU} --worker=") >= 2, out
+    assert not (tmp_path / "w0").exists() and not (tmp_path / "dry" / "a").exists()

@@ -193,10 +193,19 @@ def test_sync_refusals_name_the_key_and_the_fix(ssh_hosts, tmp_path):
     tpu_shared.cluster.launcher = "tpu_vm"
     with pytest.raises(ConfigError, match=r"cluster=tpu_vm needs .* cluster=hosts .* takes"):
         TpuVmLauncher(tpu_shared, echo=False).launch(bucket, Plan([], 0))
-    tpu = ssh_hosts.hosts_config([], storage="sync")
+    tpu = ssh_hosts.hosts_config([], storage="sync", workdir=str(tmp_path))
     tpu.cluster.launcher = "tpu_vm"
-    with pytest.raises(ConfigError, match=r"storage=sync is not supported by cluster=tpu_vm"):
+    tpu.cluster.tpu_vm.tunnel_through_iap = True
+    with pytest.raises(ConfigError, match=r"storage=sync is not supported with .*tunnel_thr"):
         TpuVmLauncher(tpu, echo=False)
+    tpu.cluster.tpu_vm.tunnel_through_iap = False
+    with pytest.raises(ConfigError, match=r"storage=sync keeps each host's run dir.*workdir"):
+        TpuVmLauncher(ssh_hosts.hosts_config([], storage="sync"), echo=False)
+    tpu.cluster.tpu_vm.slots = 2
+    with pytest.raises(ConfigError, match=r"slots=2 .* clear_accelerator_holders=false"):
+        TpuVmLauncher(tpu, echo=False)
+    tpu.cluster.tpu_vm.clear_accelerator_holders = False
+    TpuVmLauncher(tpu, echo=False)
     bad = ssh_hosts.hosts_config([{"name": "n1", "workdir": "runs/here"}], storage="sync")
     with pytest.raises(ConfigError, match=r"cluster.hosts\[0\].workdir=runs/here must be"):
         HostsLauncher(bad, echo=False).make_workers()

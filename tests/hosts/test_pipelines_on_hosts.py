@@ -13,13 +13,21 @@ each) give the same bytes as the local launcher's run of the same config:
 - curation with ``cluster.multihost.storage=sync`` (each host its own workdir and run dir,
   the k-means ranks on n1, which has 2 slots): what the launcher pulled back equals the
   local run's the same way (the summaries name the host's run dir, replaced too).
+- curation on ``cluster=tpu_vm`` (3 workers, n1..n3, through the real gcloud CLI against
+  tests/hosts/fake_tpu_api.py, as in tests/hosts/test_gcloud_cli.py): with the run dir
+  shared (a k-means level's 2 ranks on 2 workers, one slot each), and with storage=sync
+  (each worker its own workdir, ``cluster.multihost.workdir=.../w{worker}``, 2 slots a
+  worker so a level's ranks share one; the rsync and SFTP copies over the ssh gcloud
+  prints for each worker): the same bytes as the local run.
 - extract: 2 tasks of the tiny random Qwen2 of tests/e2e/test_extract.py, one per host,
   detached (the default: the launch returns once the tasks run, ``wait`` blocks until
   done): every shard, each task's metadata.json and the merged one byte-identical to the
   local run's.
 
-n3 is left alone (tests/hosts/test_multihost.py cuts it off for a while). The hosts share
-this machine's filesystem, so the run dir is at the same path on every host.
+n3 is left alone on cluster=hosts (tests/hosts/test_multihost.py cuts it off for a while);
+the TPU runs use it as worker 2 and assert nothing about which workers ran what (a worker
+cut off leaves the pool, its tasks run on the others, the bytes are the same). The hosts
+share this machine's filesystem, so the run dir is at the same path on every host.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import pytest
 
 from tests.conftest import run_launch
 from tests.e2e.test_extract import _args as extract_args
+from tests.hosts.conftest import TpuNode, fake_tpu, gcloud_env, tpu_overrides
 from tests.unit.extract.helpers import texts, tiny_qwen2, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -240,6 +249,95 @@ def test_curation_storage_sync_equals_local(ns, root, embedded, curation_local):
     assert level1["checkpoints"] == steps
     for name in steps:
         assert (run / name).read_bytes() == (remote["n1"] / name).read_bytes()
+    got = _outputs(run, "merge", "kmeans", "metrics", copies=tuple(remote.values()))
+    want = _outputs(curation_local, "merge", "kmeans", "metrics")
+    assert "kmeans/level1/step0/centroids.npy" in want and "kmeans/curated/metadata.parquet" in want
+    assert got.keys() == want.keys()
+    assert [k for k in want if got[k] != want[k]] == []
+
+
+# -- curation on cluster=tpu_vm -----------------------------------------------------------
+
+TPU = "ef-tpu3"
+WORKERS = ("n1", "n2", "n3")
+
+
+@pytest.fixture(scope="module")
+def tpu_env(ns, tmp_path_factory):
+    """The fake TPU API with ef-tpu3 (workers n1, n2, n3) and the environment that points
+    the launches' gcloud at it (this process keeps its own HOME: its model cache)."""
+    names = ns.env.get("EF_NS_HOSTS_NAMES", "").split()
+    assert set(WORKERS) <= set(names), f"up.sh started namespace hosts {names}, not {WORKERS}"
+    base = tmp_path_factory.mktemp("gcloud")
+    with fake_tpu(ns, base, {TPU: TpuNode("4545", WORKERS)}, patch_env=False) as api:
+        yield gcloud_env(api, base)
+
+
+def _on_tpu(ns, tpu_env, root: Path, run: Path, *extra: str):
+    return _ok(
+        run_launch(
+            "--attach",
+            *CURATION,
+            PIPELINE,
+            *tpu_overrides(ns, TPU),
+            "cluster.multihost.poll_s=1",
+            *extra,
+            f"run.root={root}",
+            f"run.name={run.name}",
+            env=tpu_env,
+            timeout=900,
+        )
+    )
+
+
+def test_curation_on_three_tpu_workers_equals_local(ns, tpu_env, root, embedded, curation_local):
+    """Shared run dir: each k-means level's 2 ranks on 2 workers (one slot each), meeting
+    at the first one's address; every output as the local run's."""
+    run = _from_embedded(embedded, "cur-tpu")
+    proc = _on_tpu(ns, tpu_env, root, run)
+    assert "tpu_vm: " in proc.stdout and "complete in " in proc.stdout, proc.stdout[-3000:]
+    workers = {f"{TPU}/w{i}" for i in range(len(WORKERS))}
+    for level in (1, 2):
+        log = (run / f"kmeans/level{level}/logs/task_00000.rank1.log").read_text()
+        assert f"kmeans_level{level} 0 r1" in log
+        placed = [p["host"] for p in _attempt(run, f"kmeans/level{level}")["placements"]]
+        assert len(set(placed)) == 2 and set(placed) <= workers, placed
+    got = _outputs(run, "merge", "kmeans", "metrics")
+    want = _outputs(curation_local, "merge", "kmeans", "metrics")
+    assert "kmeans/curated/embedding_rows.npy" in want and "merge/embeddings.safetensors" in want
+    assert got.keys() == want.keys()
+    assert [k for k in want if got[k] != want[k]] == []
+
+
+def test_curation_on_tpu_workers_storage_sync_equals_local(
+    ns, tpu_env, root, embedded, curation_local
+):
+    """storage=sync: each worker its own workdir and run dir (``{worker}`` in the
+    workdir), the code rsync'ed there, 2 slots a worker (a level's ranks on one; CPU
+    stages, so clear_accelerator_holders=false): what the launcher pulled back over SFTP
+    equals the local run's outputs; the level's step markers are the host's."""
+    run = _from_embedded(embedded, "cur-tpu-sync")
+    homes = [root / f"tpu-sync-w{i}" for i in range(len(WORKERS))]
+    proc = _on_tpu(
+        ns,
+        tpu_env,
+        root,
+        run,
+        "cluster.multihost.storage=sync",
+        "cluster.multihost.code_sync=rsync",
+        f"cluster.multihost.workdir='{root}/tpu-sync-w{{worker}}'",  # quoted: Hydra's braces
+        "cluster.tpu_vm.slots=2",
+        "cluster.tpu_vm.clear_accelerator_holders=false",
+    )
+    assert "complete in " in proc.stdout, proc.stdout[-3000:]
+    remote = {f"{TPU}/w{i}": d / "runs" / run.name for i, d in enumerate(homes)}
+    for level in (1, 2):
+        placed = {p["host"] for p in _attempt(run, f"kmeans/level{level}")["placements"]}
+        assert len(placed) == 1 and placed <= set(remote), placed
+    (where,) = {p["host"] for p in _attempt(run, "kmeans/level1")["placements"]}
+    steps = [f"kmeans/level1/step{s}/completions/task_00000.json" for s in range(3)]
+    for name in steps:
+        assert (run / name).read_bytes() == (remote[where] / name).read_bytes()
     got = _outputs(run, "merge", "kmeans", "metrics", copies=tuple(remote.values()))
     want = _outputs(curation_local, "merge", "kmeans", "metrics")
     assert "kmeans/level1/step0/centroids.npy" in want and "kmeans/curated/metadata.parquet" in want
