@@ -157,14 +157,15 @@ class Worker:
     # (remote command, stdin wanted) -> the local argv that runs it
     argv: Callable[..., list[str]]
     master: list[str] | None = None  # opens a multiplexed connection (ssh only)
-    # (local dir, remote dir) -> the rsync argv that copies files there (ssh only)
+    # (local dir, remote dir) -> the rsync argv that copies files there (a TPU worker's
+    # once its ssh was asked of gcloud: TpuVmLauncher._derive_ssh)
     rsync: Callable[[str, str], list[str]] | None = None
     failures: int = 0
     dropped: bool = False
     workdir: str = ""  # where its tasks run (code_sync=archive: workdir/COMMIT)
     home: str = ""  # its configured workdir (storage=sync: the run dir is home/runs/NAME)
-    # storage=sync (ssh hosts): (local run dir, remote run dir) -> the rsync argv of a push,
-    # and where SFTP pulls connect
+    # storage=sync: (local run dir, remote run dir) -> the rsync argv of a push, and where
+    # SFTP pulls connect (a TPU worker's, as rsync above)
     push: Callable[[str, str], list[str]] | None = None
     sftp_host: Host | None = None
     login: Login | None = None
