@@ -438,7 +438,11 @@ def gcloud_ssh_dry_run_argv(target: TpuTarget) -> list[str]:
 
 def _gcloud_ssh(target: TpuTarget) -> list[str]:
     dest = f"{target.user}@{target.name}" if target.user else target.name
-    argv = [target.gcloud, "compute", "tpus", "tpu-vm", "ssh", dest, f"--worker={target.worker}"]
+    # --tunnel-through-iap exists for TPU VMs only in gcloud's alpha track (gcloud 528:
+    # `gcloud compute tpus tpu-vm ssh` refuses it as an unrecognized argument).
+    track = ["alpha"] if target.tunnel_through_iap else []
+    argv = [target.gcloud, *track, "compute", "tpus", "tpu-vm", "ssh", dest]
+    argv.append(f"--worker={target.worker}")
     argv += _gcloud_scope(target)
     if target.ssh_key_file:
         argv.append(f"--ssh-key-file={target.ssh_key_file}")

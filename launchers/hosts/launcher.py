@@ -1670,6 +1670,13 @@ class TpuVmLauncher(HostsLauncher):
         # storage=sync and code_sync=rsync copy files with rsync and SFTP over the ssh that
         # gcloud would run for each worker (asked with --dry-run: _derive_ssh).
         self._copies = self.storage == "sync" or self.code_sync == "rsync"
+        if self.tpu.tunnel_through_iap and self.tpu.internal_ip:
+            raise ConfigError(
+                "cluster.tpu_vm.internal_ip=true and tunnel_through_iap=true exclude each "
+                "other (gcloud refuses both): internal_ip when this machine reaches the "
+                "workers' VPC addresses, tunnel_through_iap (gcloud alpha's IAP tunnel) when "
+                "it does not"
+            )
         if self._copies and self.tpu.tunnel_through_iap:
             what = "storage=sync" if self.storage == "sync" else "code_sync=rsync"
             raise ConfigError(

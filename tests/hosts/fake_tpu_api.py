@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-NODE = re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/nodes/([^/:?]+)(:[A-Za-z]+)?$")
+NODE = re.compile(
+    r"^/v2(?:alpha1)?/projects/([^/]+)/locations/([^/]+)/nodes/([^/:?]+)(:[A-Za-z]+)?$"
+)
 PROJECT = re.compile(r"^/compute/v1/projects/([^/?]+)$")
 
 

@@ -32,8 +32,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from launchers.hosts.commands import TpuTarget, gcloud_ssh_dry_run_argv
 from launchers.hosts.launcher import TpuVmLauncher
 from lib.config.schema import EmbedfleetConfig
+from lib.core.errors import ConfigError
 from lib.core.markers import check_marker
 from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, Plan, StageSpec
@@ -401,3 +403,34 @@ def test_sync_dry_run_prints_the_rsync_over_the_ssh_gcloud_prints(ns, tpu, tmp_p
         assert f"{ns.address(h)}:{tmp_path}/w{i}/runs/dry/" in mine[1], mine
     assert out.count(f"tpu-vm ssh {ns.env['EF_NS_USER']}@{TPU} --worker=") >= 2, out
     assert not (tmp_path / "w0").exists() and not (tmp_path / "dry" / "a").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "api"),
+    [({"internal_ip": True}, "/v2/"), ({"tunnel_through_iap": True}, "/v2alpha1/")],
+    ids=["internal_ip", "tunnel_through_iap"],
+)
+def test_real_gcloud_takes_the_connection_options(ns, tpu, flags, api):
+    """The argv of cluster.tpu_vm.internal_ip / tunnel_through_iap is one the real gcloud
+    parses (gcloud 528 has --tunnel-through-iap for TPU VMs only in its alpha track, which
+    reads the node from the v2alpha1 API): it reads the node. An IAP tunnel cannot exist
+    here (gcloud then wants the workers' guest attributes, which the fake API does not
+    serve): the IAP run ends there, never at the argument parser."""
+    cfg = _cfg(ns, TPU)
+    cfg.cluster.tpu_vm.update(flags)
+    TpuVmLauncher(cfg)  # accepted
+    target = TpuTarget(TPU, 0, ZONE, PROJECT, ns.env["EF_NS_USER"], ns.key,
+                       ssh_flags=(f"-p {ns.port}",), **flags)  # fmt: skip
+    before = len(tpu.seen("GET", f"^{api}.*/nodes/{TPU}$"))
+    p = subprocess.run(gcloud_ssh_dry_run_argv(target), capture_output=True, text=True, timeout=180)
+    assert "unrecognized arguments" not in p.stderr, p.stderr
+    assert len(tpu.seen("GET", f"^{api}.*/nodes/{TPU}$")) > before, p.stderr
+    if "internal_ip" in flags:
+        assert p.returncode == 0, p.stderr
+        assert f"@{ns.address(NS[0])}" in p.stdout  # the worker's networkEndpoint
+    else:
+        assert "unable to connect to this TPU using IAP" in p.stderr, p.stderr
+    bad = _cfg(ns, TPU)
+    bad.cluster.tpu_vm.update({"internal_ip": True, "tunnel_through_iap": True})
+    with pytest.raises(ConfigError, match="exclude each other"):
+        TpuVmLauncher(bad)

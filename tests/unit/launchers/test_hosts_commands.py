@@ -95,8 +95,9 @@ def test_remote_commands_golden():
 def test_local_argv_golden():
     ssh = SshTarget("10.0.0.2", 2222, "me", "/k/id key", False, "/kh/known hosts", 5)
     tpu = TpuTarget(
-        "v4-32", 3, "us-central2-b", "proj", "me", "/k/id", True, True, ssh_flags=("-p 2222",)
+        "v4-32", 3, "us-central2-b", "proj", "me", "/k/id", True, False, ssh_flags=("-p 2222",)
     )
+    iap = TpuTarget("v4-32", 1, "us-central2-b", "proj", tunnel_through_iap=True)
     lines = [
         shlex.join(ssh_argv(ssh, "echo " + shlex.quote(HOSTILE))),
         shlex.join(ssh_argv(SshTarget("h", agent=True), "true")),
@@ -104,6 +105,7 @@ def test_local_argv_golden():
         shlex.join(ssh_master_argv(SshTarget("h", 2222, "u", control_path="/tmp/efssh-x/0"))),
         shlex.join(gcloud_ssh_argv(tpu, "echo " + shlex.quote(HOSTILE))),
         shlex.join(gcloud_ssh_argv(TpuTarget("t", 0), "true")),
+        shlex.join(gcloud_ssh_argv(iap, "true")),  # gcloud alpha: IAP for TPU VMs
         shlex.join(gcloud_describe_argv("v4-32", "us-central2-b", "proj")),
         shlex.join(rsync_argv(ssh, "/src/my checkout", f"/srv/code {HOSTILE}")),
         shlex.join(rsync_argv(SshTarget("h", control_path="/tmp/efssh-x/0"), "/s/", "/w")),
