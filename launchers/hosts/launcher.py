@@ -32,14 +32,16 @@ local and SLURM launchers; only the way a command reaches a machine differs (``s
   ``tpu_vm`` the rsync and SFTP go over the ssh that gcloud would run for the worker
   (``TpuVmLauncher._derive_ssh``: its address, key, gcloud's known_hosts and host-key
   alias), not through gcloud itself.
-- An object-store run dir (``run.root=s3://...`` or ``gs://...``, ``cluster=hosts`` with
-  ``storage=shared``): the tasks get the URL as their run dir and write outputs and markers
-  there through ``lib.core.storage`` (credentials reach them through ``cluster.pass_env``);
-  their pid/exit/ready files and logs are in each host's ``<its workdir>/runs/<run name>``
-  (as under ``sync``), each log copied here over SFTP when its task ends and uploaded into
-  the run dir (``Storage.publish_log``, as the local launcher does); ``logs`` reads a
-  running task's log from its host, as under ``sync``. Detached too: the scheduler runs
-  on the launching machine and takes over the run's lock object (``lib.core.locks``).
+- An object-store run dir (``run.root=s3://...`` or ``gs://...``, ``cluster=hosts`` or
+  ``tpu_vm`` with ``storage=shared``): the tasks get the URL as their run dir and write
+  outputs and markers there through ``lib.core.storage`` (credentials reach them through
+  ``cluster.pass_env``); their pid/exit/ready files and logs are in each host's ``<its
+  workdir>/runs/<run name>`` (as under ``sync``), each log copied here over SFTP when its
+  task ends (on ``tpu_vm`` over the ssh gcloud would run, as above; not with
+  ``tunnel_through_iap``) and uploaded into the run dir (``Storage.publish_log``, as the
+  local launcher does); ``logs`` reads a running task's log from its host, as under
+  ``sync``. Detached too: the scheduler runs on the launching machine and takes over the
+  run's lock object (``lib.core.locks``).
 - Detached (the default from the command line, ``Launcher.start``): the stage loop runs
   in a background scheduler process of its own (``launchers.hosts.detached``) and the
   launch returns once the first tasks run; ``--attach`` (``cluster.multihost.attach``)
@@ -1235,22 +1237,22 @@ class HostsLauncher(Launcher):
                 "or use storage=shared (the default), which writes it in the bucket from "
                 "every host"
             )
-        if self.name != "hosts":
-            raise ConfigError(
-                f"cluster={self.name} needs the run dir on a file system every worker mounts "
-                f"at the same path (run.root=/shared/...), not {paths.root}: its workers are "
-                "reached only through `gcloud compute tpus tpu-vm ssh/scp`, which cannot carry "
-                "the SFTP copy of their task logs that an object-store run dir needs; "
-                "cluster=hosts (the workers' addresses as ssh hosts) takes an object-store "
-                "run.root"
-            )
+        self._refuse_object_store(paths)
         if not self._own_workdir:
-            raise ConfigError(
-                f"cluster=hosts with an object-store run dir ({paths.root}) keeps each host's "
-                "pid/exit files and task logs under its workdir (WORKDIR/runs/RUN_NAME): set "
-                "cluster.multihost.workdir (or cluster.hosts[i].workdir on every host), an "
-                "absolute path"
+            each = (
+                " (or cluster.hosts[i].workdir on every host)"
+                if self.name == "hosts"
+                else " (it may hold {worker}: workers sharing a file system each get their own)"
             )
+            raise ConfigError(
+                f"cluster={self.name} with an object-store run dir ({paths.root}) keeps each "
+                "host's pid/exit files and task logs under its workdir (WORKDIR/runs/RUN_NAME): "
+                f"set cluster.multihost.workdir{each}, an absolute path"
+            )
+
+    def _refuse_object_store(self, paths: RunPaths) -> None:
+        """Raises ``ConfigError`` when this launcher cannot copy the task logs of an
+        object-store run dir (``paths``) from its workers (the hosts' SFTP always can)."""
 
     def _choose_port(self, paths: RunPaths, plan: Plan) -> int:
         """The rendezvous port of this run: the one an earlier attempt recorded, else a
@@ -1653,13 +1655,14 @@ class TpuVmLauncher(HostsLauncher):
     before each task (``cluster.tpu_vm.clear_accelerator_holders``).
 
     Copies of files (``storage=sync``: the run-dir push and the SFTP pulls;
-    ``code_sync=rsync``) cannot go through gcloud, which carries a command, not rsync or
-    SFTP. gcloud only wraps OpenSSH, though: at launch each worker's ssh is asked of it
-    once (``--dry-run``) and the copies use that (``_derive_ssh``), host keys checked in
-    gcloud's known_hosts under the worker's alias ``tpu.NODE_ID-WORKER``. Not with
-    ``tunnel_through_iap`` (no address to reach). ``cluster.multihost.workdir`` may hold
-    ``{name}`` and ``{worker}`` (workers sharing a file system each get their own), and
-    ``cluster.tpu_vm.slots`` runs several tasks on a worker."""
+    ``code_sync=rsync``; an object-store run dir: each task's log, copied here over SFTP
+    and uploaded when it ends) cannot go through gcloud, which carries a command, not
+    rsync or SFTP. gcloud only wraps OpenSSH, though: at launch each worker's ssh is
+    asked of it once (``--dry-run``) and the copies use that (``_derive_ssh``), host keys
+    checked in gcloud's known_hosts under the worker's alias ``tpu.NODE_ID-WORKER``. Not
+    with ``tunnel_through_iap`` (no address to reach). ``cluster.multihost.workdir`` may
+    hold ``{name}`` and ``{worker}`` (workers sharing a file system each get their own),
+    and ``cluster.tpu_vm.slots`` runs several tasks on a worker."""
 
     name = "tpu_vm"
 
@@ -1667,9 +1670,10 @@ class TpuVmLauncher(HostsLauncher):
         super().__init__(cfg, echo=echo)
         self.tpu = cfg.cluster.tpu_vm
         self.clear_accelerator = bool(self.tpu.clear_accelerator_holders)
-        # storage=sync and code_sync=rsync copy files with rsync and SFTP over the ssh that
-        # gcloud would run for each worker (asked with --dry-run: _derive_ssh).
-        self._copies = self.storage == "sync" or self.code_sync == "rsync"
+        # storage=sync, code_sync=rsync and an object-store run dir (its task logs) copy
+        # files with rsync and SFTP over the ssh that gcloud would run for each worker
+        # (asked with --dry-run: _derive_ssh).
+        self._copies = self.storage == "sync" or self.code_sync == "rsync" or self.object_root
         if self.tpu.tunnel_through_iap and self.tpu.internal_ip:
             raise ConfigError(
                 "cluster.tpu_vm.internal_ip=true and tunnel_through_iap=true exclude each "
@@ -1678,16 +1682,13 @@ class TpuVmLauncher(HostsLauncher):
                 "it does not"
             )
         if self._copies and self.tpu.tunnel_through_iap:
-            what = "storage=sync" if self.storage == "sync" else "code_sync=rsync"
-            raise ConfigError(
-                f"cluster.multihost.{what} is not supported with "
-                "cluster.tpu_vm.tunnel_through_iap=true: it copies files with rsync and SFTP "
-                "straight to each worker's address (the ssh gcloud would run), and an IAP "
-                "tunnel has no address to reach, only gcloud's own ProxyCommand; use "
-                "cluster.multihost.storage=shared (a run dir every worker mounts) and "
-                "code_sync=archive, or reach the workers directly (this machine in their VPC "
-                "or on a VPN, with cluster.tpu_vm.internal_ip=true)"
-            )
+            if self.storage == "sync":
+                what = "cluster.multihost.storage=sync"
+            elif self.code_sync == "rsync":
+                what = "cluster.multihost.code_sync=rsync"
+            else:
+                what = f"an object-store run dir (run.root={cfg.run.root})"
+            raise ConfigError(self._iap_refusal(what))
         if int(self.tpu.slots) > 1 and self.clear_accelerator:
             raise ConfigError(
                 f"cluster.tpu_vm.slots={self.tpu.slots} runs several tasks on a worker at once, "
@@ -1697,6 +1698,22 @@ class TpuVmLauncher(HostsLauncher):
                 "stages that run on the worker's CPUs: k-means, metrics with device=cpu)"
             )
         self._tpu_targets: dict[int, TpuTarget] = {}
+
+    @staticmethod
+    def _iap_refusal(what: str) -> str:
+        return (
+            f"{what} is not supported with cluster.tpu_vm.tunnel_through_iap=true: it copies "
+            "files (the code, run-dir files, task logs) with rsync and SFTP straight to each "
+            "worker's address (the ssh gcloud would run), and an IAP tunnel has no address "
+            "to reach, only gcloud's own ProxyCommand; use a run dir every worker mounts "
+            "(run.root=/shared/..., cluster.multihost.storage=shared) and code_sync=archive, "
+            "or reach the workers directly (this machine in their VPC or on a VPN, with "
+            "cluster.tpu_vm.internal_ip=true)"
+        )
+
+    def _refuse_object_store(self, paths: RunPaths) -> None:
+        if self.tpu.tunnel_through_iap:
+            raise ConfigError(self._iap_refusal(f"an object-store run dir ({paths.root})"))
 
     def _host_key_fix(self, w: Worker) -> str:
         name, worker = w.label.rsplit("/w", 1)
@@ -1787,15 +1804,16 @@ class TpuVmLauncher(HostsLauncher):
                 )
         return out
 
-    # -- storage=sync, code_sync=rsync: the ssh gcloud would run ------------------------
+    # -- storage=sync, code_sync=rsync, object-store logs: the ssh gcloud would run ------
 
     def _derive_ssh(self, ws: list[Worker]) -> None:
         """For each of ``ws`` (all at once): the ``ssh`` that gcloud would run for it
         (``gcloud ... tpu-vm ssh --worker=i --dry-run``, which reads the node and connects
-        to nothing), read with ``parse_gcloud_ssh``; the code rsync, the run-dir push and
-        the SFTP pulls use it (its address, key, and gcloud's known_hosts with the
-        worker's host-key alias, checked strictly). Raises ``RemoteError`` naming the
-        worker when gcloud fails or prints no usable ssh command."""
+        to nothing), read with ``parse_gcloud_ssh``; the code rsync, the run-dir push, the
+        SFTP pulls and an object-store run dir's SFTP log copies use it (its address, key,
+        and gcloud's known_hosts with the worker's host-key alias, checked strictly).
+        Raises ``RemoteError`` naming the worker when gcloud fails or prints no usable ssh
+        command."""
         todo = [w for w in ws if w.push is None and w.rsync is None]
 
         def ask(w: Worker) -> tuple[int, str, str]:
@@ -1824,12 +1842,14 @@ class TpuVmLauncher(HostsLauncher):
                 target = parse_gcloud_ssh(out, int(self.mh.connect_timeout_s))
             except ValueError as exc:
                 raise RemoteError(
-                    f"host {w.label}: cluster.multihost.storage=sync and code_sync=rsync copy "
-                    f"files over the ssh that `{argv}` prints, and it cannot be used: {exc}"
+                    f"host {w.label}: cluster.multihost.storage=sync, code_sync=rsync and an "
+                    "object-store run dir (its task logs) copy files over the ssh that "
+                    f"`{argv}` prints, and it cannot be used: {exc}"
                 ) from None
             w.rsync = lambda src, dest, t=target: rsync_argv(t, src, dest)
             if self.storage == "sync":
                 w.push = lambda src, dest, t=target: run_dir_rsync_argv(t, src, dest)
+            if self.storage == "sync" or self.object_root:  # pulls (sync), logs
                 w.sftp_host = Host(
                     target.address,
                     target.port,

@@ -191,8 +191,17 @@ def test_sync_refusals_name_the_key_and_the_fix(ssh_hosts, tmp_path):
         shared.launch(bucket, Plan([], 0))
     tpu_shared = ssh_hosts.hosts_config([])
     tpu_shared.cluster.launcher = "tpu_vm"
-    with pytest.raises(ConfigError, match=r"cluster=tpu_vm needs .* cluster=hosts .* takes"):
+    workdir = r"cluster=tpu_vm with an object-store run dir .* cluster.multihost.workdir \(it may"
+    with pytest.raises(ConfigError, match=workdir):
         TpuVmLauncher(tpu_shared, echo=False).launch(bucket, Plan([], 0))
+    tpu_shared.cluster.multihost.workdir = str(tmp_path)
+    tpu_shared.cluster.tpu_vm.tunnel_through_iap = True
+    iap = r"not supported with cluster.tpu_vm.tunnel_through_iap=true: .*task logs.*internal_ip"
+    with pytest.raises(ConfigError, match=rf"object-store run dir \(memory://ef-sync.*{iap}"):
+        TpuVmLauncher(tpu_shared, echo=False).launch(bucket, Plan([], 0))
+    tpu_shared.run.root = "s3://ef-bucket/runs"
+    with pytest.raises(ConfigError, match=rf"run dir \(run.root=s3://ef-bucket/runs\) is {iap}"):
+        TpuVmLauncher(tpu_shared, echo=False)
     tpu = ssh_hosts.hosts_config([], storage="sync", workdir=str(tmp_path))
     tpu.cluster.launcher = "tpu_vm"
     tpu.cluster.tpu_vm.tunnel_through_iap = True

@@ -11,12 +11,21 @@ bucket's credentials reach the scheduler and the tasks only through the environm
 
 Tasks are held in a setup line until the test creates a gate file (the hosts share this
 machine's file system), so "while they run" is a fact of the test, not a matter of timing.
+
+The same on ``cluster=tpu_vm``: the real gcloud CLI against tests/hosts/fake_tpu_api.py
+(a 2-worker TPU whose workers are n1 and n2, as in tests/hosts/test_gcloud_cli.py), each
+worker's workdir its own (``.../w{worker}``): tasks started through ``gcloud ... tpu-vm
+ssh``, the code rsynced and each task's log copied back over SFTP over the ssh gcloud
+prints for the worker (``--dry-run``), then uploaded into the bucket; detached (the
+quickstart slice, its merged embeddings the local launcher's bytes) and attached (a
+two-stage echo plan). The local reference runs once for the module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +40,7 @@ from lib.core.locks import process_alive
 from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, SINGLE, Plan, StageSpec
 from tests.conftest import S3_BUCKET, _environment, run_launch
+from tests.hosts.conftest import TpuNode, fake_tpu, gcloud_env, tpu_overrides
 
 HOSTS = ("n1", "n2")
 PASS_ENV = (
@@ -53,6 +63,14 @@ def ns(ssh_hosts):
     names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
     assert set(HOSTS) <= set(names), f"up.sh started namespace hosts {names}, not {HOSTS}"
     return ssh_hosts
+
+
+@pytest.fixture(scope="module")
+def local_merged(tmp_path_factory) -> bytes:
+    """The local launcher's merged embeddings of ``SLICE``: every run here must equal them."""
+    root = tmp_path_factory.mktemp("local")
+    _ok(run_launch(*SLICE, f"run.root={root}", "run.name=local", timeout=900))
+    return (root / "local" / "merge" / "embeddings.safetensors").read_bytes()
 
 
 @pytest.fixture
@@ -152,7 +170,7 @@ def _wait_for(cond, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_detached_launch_on_s3_status_live_logs_wait_equal_local(ns, env, tmp_path):
+def test_detached_launch_on_s3_status_live_logs_wait_equal_local(ns, env, local_merged, tmp_path):
     """The quickstart slice, detached, run dir in the bucket: the launch returns while the
     embed tasks are held; the lock object names the scheduler; ``status`` reports two tasks
     running on n1/n2 and the scheduler running; ``logs`` of a running task prints its
@@ -161,8 +179,7 @@ def test_detached_launch_on_s3_status_live_logs_wait_equal_local(ns, env, tmp_pa
     the local launcher's bytes; the scheduler's log is uploaded, the lock object gone. No
     credential value is in a launch output, the scheduler's or a task's command line, a
     file (workdirs, this machine's scratch) or an object of the run dir."""
-    _ok(run_launch(*SLICE, f"run.root={tmp_path}", "run.name=local", timeout=900))
-    local = (tmp_path / "local" / "merge" / "embeddings.safetensors").read_bytes()
+    local = local_merged
     secrets = [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]]
     gate = tmp_path / "gate"
     dirs = {"n1": tmp_path / "w1", "n2": tmp_path / "w2"}
@@ -323,3 +340,151 @@ def test_killed_scheduler_stale_lock_taken_over_adopting_relaunch_then_cancel(ns
     after = _ok(run_launch("status", run, env=env), 3)
     assert _row(after, "a") == ["3", "0", "0", "0", "3"], after
     assert "scheduler: ended" in after
+
+
+# -- cluster=tpu_vm: the same through the real gcloud CLI ---------------------------------
+
+TPU = "ef-tpu-os"
+
+
+@pytest.fixture(scope="module")
+def tpu_env(ns, tmp_path_factory):
+    """The fake TPU API with ef-tpu-os (workers n1, n2) and the environment pointing gcloud
+    at it (its HOME holds gcloud's known_hosts); this process's own environment untouched."""
+    base = tmp_path_factory.mktemp("gcloud")
+    with fake_tpu(ns, base, {TPU: TpuNode("4747", HOSTS)}, patch_env=False) as api:
+        yield api, gcloud_env(api, base)
+
+
+def _tpu(ns, tmp_path: Path, gate: Path | None = None, echo: str = "") -> list[str]:
+    """The overrides of ef-tpu-os: a workdir a worker (``tmp_path/w0``, ``w1``), the code
+    rsynced, the bucket's variables passed, (``gate``) every task held until it exists."""
+    hold = [f"cluster.multihost.setup=['{echo}while [ ! -e {gate} ]; do sleep 0.1; done']"]
+    return [
+        *tpu_overrides(ns, TPU),
+        f"cluster.multihost.workdir='{tmp_path}/w{{worker}}'",  # quoted: Hydra's braces
+        "cluster.multihost.code_sync=rsync",
+        "cluster.multihost.poll_s=1",
+        PASS_ENV,
+        *(hold if gate else []),
+    ]
+
+
+def _leaked_objects(env: dict, run: str, secrets: list[str]) -> list[str]:
+    with bucket(env):
+        storage = RunPaths(run).storage
+        return [
+            n for n in storage.list("") if any(s.encode() in storage.read_bytes(n) for s in secrets)
+        ]
+
+
+def test_tpu_vm_detached_on_s3_live_logs_uploaded_logs_equal_local(
+    ns, env, tpu_env, local_merged, tmp_path
+):
+    """cluster=tpu_vm, run dir in the bucket, detached: the launch returns while the embed
+    tasks are held on ef-tpu-os's two workers; ``logs`` of a running task reads its live
+    log from its worker (through gcloud, named on stderr); released, ``wait`` completes,
+    the merged embeddings in the bucket are the local launcher's bytes, every task's log
+    was copied from its worker over the derived ssh and uploaded into the bucket. No
+    credential value is in an output, a task's command line, a file (the workers' dirs,
+    this machine's scratch, gcloud's config) or an object of the run dir."""
+    _, genv = tpu_env
+    env = {**env, **genv}
+    secrets = [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]]
+    gate = tmp_path / "gate"
+    url = _url("root")
+    run = f"{url}/ost"
+    echo = "echo first line of task $EMBEDFLEET_TASK_INDEX; "
+    args = [*SLICE, *_tpu(ns, tmp_path, gate, echo), f"run.root={url}", "run.name=ost"]
+    outputs = []
+    try:
+        launch = _ok(run_launch(*args, env=env, timeout=900))
+        outputs.append(launch)
+        assert "tpu_vm: 2 host(s)" in launch and "detached: the scheduler" in launch, launch
+        sched = _read_json(env, run, "scheduler.json")
+        assert sched is not None and sched["detached"] and sched["ended"] is None
+        hosts: dict[int, str] = {}
+
+        def placed() -> bool:
+            for t in range(3):
+                rec = _read_json(env, run, f"embed/attempts/task_{t:05d}.json") or {}
+                if rec.get("host"):
+                    hosts[t] = rec["host"]
+            return len(hosts) == 2
+
+        _wait_for(placed, "two embed tasks placed")
+        assert sorted(hosts.values()) == [f"{TPU}/w0", f"{TPU}/w1"], hosts
+        for t, host in hosts.items():
+            there = (
+                tmp_path / f"w{host[-1]}" / "runs" / "ost" / "embed" / "logs" / f"task_{t:05d}.log"
+            )
+            _wait_for(lambda p=there: p.exists() and b"first line" in p.read_bytes(), there)
+            logs = run_launch("logs", run, "embed", str(t), env=env)
+            outputs.append(_ok(logs))
+            assert logs.stdout == f"first line of task {t}\n", logs.stdout
+            assert f"the log on host {host}: {there} (running)" in logs.stderr, logs.stderr
+        held = _held(gate)
+        assert len(held) >= 2
+        for p in [sched["pid"], *held]:
+            assert not any(s.encode() in _cmdline(p) for s in secrets), p
+        gate.touch()
+        done = _ok(run_launch("wait", run, "--interval", "1", "--timeout", "900", env=env))
+        outputs.append(done)
+    finally:
+        gate.touch()  # a failed assertion leaves no task held
+    assert "all stages complete" in done, done
+    assert _row(done, "embed")[:2] == ["3", "3"] and _row(done, "merge")[:2] == ["1", "1"]
+    with bucket(env):
+        storage = RunPaths(run).storage
+        assert storage.read_bytes("merge/embeddings.safetensors") == local_merged
+        assert not storage.exists("launcher.lock")
+        for t in range(3):  # copied from its worker over SFTP, uploaded
+            assert f"first line of task {t}\n" in storage.read_text(f"embed/logs/task_{t:05d}.log")
+        assert "first line of task 0" in storage.read_text("merge/logs/task_00000.log")
+    ended = run_launch("logs", run, "embed", "0", env=env)  # the uploaded copy now
+    outputs.append(_ok(ended))
+    assert "first line of task 0" in ended.stdout and "the log on host" not in ended.stderr
+    assert not _leaked_objects(env, run, secrets)
+    assert not any(s in text for s in secrets for text in outputs)
+    assert not _leaks(secrets, tmp_path, Path(env["TMPDIR"]), Path(genv["HOME"]).parent)
+
+
+def test_tpu_vm_attached_on_s3_two_stages_logs_uploaded(ns, env, tpu_env, tmp_path):
+    """cluster=tpu_vm, run dir in the bucket, ``--attach``: a two-stage echo plan runs in
+    the foreground on ef-tpu-os's workers, its markers and outputs in the bucket, each
+    task's log streamed with its worker's prefix and uploaded into the bucket; no lock
+    left, no credential value in the output, a file or an object."""
+    _, genv = tpu_env
+    env = {**env, **genv}
+    secrets = [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]]
+    cfg = compose(["+experiment=quickstart", *_tpu(ns, tmp_path)])
+    url = _url("root")
+    cfg.run.root, cfg.run.name, cfg.run.dir = url, "ota", f"{url}/ota"
+    job = "tests.unit.launchers.echo_job"
+    stages = [
+        StageSpec("a", "embed", job, "a", ARRAY, 3, "h"),
+        StageSpec("b", "merge", job, "b", SINGLE, 1, "h", depends_on=("a",)),
+    ]
+    run = f"{url}/ota"
+    with bucket(env):
+        paths = RunPaths(run)
+        save_run_config(paths, cfg)
+        Plan(stages, 0).save(paths)
+    out = _ok(run_launch("retry", run, "--attach", env=env, timeout=900))
+    assert "tpu_vm: 2 host(s)" in out and "b: done in " in out, out
+    with bucket(env):
+        storage = RunPaths(run).storage
+        for stage, n in (("a", 3), ("b", 1)):
+            for t in range(n):
+                assert storage.exists(f"{stage}/completions/task_{t:05d}.json"), (stage, t)
+                log = storage.read_text(f"{stage}/logs/task_{t:05d}.log")
+                assert f"hello from task {t} rank 0" in log, log
+                rec = storage.read_json(f"{stage}/out/{t}.0.json")
+                assert rec["EMBEDFLEET_LAUNCHER"] == "tpu_vm"
+                assert rec["EMBEDFLEET_HOST"] in (f"{TPU}/w0", f"{TPU}/w1")
+        assert not storage.exists("launcher.lock")
+    # each log echoed with its worker's prefix (from the copy taken over SFTP)
+    assert re.search(rf"\[{TPU}/w[01] a 0\] hello from task 0 rank 0", out), out
+    assert not _leaked_objects(env, run, secrets)
+    assert not any(s in out for s in secrets)
+    assert not _leaks(secrets, tmp_path, Path(env["TMPDIR"]))
