@@ -535,6 +535,14 @@ class HostsLauncher(Launcher):
         unreachable worker leaves the pool with a warning. Returns the usable ones."""
         ws = self.workers()
         results = self._pool(self._open, ws)
+        # As for the probes: ssh's 255 (no connection within connect_timeout_s, which a
+        # loaded machine can miss once) is asked once more before the worker is left out
+        # (without a second master: the ssh uses the master if it opened, else its own).
+        again = [n for n, (rc, _o, _e) in enumerate(results) if rc == SSH_FAILED]
+        if again:
+            answers = self._pool(lambda w: self._run(w, "echo ok"), [ws[n] for n in again])
+            for n, res in zip(again, answers, strict=True):
+                results[n] = res
         for w, (rc, out, err) in zip(ws, results, strict=True):
             key_error = self._host_key_error(w, err)
             if key_error:

@@ -80,19 +80,25 @@ def test_code_sync_rsync_copies_the_tracked_files_and_the_tasks_run_there(ns, tm
     assert list((code / "lib" / "core" / "__pycache__").glob("markers.*.pyc"))
 
 
-def test_code_sync_rsync_is_refused_for_tpu_vm(tmp_path):
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(EmbedfleetConfig),
-        {
-            "cluster": {
-                "launcher": "tpu_vm",
-                "tpu_vm": {"name": "t", "workers": 1},
-                "multihost": {"code_sync": "rsync", "workdir": str(tmp_path)},
-            }
-        },
-    )
+def test_code_sync_rsync_on_tpu_vm_is_refused_only_through_an_iap_tunnel(tmp_path):
+    """code_sync=rsync on tpu_vm runs over the ssh gcloud would run for each worker
+    (tests/hosts/test_gcloud_cli.py runs it); an IAP tunnel has no address for it."""
+
+    def cfg(**tpu):
+        return OmegaConf.merge(
+            OmegaConf.structured(EmbedfleetConfig),
+            {
+                "cluster": {
+                    "launcher": "tpu_vm",
+                    "tpu_vm": {"name": "t", "workers": 1, **tpu},
+                    "multihost": {"code_sync": "rsync", "workdir": str(tmp_path)},
+                }
+            },
+        )
+
+    TpuVmLauncher(cfg(), echo=False)  # accepted
     with pytest.raises(ConfigError, match=r"code_sync=rsync is not supported.*code_sync=archive"):
-        TpuVmLauncher(cfg, echo=False)
+        TpuVmLauncher(cfg(tunnel_through_iap=True), echo=False)
 
 
 def _make_run(ns, run: Path, *overrides: str) -> None:
