@@ -511,7 +511,9 @@ class HostsLauncher(Launcher):
             return list(ex.map(fn, items))
 
     def _open(self, w: Worker) -> tuple[int, str, str]:
-        """Open ``w``'s master connection if it has one, then run ``echo ok`` there."""
+        """Open ``w``'s master connection if it has one (its exit 0: connected, host key
+        checked, logged in; the first start runs the first command on it), else run ``echo
+        ok`` there."""
         if w.master:
             # stderr to a file, not a pipe: the master stays in the background holding it.
             with tempfile.TemporaryFile("w+") as err:
@@ -528,6 +530,7 @@ class HostsLauncher(Launcher):
                 err.seek(0)
                 if rc != 0:
                     return rc, "", err.read()
+                return 0, "ok", ""
         return self._run(w, "echo ok")
 
     def preflight(self) -> list[Worker]:

@@ -266,9 +266,12 @@ if verb == "describe":
     sys.exit(0)
 assert verb == "ssh" and "--worker=all" not in args, args
 host = hosts[int(opts["worker"])]
-os.execvp("ssh", ["ssh", "-T", "-n", "-p", {port!r}, "-i", {key!r}, "-o", "BatchMode=yes",
+# as gcloud does: each --ssh-flag=F split on whitespace into the ssh argv (the launcher's
+# BatchMode and ConnectTimeout=connect_timeout_s come this way)
+flags = [w for a in args if a.startswith("--ssh-flag=") for w in a[len("--ssh-flag="):].split()]
+os.execvp("ssh", ["ssh", "-T", "-n", "-p", {port!r}, "-i", {key!r},
                   "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + {kh!r},
-                  "-o", "ConnectTimeout=2", {user!r} + "@" + host, opts["command"]])
+                  *flags, {user!r} + "@" + host, opts["command"]])
 '''
 
 

@@ -90,30 +90,34 @@ def test_failed_task_runs_again_on_another_host(ns, tmp_path, capsys):
 def test_a_probe_that_fails_once_is_asked_again_before_the_host_counts_as_down(
     ns, tmp_path, capsys
 ):
-    """The first preflight call and the first probe of n1 fail as a loaded machine's can
-    (ssh's 255: here a real ssh to a closed port stands in for a connection that timed out
-    once); the launcher asks again each time, n1 answers, stays in the pool, and its task
-    is not failed and run a second time elsewhere."""
+    """n1's master connection in the preflight and its first probe fail as a loaded
+    machine's can (ssh's 255: here a real ssh to a closed port stands in for a connection
+    that timed out once); the launcher asks again each time (the preflight with one plain
+    ssh: the master did not open), n1 answers, stays in the pool, and its task is not
+    failed and run a second time elsewhere."""
     cfg = _cfg(ns, [{"name": "n1", "env": {"ECHO_SLEEP": "2"}}, {"name": "n2"}])
     spec = StageSpec("a", "embed", JOB, "a", ARRAY, 2, "h")
     launcher = HostsLauncher(cfg, echo=False)
+    refused = ["ssh", "-p", "1", "-o", "BatchMode=yes", ns.address("n1"), "true"]
+    n1 = next(w for w in launcher.workers() if w.label == "n1")
+    assert n1.master
+    n1.master = refused
     real = launcher._run
-    failed = []
+    calls = []
 
     def run(w, command, *args, **kwargs):
-        kind = "preflight" if command == "echo ok" else "probe" if "kill -0" in command else ""
-        if w.label == "n1" and kind and kind not in failed:
-            failed.append(kind)
-            refused = ["ssh", "-p", "1", "-o", "BatchMode=yes", ns.address("n1"), "true"]
-            p = subprocess.run(refused, capture_output=True, text=True, timeout=30)
-            return p.returncode, p.stdout, p.stderr
+        if w.label == "n1" and (command == "echo ok" or "kill -0" in command):
+            calls.append("preflight again" if command == "echo ok" else "probe")
+            if calls.count("probe") == 1 and calls[-1] == "probe":
+                p = subprocess.run(refused, capture_output=True, text=True, timeout=30)
+                return p.returncode, p.stdout, p.stderr
         return real(w, command, *args, **kwargs)
 
     launcher._run = run
     result = launcher.launch(RunPaths(str(tmp_path)), Plan([spec], 0))
     out = capsys.readouterr().out
     assert result.complete, out
-    assert failed == ["preflight", "probe"], failed
+    assert calls[:3] == ["preflight again", "probe", "probe"], calls
     assert "does not answer" not in out, out
     assert all(_attempt(tmp_path, "a", t)["attempt"] == 1 for t in range(2)), out
     assert not any(w.dropped or w.failures for w in launcher.workers())
