@@ -332,19 +332,26 @@ class HostsLauncher(Launcher):
                 workdir=home,
                 home=home,
             )
-            if self.storage == "sync":
-                w.push = lambda src, dest, t=target: run_dir_rsync_argv(t, src, dest)
-            if self.storage == "sync" or self.object_root:  # pulls (sync), logs
-                w.sftp_host = Host(
-                    target.address,
-                    target.port,
-                    label=f"host {label}",
-                    known_hosts=target.known_hosts,
-                    connect_timeout=float(target.connect_timeout_s),
-                )
-                w.login = self._sftp_login(i, target)
+            self._copy_over(w, target, lambda i=i, t=target: self._sftp_login(i, t))
             out.append(w)
         return out
+
+    def _copy_over(self, w: Worker, target: SshTarget, login: Callable[[], Login]) -> None:
+        """How ``w``'s run-dir pushes (storage=sync) and SFTP copies (sync's pulls, an
+        object-store run dir's task logs) reach it: over ``target``, logged in as
+        ``login()`` says; nothing for a shared run dir."""
+        if self.storage == "sync":
+            w.push = lambda src, dest, t=target: run_dir_rsync_argv(t, src, dest)
+        if self.storage == "sync" or self.object_root:
+            w.sftp_host = Host(
+                target.address,
+                target.port,
+                label=f"host {w.label}",
+                known_hosts=target.known_hosts,
+                connect_timeout=float(target.connect_timeout_s),
+                host_key_alias=target.host_key_alias,
+            )
+            w.login = login()
 
     @staticmethod
     def _sftp_login(i: int, t: SshTarget) -> Login:
@@ -1858,22 +1865,17 @@ class TpuVmLauncher(HostsLauncher):
                     f"`{argv}` prints, and it cannot be used: {exc}"
                 ) from None
             w.rsync = lambda src, dest, t=target: rsync_argv(t, src, dest)
-            if self.storage == "sync":
-                w.push = lambda src, dest, t=target: run_dir_rsync_argv(t, src, dest)
-            if self.storage == "sync" or self.object_root:  # pulls (sync), logs
-                w.sftp_host = Host(
-                    target.address,
-                    target.port,
-                    label=f"host {w.label}",
-                    known_hosts=target.known_hosts,
-                    connect_timeout=float(target.connect_timeout_s),
-                    host_key_alias=target.host_key_alias,
-                )
-                user = target.user or getpass.getuser()
-                key = target.key_file
-                w.login = Login(
-                    user, f"key file {key}" if key else "ssh-agent", key_file=key, agent=True
-                )
+            key = target.key_file
+            self._copy_over(
+                w,
+                target,
+                lambda t=target, key=key: Login(
+                    t.user or getpass.getuser(),
+                    f"key file {key}" if key else "ssh-agent",
+                    key_file=key,
+                    agent=True,
+                ),
+            )
 
     def preflight(self) -> list[Worker]:
         alive = super().preflight()
