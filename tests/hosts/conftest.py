@@ -40,6 +40,12 @@ class Hosts:
     def address(self, host: str) -> str:
         return self.env[f"EF_HOST_{host}"]
 
+    def need_ns(self, names) -> Hosts:
+        """These hosts, once the namespace hosts ``names`` are among those up.sh started."""
+        up = self.env.get("EF_NS_HOSTS_NAMES", "").split()
+        assert set(names) <= set(up), f"up.sh started namespace hosts {up}, not {sorted(names)}"
+        return self
+
     @property
     def user(self) -> str:
         return self.env["EF_HOSTS_USER"]

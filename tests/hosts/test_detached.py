@@ -35,9 +35,7 @@ HOSTS = ("n1", "n2")
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert set(HOSTS) <= set(names), names
-    return ssh_hosts
+    return ssh_hosts.need_ns(HOSTS)
 
 
 def _make_run(ns, run: Path, *overrides: str) -> Path:

@@ -55,9 +55,7 @@ IDS = {TPU: "4242", BADKEY: "4343", STOPPED: "4444"}
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert set(NS) <= set(names), f"up.sh started namespace hosts {names}, not {NS}"
-    return ssh_hosts
+    return ssh_hosts.need_ns(NS)
 
 
 @pytest.fixture(scope="module")

@@ -72,9 +72,7 @@ def _hosts_args(ssh_hosts, known_hosts: str | None = None, names=NS) -> list[str
 
 @pytest.fixture(scope="module")
 def ns_hosts(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert set(NS) <= set(names), f"up.sh started namespace hosts {names}, not {NS}"
-    return ssh_hosts
+    return ssh_hosts.need_ns(NS)
 
 
 @pytest.fixture(scope="module")

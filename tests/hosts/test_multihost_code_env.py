@@ -41,9 +41,7 @@ SECRET = "s3cr3t-9f1c 'q' \"dq\" $(touch PWNED) `id`\nsecond-line-7a2b *"
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert set(HOSTS) <= set(names), names
-    return ssh_hosts
+    return ssh_hosts.need_ns(HOSTS)
 
 
 def _cfg(ssh_hosts, **multihost):

@@ -39,9 +39,7 @@ def _attempt(run, stage: str, task: int) -> dict:
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert {"n1", "n2", "n3"} <= set(names), names
-    return ssh_hosts
+    return ssh_hosts.need_ns({"n1", "n2", "n3"})
 
 
 def test_distributed_ranks_one_per_slot_with_one_rendezvous(ns, tmp_path, capsys):

@@ -57,9 +57,7 @@ def _deepest(intervals: list[tuple[float, float]]) -> int:
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert {"n1", "n2"} <= set(names), names
-    return ssh_hosts
+    return ssh_hosts.need_ns({"n1", "n2"})
 
 
 def test_the_defaults_are_no_stagger_and_32_starts_at_once():

@@ -31,9 +31,7 @@ WAIT_S = 120  # only a bound for a broken run; the test waits for facts, not dur
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert {"n1", "n2"} <= set(names), f"up.sh started namespace hosts {names}, not n1, n2"
-    return ssh_hosts
+    return ssh_hosts.need_ns({"n1", "n2"})
 
 
 def _attempt(run: Path, task: int) -> dict:

@@ -59,8 +59,7 @@ def _finished_task(remote: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def sftp(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert "n1" in names, f"up.sh started namespace hosts {names}, not n1"
+    ssh_hosts.need_ns(["n1"])
     host = Host(ssh_hosts.address("n1"), ssh_hosts.port, "n1", ssh_hosts.known_hosts)
     login = Login(ssh_hosts.env["EF_NS_USER"], "key file", key_file=ssh_hosts.key)
     with connect(host, login) as conn:

@@ -60,9 +60,7 @@ WAIT_S = 300  # only a bound for a broken run; the tests wait for facts, not dur
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert set(HOSTS) <= set(names), f"up.sh started namespace hosts {names}, not {HOSTS}"
-    return ssh_hosts
+    return ssh_hosts.need_ns(HOSTS)
 
 
 @pytest.fixture(scope="module")

@@ -90,9 +90,7 @@ def _ok(proc):
 
 @pytest.fixture(scope="module")
 def ns(ssh_hosts):
-    names = ssh_hosts.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert set(HOSTS) <= set(names), f"up.sh started namespace hosts {names}, not {HOSTS}"
-    return ssh_hosts
+    return ssh_hosts.need_ns(HOSTS)
 
 
 def _hosts_args(ns) -> list[str]:
@@ -266,8 +264,7 @@ WORKERS = ("n1", "n2", "n3")
 def tpu_env(ns, tmp_path_factory):
     """The fake TPU API with ef-tpu3 (workers n1, n2, n3) and the environment that points
     the launches' gcloud at it (this process keeps its own HOME: its model cache)."""
-    names = ns.env.get("EF_NS_HOSTS_NAMES", "").split()
-    assert set(WORKERS) <= set(names), f"up.sh started namespace hosts {names}, not {WORKERS}"
+    ns.need_ns(WORKERS)
     base = tmp_path_factory.mktemp("gcloud")
     with fake_tpu(ns, base, {TPU: TpuNode("4545", WORKERS)}, patch_env=False) as api:
         yield gcloud_env(api, base)
