@@ -977,10 +977,15 @@ class HostsLauncher(Launcher):
         what = f"{spec.name} task {task}" + (f" rank {rank}" if spec.kind == DISTRIBUTED else "")
         w = next((x for x in self.workers() if x.index == int(place["worker"])), None)
         if w is None or w.label != place.get("host"):
+            slot = (
+                f"cluster.hosts[{place['worker']}]"
+                if self.name == "hosts"
+                else f"worker {place['worker']} of cluster.tpu_vm"
+            )
             raise ConfigError(
-                f"{what} ran on host {place.get('host')}, which is no longer "
-                f"cluster.hosts[{place['worker']}] in {paths.url(paths.run_config)}: its log is "
-                "in that host's run dir (WORKDIR/runs/RUN_NAME)"
+                f"{what} ran on host {place.get('host')}, which is no longer {slot} in "
+                f"{paths.url(paths.run_config)}: its log is in that host's run dir "
+                "(WORKDIR/runs/RUN_NAME)"
             )
         where = self._rpath(paths, w, name)
         rc, out, err = self._run(w, log_read_command([("log0", where, 0, None)]))

@@ -391,3 +391,39 @@ def test_parse_gcloud_ssh_refuses_an_iap_tunnel_and_garbage():
         parse_gcloud_ssh("ssh -p x me@h")
     t = parse_gcloud_ssh("ssh -t -o Port=2200 -l root -o HostKeyAlias=a -o HostKeyAlias=b h")
     assert (t.address, t.port, t.user, t.host_key_alias) == ("h", 2200, "root", "a")
+
+
+@pytest.mark.parametrize(
+    ("launcher", "slot"),
+    [("hosts", r"cluster\.hosts\[0\]"), ("tpu_vm", "worker 0 of cluster.tpu_vm")],
+)
+def test_live_log_of_a_task_whose_host_left_the_config_names_it(tmp_path, launcher, slot):
+    """``logs`` of a task under storage=sync whose attempt ran on a host that is no longer
+    the one at its index in the config: the error names the host and what replaced it,
+    in the terms of the launcher (no ssh is run: the workers are only configured)."""
+    from omegaconf import OmegaConf
+
+    from launchers.base import write_attempt
+    from launchers.hosts.launcher import HostsLauncher, TpuVmLauncher
+    from lib.config.schema import EmbedfleetConfig
+    from lib.core.errors import ConfigError
+    from lib.core.paths import RunPaths
+    from lib.plan.spec import ARRAY, StageSpec
+
+    cluster = {
+        "launcher": launcher,
+        "multihost": {"storage": "sync", "workdir": str(tmp_path / "w")},
+        **(
+            {"hosts": [{"address": "10.9.9.9", "name": "now", "key_file": "/k"}]}
+            if launcher == "hosts"
+            else {"tpu_vm": {"name": "now", "workers": 1}}
+        ),
+    }
+    cfg = OmegaConf.merge(OmegaConf.structured(EmbedfleetConfig), {"cluster": cluster})
+    make = HostsLauncher if launcher == "hosts" else TpuVmLauncher
+    spec = StageSpec("a", "embed", "j", "a", ARRAY, 1, "h")
+    paths = RunPaths(str(tmp_path / "run"))
+    write_attempt(paths, spec, 0, launcher=launcher, attempt=1, ended=None,
+                  placements=[{"worker": 0, "host": "gone", "rank": 0}])  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"ran on host gone, which is no longer {slot} in "):
+        make(cfg, echo=False).live_log(paths, spec, 0, 0)
