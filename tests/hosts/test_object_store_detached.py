@@ -41,20 +41,12 @@ from lib.core.paths import RunPaths
 from lib.plan.spec import ARRAY, SINGLE, Plan, StageSpec
 from tests.conftest import S3_BUCKET, _environment, run_launch
 from tests.hosts.conftest import TpuNode, fake_tpu, gcloud_env, tpu_overrides
+from tests.hosts.test_multihost import SLICE  # the same slice of the quickstart
 
 HOSTS = ("n1", "n2")
 PASS_ENV = (
     "cluster.pass_env=[AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_ENDPOINT_URL,AWS_DEFAULT_REGION]"
 )
-SLICE = [  # tests/hosts/test_multihost.py's slice of the quickstart
-    "+experiment=quickstart",
-    "dataset.limit=12",
-    "embed.num_shards=3",
-    "model.max_length=32",
-    "embed.device=cpu",
-    "+cluster.env.OMP_NUM_THREADS=1",
-    "+cluster.env.MKL_NUM_THREADS=1",
-]
 WAIT_S = 300  # only a bound for a broken run; the tests wait for facts, not durations
 
 
