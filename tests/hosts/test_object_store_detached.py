@@ -209,12 +209,7 @@ def test_detached_launch_on_s3_status_live_logs_wait_equal_local(ns, env, local_
         assert sorted(hosts.values()) == sorted(HOSTS), hosts
         for t, host in hosts.items():
             assert f"  {host}: running embed {t}" in status, status
-            there = dirs[host] / "runs" / "osd" / "embed" / "logs" / f"task_{t:05d}.log"
-            _wait_for(lambda p=there: p.exists() and b"first line" in p.read_bytes(), there)
-            logs = run_launch("logs", run, "embed", str(t), env=env)
-            outputs.append(_ok(logs))
-            assert logs.stdout == f"first line of task {t}\n", logs.stdout
-            assert f"the log on host {host}: {there} (running)" in logs.stderr, logs.stderr
+        outputs += _live_logs(env, run, hosts, lambda host: dirs[host] / "runs" / "osd")
         held = _held(gate)
         assert len(held) >= 2
         for p in [pid, *held]:
@@ -248,6 +243,21 @@ def test_detached_launch_on_s3_status_live_logs_wait_equal_local(ns, env, local_
     assert "first line of task 0" in ended.stdout and "the log on host" not in ended.stderr
     assert not any(s in text for s in secrets for text in outputs)
     assert not _leaks(secrets, *dirs.values(), Path(env["TMPDIR"]))
+
+
+def _live_logs(env: dict, run: str, hosts: dict[int, str], host_run) -> list[str]:
+    """``logs RUN embed T`` of each running task ``T`` of ``hosts`` (task -> host): its
+    first line, read from the log in ``host_run(host)`` on its host (named on stderr) once
+    it is there; the outputs."""
+    outputs = []
+    for t, host in hosts.items():
+        there = host_run(host) / "embed" / "logs" / f"task_{t:05d}.log"
+        _wait_for(lambda p=there: p.exists() and b"first line" in p.read_bytes(), there)
+        logs = run_launch("logs", run, "embed", str(t), env=env)
+        outputs.append(_ok(logs))
+        assert logs.stdout == f"first line of task {t}\n", logs.stdout
+        assert f"the log on host {host}: {there} (running)" in logs.stderr, logs.stderr
+    return outputs
 
 
 def _echo_run(ns, env: dict, tmp_path: Path) -> tuple[str, Path, dict[str, Path]]:
@@ -404,15 +414,9 @@ def test_tpu_vm_detached_on_s3_live_logs_uploaded_logs_equal_local(
 
         _wait_for(placed, "two embed tasks placed")
         assert sorted(hosts.values()) == [f"{TPU}/w0", f"{TPU}/w1"], hosts
-        for t, host in hosts.items():
-            there = (
-                tmp_path / f"w{host[-1]}" / "runs" / "ost" / "embed" / "logs" / f"task_{t:05d}.log"
-            )
-            _wait_for(lambda p=there: p.exists() and b"first line" in p.read_bytes(), there)
-            logs = run_launch("logs", run, "embed", str(t), env=env)
-            outputs.append(_ok(logs))
-            assert logs.stdout == f"first line of task {t}\n", logs.stdout
-            assert f"the log on host {host}: {there} (running)" in logs.stderr, logs.stderr
+        outputs += _live_logs(
+            env, run, hosts, lambda host: tmp_path / f"w{host[-1]}" / "runs" / "ost"
+        )
         held = _held(gate)
         assert len(held) >= 2
         for p in [sched["pid"], *held]:
