@@ -264,8 +264,9 @@ def _ssh_options(target: SshTarget) -> list[str]:
         f"UserKnownHostsFile={target.known_hosts}",
     ]
     if target.host_key_alias:
-        # CheckHostIP=no: the key is looked up under the alias only, as gcloud's ssh does
-        argv += ["-o", f"HostKeyAlias={target.host_key_alias}", "-o", "CheckHostIP=no"]
+        # the key is checked against known_hosts under the alias (strictly, as above); the
+        # IP check is left at OpenSSH's default, not turned off
+        argv += ["-o", f"HostKeyAlias={target.host_key_alias}"]
     argv += [
         "-o",
         f"ConnectTimeout={int(target.connect_timeout_s)}",

@@ -367,7 +367,7 @@ def test_parse_gcloud_ssh_of_the_real_clis_dry_run_golden():
     assert t.host_key_alias == "tpu.7012345678901234567-2"
     argv = ssh_argv(t, "true")
     assert "StrictHostKeyChecking=yes" in argv and "HostKeyAlias=tpu.7012345678901234567-2" in argv
-    assert "accept-new" not in " ".join(argv) and "StrictHostKeyChecking=no" not in argv
+    assert "accept-new" not in shlex.join(argv) and "StrictHostKeyChecking=no" not in argv
     t = parse_gcloud_ssh(flags)
     assert (t.address, t.port) == ("10.130.0.8", 2222)
     assert t.extra_flags == ("-4", "-o", "Ciphers=aes256-ctr")
